@@ -1,0 +1,565 @@
+"""Codecs: how each family of Python values becomes a manifest node and back.
+
+One class per type family; each keeps its ``encode`` next to its ``decode``. ``CODECS`` is the one
+table: the walker asks it for the first codec whose ``handles`` accepts a value, and the loader looks a
+node's codec up by its ``kind``. A codec never pickles and never imports: references are resolved by
+the decoder, which only ever imports what the trust list allowed.
+
+A codec may raise ``NotEncodable`` from ``encode`` (a dict with mixed key types, a function that
+cannot be found again by its import path, an object of a class nobody trusted); the walker then
+treats the value as it treats any value without a codec (placeholder, explicit pickle or an error).
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import keyword
+import math
+import types
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+
+from sb3_safe_save._errors import FormatError
+from sb3_safe_save._manifest import (
+    ArrayNode,
+    DequeNode,
+    DeviceNode,
+    DictNode,
+    EnumNode,
+    FloatNode,
+    ListNode,
+    NamedTupleNode,
+    Node,
+    NumpyDtypeNode,
+    NumpyScalarNode,
+    ObjectNode,
+    PickleNode,
+    PlaceholderNode,
+    RefNode,
+    SpaceNode,
+    TensorNode,
+    TorchDtypeNode,
+    TupleNode,
+)
+from sb3_safe_save._trust import ref_of, resolves_to
+
+
+class NotEncodable(Exception):
+    """Raised by a codec's ``encode`` when it recognises the type but cannot encode this value."""
+
+
+class Encoder(Protocol):
+    """What codecs need from the walker while saving."""
+
+    def encode(self, value: Any, path: str) -> Node: ...
+
+    def add_tensor(self, key: str, value: th.Tensor | np.ndarray) -> str: ...
+
+    def object_allowed(self, cls: type) -> bool: ...
+
+
+class Decoder(Protocol):
+    """What codecs need from the loader."""
+
+    def decode(self, node: Node, path: str) -> Any: ...
+
+    def tensor(self, key: str) -> th.Tensor: ...
+
+    def resolve(self, ref: str) -> Any: ...
+
+    def placeholder(self, key: str, path: str) -> Any: ...
+
+    def unpickle(self, node: PickleNode, path: str) -> Any: ...
+
+
+def child_path(path: str, key: object) -> str:
+    """``a.b`` for identifier keys, ``a[3]`` / ``a[some key]`` otherwise."""
+    if isinstance(key, str) and key.isidentifier() and not keyword.iskeyword(key):
+        return f"{path}.{key}"
+    return f"{path}[{key}]"
+
+
+# --------------------------------------------------------------------------------- safe dtype tables
+_NP_DTYPES = {
+    np.dtype(t).str: np.dtype(t)
+    for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+              np.float16, np.float32, np.float64)
+}  # fmt: skip
+_TORCH_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (th.float64, th.float32, th.float16, th.bfloat16, th.int64, th.int32, th.int16, th.int8, th.uint8, th.bool)
+}
+
+
+def np_dtype(text: str) -> np.dtype[Any]:
+    try:
+        return _NP_DTYPES[text]
+    except KeyError:
+        raise FormatError(f"numpy dtype {text!r} is not allowed in a file (allowed: {sorted(_NP_DTYPES)})") from None
+
+
+def _scalar_out(x: float) -> float | str:
+    return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
+
+
+def _scalar_in(x: object) -> object:
+    return float(x) if isinstance(x, str) else x
+
+
+# ------------------------------------------------------------------------------------------ codecs
+class Codec:
+    kind: ClassVar[str]
+
+    def handles(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def encode(self, value: Any, path: str, enc: Encoder) -> Node:
+        raise NotImplementedError
+
+    def decode(self, node: Any, path: str, dec: Decoder) -> Any:
+        raise NotImplementedError
+
+
+class FloatCodec(Codec):
+    """Non-finite Python floats (finite ones are plain JSON)."""
+
+    kind = "float"
+
+    def handles(self, value: Any) -> bool:
+        return type(value) is float and not math.isfinite(value)
+
+    def encode(self, value: float, path: str, enc: Encoder) -> Node:
+        return FloatNode(value=_scalar_out(value))  # type: ignore[arg-type]
+
+    def decode(self, node: FloatNode, path: str, dec: Decoder) -> float:
+        return float(node.value)
+
+
+class EnumCodec(Codec):
+    kind = "enum"
+
+    def handles(self, value: Any) -> bool:
+        return isinstance(value, enum.Enum)
+
+    def encode(self, value: enum.Enum, path: str, enc: Encoder) -> Node:
+        ref = _ref(type(value))
+        if not isinstance(value.value, (type(None), bool, int, float, str)):
+            raise NotEncodable(f"enum value of type {type(value.value).__name__} is not a JSON scalar")
+        return EnumNode(cls=ref, value=value.value)
+
+    def decode(self, node: EnumNode, path: str, dec: Decoder) -> Any:
+        cls = dec.resolve(node.cls)
+        if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
+            raise FormatError(f"{path}: {node.cls} is not an Enum")
+        return cls(node.value)
+
+
+class NamedTupleCodec(Codec):
+    """Named tuples such as SB3's ``TrainFreq``; rebuilt with ``cls(**fields)``."""
+
+    kind = "namedtuple"
+
+    def handles(self, value: Any) -> bool:
+        return isinstance(value, tuple) and hasattr(type(value), "_fields")
+
+    def encode(self, value: Any, path: str, enc: Encoder) -> Node:
+        ref = _ref(type(value))
+        fields = {f: enc.encode(getattr(value, f), child_path(path, f)) for f in type(value)._fields}
+        return NamedTupleNode(cls=ref, fields=fields)
+
+    def decode(self, node: NamedTupleNode, path: str, dec: Decoder) -> Any:
+        cls = dec.resolve(node.cls)
+        if not (isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields")):
+            raise FormatError(f"{path}: {node.cls} is not a named tuple class")
+        if set(node.fields) != set(cls._fields):
+            raise FormatError(f"{path}: fields {sorted(node.fields)} do not match {node.cls} fields {list(cls._fields)}")
+        return cls(**{k: dec.decode(v, child_path(path, k)) for k, v in node.fields.items()})
+
+
+class ListCodec(Codec):
+    kind = "list"
+
+    def handles(self, value: Any) -> bool:
+        return type(value) is list
+
+    def encode(self, value: list[Any], path: str, enc: Encoder) -> Node:
+        return ListNode(items=[enc.encode(v, child_path(path, i)) for i, v in enumerate(value)])
+
+    def decode(self, node: ListNode, path: str, dec: Decoder) -> list[Any]:
+        return [dec.decode(v, child_path(path, i)) for i, v in enumerate(node.items)]
+
+
+class TupleCodec(Codec):
+    kind = "tuple"
+
+    def handles(self, value: Any) -> bool:
+        return type(value) is tuple
+
+    def encode(self, value: tuple[Any, ...], path: str, enc: Encoder) -> Node:
+        return TupleNode(items=[enc.encode(v, child_path(path, i)) for i, v in enumerate(value)])
+
+    def decode(self, node: TupleNode, path: str, dec: Decoder) -> tuple[Any, ...]:
+        return tuple(dec.decode(v, child_path(path, i)) for i, v in enumerate(node.items))
+
+
+class DictCodec(Codec):
+    """``dict`` and ``OrderedDict`` with all-``str`` or all-``int`` keys."""
+
+    kind = "dict"
+
+    def handles(self, value: Any) -> bool:
+        return type(value) in (dict, collections.OrderedDict)
+
+    def encode(self, value: dict[Any, Any], path: str, enc: Encoder) -> Node:
+        if all(type(k) is str for k in value):
+            key_type = "str"
+        elif all(type(k) is int for k in value):
+            key_type = "int"
+        else:
+            raise NotEncodable("dict keys must be all str or all int")
+        items = {str(k): enc.encode(v, child_path(path, k)) for k, v in value.items()}
+        return DictNode(items=items, key_type=key_type, ordered=type(value) is collections.OrderedDict)  # type: ignore[arg-type]
+
+    def decode(self, node: DictNode, path: str, dec: Decoder) -> dict[Any, Any]:
+        out: dict[Any, Any] = collections.OrderedDict() if node.ordered else {}
+        for k, v in node.items.items():
+            key: Any = k
+            if node.key_type == "int":
+                try:
+                    key = int(k)
+                except ValueError:
+                    raise FormatError(f"{path}: dict key {k!r} is not an integer") from None
+            out[key] = dec.decode(v, child_path(path, key))
+        return out
+
+
+class DequeCodec(Codec):
+    """``collections.deque``, e.g. SB3's episode-info buffers."""
+
+    kind = "deque"
+
+    def handles(self, value: Any) -> bool:
+        return type(value) is collections.deque
+
+    def encode(self, value: collections.deque[Any], path: str, enc: Encoder) -> Node:
+        return DequeNode(items=[enc.encode(v, child_path(path, i)) for i, v in enumerate(value)], maxlen=value.maxlen)
+
+    def decode(self, node: DequeNode, path: str, dec: Decoder) -> collections.deque[Any]:
+        return collections.deque((dec.decode(v, child_path(path, i)) for i, v in enumerate(node.items)), maxlen=node.maxlen)
+
+
+class ArrayCodec(Codec):
+    """numpy arrays of numeric or bool dtype; the bytes go to the tensor body."""
+
+    kind = "ndarray"
+
+    def handles(self, value: Any) -> bool:
+        return type(value) is np.ndarray
+
+    def encode(self, value: np.ndarray, path: str, enc: Encoder) -> Node:
+        dtype = value.dtype.newbyteorder("=") if value.dtype.byteorder not in "=|" else value.dtype
+        if dtype.str not in _NP_DTYPES:
+            raise NotEncodable(f"numpy dtype {value.dtype} has no safetensors equivalent")
+        key = enc.add_tensor(path, value.astype(dtype, copy=False))
+        return ArrayNode(tensor=key, dtype=value.dtype.str, shape=list(value.shape))
+
+    def decode(self, node: ArrayNode, path: str, dec: Decoder) -> np.ndarray:
+        try:
+            dtype = np.dtype(node.dtype)
+        except TypeError:
+            raise FormatError(f"{path}: {node.dtype!r} is not a numpy dtype") from None
+        if dtype.newbyteorder("=").str not in _NP_DTYPES:
+            raise FormatError(f"{path}: numpy dtype {node.dtype!r} is not allowed")
+        arr = dec.tensor(node.tensor).numpy()
+        if arr.dtype != dtype.newbyteorder("=") or list(arr.shape) != node.shape:
+            raise FormatError(f"{path}: tensor {node.tensor!r} is {arr.dtype} {list(arr.shape)}, expected {node.dtype} {node.shape}")
+        return arr.astype(dtype, copy=False)
+
+
+class NumpyScalarCodec(Codec):
+    kind = "np_scalar"
+
+    def handles(self, value: Any) -> bool:
+        return isinstance(value, np.generic) and np.dtype(type(value)).str in _NP_DTYPES
+
+    def encode(self, value: np.generic, path: str, enc: Encoder) -> Node:
+        py = value.item()
+        return NumpyScalarNode(dtype=value.dtype.str, value=_scalar_out(py) if isinstance(py, float) else py)
+
+    def decode(self, node: NumpyScalarNode, path: str, dec: Decoder) -> np.generic:
+        return np_dtype(node.dtype).type(_scalar_in(node.value))  # type: ignore[no-any-return]
+
+
+class NumpyDtypeCodec(Codec):
+    kind = "np_dtype"
+
+    def handles(self, value: Any) -> bool:
+        return isinstance(value, np.dtype)
+
+    def encode(self, value: np.dtype[Any], path: str, enc: Encoder) -> Node:
+        if value.str not in _NP_DTYPES:
+            raise NotEncodable(f"numpy dtype {value} is not supported")
+        return NumpyDtypeNode(value=value.str)
+
+    def decode(self, node: NumpyDtypeNode, path: str, dec: Decoder) -> np.dtype[Any]:
+        return np_dtype(node.value)
+
+
+class TensorCodec(Codec):
+    """torch tensors outside the state dicts (optimizer state, torch variables, attributes)."""
+
+    kind = "tensor"
+
+    def handles(self, value: Any) -> bool:
+        return isinstance(value, th.Tensor)
+
+    def encode(self, value: th.Tensor, path: str, enc: Encoder) -> Node:
+        if value.is_sparse or value.device.type == "meta":
+            raise NotEncodable(f"{'sparse' if value.is_sparse else 'meta-device'} tensors cannot be stored")
+        return TensorNode(tensor=enc.add_tensor(path, value), requires_grad=value.requires_grad)
+
+    def decode(self, node: TensorNode, path: str, dec: Decoder) -> th.Tensor:
+        t = dec.tensor(node.tensor)
+        return t.requires_grad_(node.requires_grad) if t.is_floating_point() else t
+
+
+class TorchDeviceCodec(Codec):
+    kind = "device"
+
+    def handles(self, value: Any) -> bool:
+        return isinstance(value, th.device)
+
+    def encode(self, value: th.device, path: str, enc: Encoder) -> Node:
+        return DeviceNode(value=str(value))
+
+    def decode(self, node: DeviceNode, path: str, dec: Decoder) -> th.device:
+        try:
+            return th.device(node.value)
+        except (RuntimeError, ValueError):
+            raise FormatError(f"{path}: {node.value!r} is not a torch device") from None
+
+
+class TorchDtypeCodec(Codec):
+    kind = "torch_dtype"
+
+    def handles(self, value: Any) -> bool:
+        return isinstance(value, th.dtype)
+
+    def encode(self, value: th.dtype, path: str, enc: Encoder) -> Node:
+        name = str(value).removeprefix("torch.")
+        if name not in _TORCH_DTYPES:
+            raise NotEncodable(f"torch dtype {value} is not supported")
+        return TorchDtypeNode(name=name)
+
+    def decode(self, node: TorchDtypeNode, path: str, dec: Decoder) -> th.dtype:
+        try:
+            return _TORCH_DTYPES[node.name]
+        except KeyError:
+            raise FormatError(f"{path}: torch dtype {node.name!r} is not allowed") from None
+
+
+_RNGS = {"PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"}
+
+
+def _rng_state(rng: np.random.Generator | None) -> dict[str, Any] | None:
+    if rng is None:
+        return None
+    state = rng.bit_generator.state
+    return _jsonable(state)  # type: ignore[no-any-return]
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray):
+        return {"__array__": x.tolist(), "dtype": x.dtype.str}
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _unjsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        if set(x) == {"__array__", "dtype"}:
+            return np.asarray(x["__array__"], dtype=np_dtype(x["dtype"]))
+        return {k: _unjsonable(v) for k, v in x.items()}
+    return x
+
+
+class SpaceCodec(Codec):
+    """gymnasium spaces, rebuilt from their constructor arguments and, if seeded, their RNG state."""
+
+    kind = "space"
+    _ARGS: ClassVar[dict[type, tuple[str, ...]]] = {
+        spaces.Box: ("low", "high", "shape", "dtype"),
+        spaces.Discrete: ("n", "start"),
+        spaces.MultiDiscrete: ("nvec", "dtype", "start"),
+        spaces.MultiBinary: ("n",),
+        spaces.Dict: ("spaces",),
+        spaces.Tuple: ("spaces",),
+    }
+
+    def handles(self, value: Any) -> bool:
+        return type(value) in self._ARGS
+
+    def encode(self, value: spaces.Space[Any], path: str, enc: Encoder) -> Node:
+        names = self._ARGS[type(value)]
+        args = {n: enc.encode(getattr(value, n), child_path(path, n)) for n in names}
+        return SpaceNode(space=type(value).__name__, args=args, rng=_rng_state(value._np_random))  # type: ignore[arg-type]
+
+    def decode(self, node: SpaceNode, path: str, dec: Decoder) -> spaces.Space[Any]:
+        cls = getattr(spaces, node.space)
+        expected = self._ARGS[cls]
+        if set(node.args) != set(expected):
+            raise FormatError(f"{path}: a {node.space} space takes {list(expected)}, the file gives {sorted(node.args)}")
+        args = {k: dec.decode(v, child_path(path, k)) for k, v in node.args.items()}
+        try:
+            space = cls(**args)
+        except (TypeError, ValueError, AssertionError) as e:
+            raise FormatError(f"{path}: cannot rebuild the {node.space} space: {e}") from None
+        if node.rng is not None:
+            space._np_random = self._decode_rng(node.rng, path)
+        return space  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _decode_rng(state: dict[str, Any], path: str) -> np.random.Generator:
+        name = state.get("bit_generator")
+        if name not in _RNGS:
+            raise FormatError(f"{path}: unknown bit generator {name!r}")
+        bitgen = getattr(np.random, name)()
+        try:
+            bitgen.state = _unjsonable(state)
+        except (TypeError, ValueError, KeyError) as e:
+            raise FormatError(f"{path}: invalid RNG state: {e}") from None
+        return np.random.Generator(bitgen)
+
+
+class RefCodec(Codec):
+    """Classes and module-level functions, stored as ``"module:qualname"``."""
+
+    kind = "ref"
+
+    def handles(self, value: Any) -> bool:
+        return isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType))
+
+    def encode(self, value: Any, path: str, enc: Encoder) -> Node:
+        return RefNode(ref=_ref(value))
+
+    def decode(self, node: RefNode, path: str, dec: Decoder) -> Any:
+        return dec.resolve(node.ref)
+
+
+class ObjectCodec(Codec):
+    """Plain objects of trusted classes (SB3 schedules, action noise, ...): ``__new__`` + ``__dict__``.
+
+    Only classes with the default pickling behaviour qualify (no ``__reduce__``, ``__getstate__``,
+    ``__setstate__`` or ``__slots__`` of their own), so the ``__dict__`` is the whole state.
+    """
+
+    kind = "object"
+
+    def handles(self, value: Any) -> bool:
+        cls = type(value)
+        return (
+            hasattr(value, "__dict__")
+            and not hasattr(cls, "__slots__")
+            and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__
+            and getattr(cls, "__getstate__", object.__getstate__) is getattr(object, "__getstate__", None)
+            and not hasattr(cls, "__setstate__")
+        )
+
+    def encode(self, value: Any, path: str, enc: Encoder) -> Node:
+        cls = type(value)
+        if not enc.object_allowed(cls):
+            raise NotEncodable(f"{cls.__module__}.{cls.__qualname__} is not a trusted class")
+        state = vars(value)
+        bad = [k for k in state if not (isinstance(k, str) and k.isidentifier()) or k.startswith("__")]
+        if bad:
+            raise NotEncodable(f"attribute names {bad} cannot be stored")
+        return ObjectNode(cls=_ref(cls), state={k: enc.encode(v, child_path(path, k)) for k, v in state.items()})
+
+    def decode(self, node: ObjectNode, path: str, dec: Decoder) -> Any:
+        cls = dec.resolve(node.cls)
+        if not isinstance(cls, type):
+            raise FormatError(f"{path}: {node.cls} is not a class")
+        obj = cls.__new__(cls)
+        for k, v in node.state.items():
+            if not k.isidentifier() or k.startswith("__"):
+                raise FormatError(f"{path}: attribute name {k!r} is not allowed")
+            obj.__dict__[k] = dec.decode(v, child_path(path, k))
+        return obj
+
+
+class PlaceholderCodec(Codec):
+    """Decoding side of placeholders; the walker creates them (they have no Python type to match)."""
+
+    kind = "placeholder"
+
+    def handles(self, value: Any) -> bool:
+        return False
+
+    def decode(self, node: PlaceholderNode, path: str, dec: Decoder) -> Any:
+        return dec.placeholder(node.key, path)
+
+
+class PickleCodec(Codec):
+    """Decoding side of the opt-in pickle fallback; the walker decides when to pickle."""
+
+    kind = "pickle"
+
+    def handles(self, value: Any) -> bool:
+        return False
+
+    def decode(self, node: PickleNode, path: str, dec: Decoder) -> Any:
+        return dec.unpickle(node, path)
+
+
+def _ref(obj: Any) -> str:
+    try:
+        ref = ref_of(obj)
+    except TypeError as e:
+        raise NotEncodable(str(e)) from None
+    if not resolves_to(ref, obj):
+        raise NotEncodable(f"{ref} cannot be imported back by that name (a lambda, a local or a renamed object)")
+    return ref
+
+
+#: The codec table, in dispatch order (more specific types first).
+CODECS: tuple[Codec, ...] = (
+    FloatCodec(),
+    EnumCodec(),
+    NamedTupleCodec(),
+    ListCodec(),
+    TupleCodec(),
+    DictCodec(),
+    DequeCodec(),
+    ArrayCodec(),
+    NumpyScalarCodec(),
+    NumpyDtypeCodec(),
+    TensorCodec(),
+    TorchDeviceCodec(),
+    TorchDtypeCodec(),
+    SpaceCodec(),
+    RefCodec(),
+    ObjectCodec(),
+    PlaceholderCodec(),
+    PickleCodec(),
+)
+BY_KIND: dict[str, Codec] = {c.kind: c for c in CODECS}
+_BY_TYPE: dict[type, Codec | None] = {}
+
+
+def codec_for(value: Any) -> Codec | None:
+    """The first codec that handles ``value`` (cached by exact type where that decides it)."""
+    cls = type(value)
+    if cls in _BY_TYPE:
+        return _BY_TYPE[cls]
+    found = next((c for c in CODECS if c.handles(value)), None)
+    if cls not in (float, np.ndarray) and not isinstance(value, np.generic):  # value-dependent decisions
+        _BY_TYPE[cls] = found
+    return found

@@ -1,0 +1,142 @@
+"""Every error sb3_safe_save raises, in one place.
+
+Each error says what was wrong, where (the attribute path or tensor key) and how to fix it.
+Catch ``SafeSaveError`` to handle them all. Where a builtin type fits, the error also subclasses
+it, so code that already catches ``ValueError``/``TypeError``/``LookupError`` keeps working::
+
+    SafeSaveError
+    ├── UnsupportedObjectError (TypeError)   save: a value has no codec and pickling was not allowed
+    ├── FormatError (ValueError)             load: not an sb3_safe_save file, malformed header or manifest
+    │   └── UnsupportedVersionError          load: a format version this release cannot read
+    ├── IntegrityError (ValueError)          load: size or checksum mismatch (truncated or corrupted file)
+    ├── UntrustedTypeError (TypeError)       load: the file references classes or functions not on the trust list
+    ├── PickleRefusedError (ValueError)      load: the file holds pickled values and ``allow_pickle`` was not given
+    ├── MissingResourceError (LookupError)   load: a placeholder has no live object to rebind
+    ├── ResourceMismatchError (ValueError)   load: a rebound resource does not match its recorded fingerprint
+    ├── AlgorithmMismatchError (TypeError)   load: the file was saved by a different algorithm
+    ├── StateMismatchError (ValueError)      load: the stored tensors do not fit the model that was built
+    └── UnresolvedResourceError (RuntimeError)  use: an optional resource that was left unbound was used
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+
+class SafeSaveError(Exception):
+    """Base class of every error raised by sb3_safe_save."""
+
+
+def _bullets(lines: Iterable[str]) -> str:
+    return "".join(f"\n  - {line}" for line in lines)
+
+
+class UnsupportedObjectError(SafeSaveError, TypeError):
+    """Raised by ``save`` when values have no codec and may not be pickled.
+
+    :param problems: ``(attribute path, type name, detail)`` for each offending value
+    """
+
+    def __init__(self, problems: Sequence[tuple[str, str, str]]) -> None:
+        self.problems = list(problems)
+        paths = [p for p, _, _ in self.problems]
+        lines = [f"{path}: {type_name} ({detail})" for path, type_name, detail in self.problems]
+        super().__init__(
+            "Cannot save these values: no codec encodes them and pickling was not allowed:"
+            + _bullets(lines)
+            + "\nFix one of:"
+            + f"\n  - leave them out: model.save(path, exclude={sorted({p.split('.')[0].split('[')[0] for p in paths})!r})"
+            + "\n  - declare them as resources to rebind at load: model.save(path, resources={'<key>': obj})"
+            + "\n  - replace them by a supported value (a SB3 schedule class, a module-level class or function)"
+            + "\n  - allow a visible pickle fallback: model.save(path, allow_pickle=True)"
+            + " (loading it then needs allow_pickle=True)"
+        )
+
+
+class FormatError(SafeSaveError, ValueError):
+    """Raised when a file is not an sb3_safe_save file, or its header or manifest is malformed."""
+
+
+class UnsupportedVersionError(FormatError):
+    """Raised when a file's format version is newer (or older) than this release can read."""
+
+
+class IntegrityError(SafeSaveError, ValueError):
+    """Raised when a file's sizes or checksums do not match its manifest (truncated or corrupted)."""
+
+
+class UntrustedTypeError(SafeSaveError, TypeError):
+    """Raised at load when the file references classes or functions that are not trusted.
+
+    Nothing referenced by the file has been imported when this is raised.
+
+    :param refs: the untrusted ``"module.Qualname"`` references, sorted
+    """
+
+    def __init__(self, refs: Sequence[str], where: dict[str, list[str]] | None = None) -> None:
+        self.refs = sorted(refs)
+        where = where or {}
+        lines = [f"{ref}  (used at {', '.join(where.get(ref, [])[:3]) or 'manifest'})" for ref in self.refs]
+        super().__init__(
+            "The file references types that are not trusted; nothing was imported:"
+            + _bullets(lines)
+            + "\nIf you trust this file, pass them explicitly:"
+            + f"\n  Algo.load(path, trusted={self.refs!r})"
+            + "\nor register them once with sb3_safe_save.trust(...)."
+        )
+
+
+class PickleRefusedError(SafeSaveError, ValueError):
+    """Raised at load when the file holds pickled values and neither ``allow_pickle`` nor ``custom_objects`` covers them."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = sorted(paths)
+        super().__init__(
+            "The file holds pickled values; unpickling can run arbitrary code, so they were refused:"
+            + _bullets(self.paths)
+            + "\nFix one of:"
+            + f"\n  - supply them yourself: Algo.load(path, custom_objects={{{', '.join(repr(p) + ': ...' for p in self.paths)}}})"
+            + "\n  - if you trust the file's author: Algo.load(path, allow_pickle=True)"
+        )
+
+
+class MissingResourceError(SafeSaveError, LookupError):
+    """Raised at load, before any model is built, when placeholders have no live object.
+
+    :param missing: ``(key, paths, type name, hint)`` for each unresolved placeholder
+    """
+
+    def __init__(self, missing: Sequence[tuple[str, Sequence[str], str, dict[str, object]]]) -> None:
+        self.missing = list(missing)
+        self.keys = [key for key, _, _, _ in self.missing]
+        lines = []
+        for key, paths, type_name, hint in self.missing:
+            extra = f", hint {hint}" if hint else ""
+            lines.append(f"{key!r}: a {type_name} at {', '.join(paths)}{extra}")
+        example = ", ".join(f"{k!r}: <{k}>" for k in self.keys)
+        super().__init__(
+            "The file needs live resources that were not supplied:"
+            + _bullets(lines)
+            + f"\nPass them at load: Algo.load(path, resources={{{example}}})"
+            + "\nor register a factory: sb3_safe_save.register_resource(key, factory),"
+            + " or an entry point in the group 'sb3_safe_save.resources'."
+        )
+
+    def __str__(self) -> str:  # LookupError/KeyError-style quoting would mangle the message
+        return str(self.args[0])
+
+
+class ResourceMismatchError(SafeSaveError, ValueError):
+    """Raised when a rebound resource does not match the fingerprint recorded at save."""
+
+
+class AlgorithmMismatchError(SafeSaveError, TypeError):
+    """Raised when a file saved by one algorithm is loaded with another (e.g. a DQN file with ``PPO.load``)."""
+
+
+class StateMismatchError(SafeSaveError, ValueError):
+    """Raised when stored tensors or optimizer state do not fit the model that was rebuilt."""
+
+
+class UnresolvedResourceError(SafeSaveError, RuntimeError):
+    """Raised when an optional resource that was left unbound at load is used."""

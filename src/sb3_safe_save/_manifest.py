@@ -1,0 +1,433 @@
+"""The manifest: a pydantic description of everything in a file that is not a tensor.
+
+The manifest travels as JSON in the safetensors header (``__metadata__["sb3_safe_save"]``), so it
+can be read and validated without touching the tensors and without importing anything the file names.
+
+Values are stored as a tree of *nodes*: JSON scalars stay as they are, everything else is a small
+tagged object (``{"kind": "ndarray", ...}``). Which Python types map to which node is decided by the
+codecs (``_codecs.py``); this module only defines and validates the shapes.
+
+Format versions
+---------------
+``FORMAT_VERSION`` is the version this release writes. Bump it when a file written by the new code
+could be misread by an old loader (a new node kind, a changed field meaning). Keep the loader for
+every older version (see ``_load_manifest``), and add a golden file for the new version under
+``tests/data/``. Adding an optional field with a default that old files implicitly have is not a bump.
+
+* **1** (sb3_safe_save 0.1): first version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+
+from sb3_safe_save._errors import FormatError, UnsupportedVersionError
+
+FORMAT_NAME = "sb3_safe_save"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+
+#: ``__metadata__`` keys of the safetensors header.
+META_MANIFEST = "sb3_safe_save"
+META_CHECKSUM = "sb3_safe_save.xxh3_128"
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_PATH_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT}|\[-?\d+\]|\[[^\[\]]{{1,200}}\])*$")
+_REF_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*$")
+_HEX128 = re.compile(r"^[0-9a-f]{32}$")
+MAX_DIM = 2**48
+MAX_ITEMS = 1_000_000
+
+
+def check_path(path: str) -> str:
+    """Validate an attribute path such as ``policy.q_net.vlm_model`` or ``policy_kwargs[net_arch][0]``.
+
+    Dunder components (``__class__``) are refused: a path may only name ordinary attributes.
+    """
+    if len(path) > 1000 or not _PATH_RE.match(path):
+        raise ValueError(f"invalid attribute path {path!r}")
+    for part in re.split(r"[.\[\]]", path):
+        if part.startswith("__") and part.endswith("__"):
+            raise ValueError(f"attribute path {path!r} names a dunder attribute")
+    return path
+
+
+def check_ref(ref: str) -> str:
+    """Validate an import reference ``module.sub:Qual.name`` (no dunders, no ``<locals>``)."""
+    if len(ref) > 500 or not _REF_RE.match(ref):
+        raise ValueError(f"invalid import reference {ref!r} (expected 'package.module:QualName')")
+    if any(p.startswith("__") and p.endswith("__") and p != "__main__" for p in re.split(r"[.:]", ref)):
+        raise ValueError(f"import reference {ref!r} names a dunder attribute")
+    return ref
+
+
+Ref = Annotated[str, AfterValidator(check_ref)]
+AttrPath = Annotated[str, AfterValidator(check_path)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- nodes
+Scalar = Union[None, StrictBool, StrictInt, StrictFloat, StrictStr]
+
+
+class ListNode(_Model):
+    kind: Literal["list"] = "list"
+    items: list[Node] = Field(max_length=MAX_ITEMS)
+
+
+class TupleNode(_Model):
+    kind: Literal["tuple"] = "tuple"
+    items: list[Node] = Field(max_length=MAX_ITEMS)
+
+
+class DictNode(_Model):
+    kind: Literal["dict"] = "dict"
+    items: dict[str, Node] = Field(max_length=MAX_ITEMS)
+    key_type: Literal["str", "int"] = "str"
+    ordered: bool = False
+
+
+class DequeNode(_Model):
+    kind: Literal["deque"] = "deque"
+    items: list[Node] = Field(max_length=MAX_ITEMS)
+    maxlen: int | None = Field(default=None, ge=0, le=MAX_ITEMS)
+
+
+class FloatNode(_Model):
+    """A non-finite Python float (JSON has no NaN or infinity)."""
+
+    kind: Literal["float"] = "float"
+    value: Literal["nan", "inf", "-inf"]
+
+
+class RefNode(_Model):
+    """A class or function referenced by import path; it must pass the trust list at load."""
+
+    kind: Literal["ref"] = "ref"
+    ref: Ref
+
+
+class ArrayNode(_Model):
+    """A numpy array whose bytes are the tensor ``tensor`` in the file body."""
+
+    kind: Literal["ndarray"] = "ndarray"
+    tensor: str
+    dtype: str
+    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]]
+
+
+class NumpyScalarNode(_Model):
+    kind: Literal["np_scalar"] = "np_scalar"
+    dtype: str
+    value: StrictBool | StrictInt | StrictFloat | Literal["nan", "inf", "-inf"]
+
+
+class TensorNode(_Model):
+    """A torch tensor whose bytes are the tensor ``tensor`` in the file body."""
+
+    kind: Literal["tensor"] = "tensor"
+    tensor: str
+    requires_grad: bool = False
+
+
+class DeviceNode(_Model):
+    kind: Literal["device"] = "device"
+    value: str = Field(max_length=64)
+
+
+class TorchDtypeNode(_Model):
+    kind: Literal["torch_dtype"] = "torch_dtype"
+    name: str = Field(max_length=64)
+
+
+class NumpyDtypeNode(_Model):
+    kind: Literal["np_dtype"] = "np_dtype"
+    value: str = Field(max_length=64)
+
+
+class SpaceNode(_Model):
+    """A gymnasium space, rebuilt from its constructor arguments (no import: the type is a fixed name)."""
+
+    kind: Literal["space"] = "space"
+    space: Literal["Box", "Discrete", "MultiDiscrete", "MultiBinary", "Dict", "Tuple"]
+    args: dict[str, Node]
+    rng: dict[str, Any] | None = None
+
+
+class ObjectNode(_Model):
+    """A plain object of a trusted class, rebuilt with ``cls.__new__`` and its ``__dict__``."""
+
+    kind: Literal["object"] = "object"
+    cls: Ref
+    state: dict[str, Node]
+
+
+class EnumNode(_Model):
+    kind: Literal["enum"] = "enum"
+    cls: Ref
+    value: Scalar
+
+
+class NamedTupleNode(_Model):
+    kind: Literal["namedtuple"] = "namedtuple"
+    cls: Ref
+    fields: dict[str, Node]
+
+
+class PlaceholderNode(_Model):
+    """Stands where a live resource was; ``key`` names an entry of ``Manifest.placeholders``."""
+
+    kind: Literal["placeholder"] = "placeholder"
+    key: str = Field(max_length=200)
+
+
+class PickleNode(_Model):
+    """An explicitly allowed cloudpickle fallback; its bytes are the uint8 tensor ``tensor``."""
+
+    kind: Literal["pickle"] = "pickle"
+    tensor: str
+    type: str = Field(max_length=500)
+
+
+TaggedNode = Annotated[
+    Union[
+        ListNode,
+        TupleNode,
+        DictNode,
+        DequeNode,
+        FloatNode,
+        RefNode,
+        ArrayNode,
+        NumpyScalarNode,
+        TensorNode,
+        DeviceNode,
+        TorchDtypeNode,
+        NumpyDtypeNode,
+        SpaceNode,
+        ObjectNode,
+        EnumNode,
+        NamedTupleNode,
+        PlaceholderNode,
+        PickleNode,
+    ],
+    Field(discriminator="kind"),
+]
+Node = Union[Scalar, TaggedNode]
+
+for _m in (ListNode, TupleNode, DictNode, DequeNode, SpaceNode, ObjectNode, NamedTupleNode):
+    _m.model_rebuild()
+
+
+# ------------------------------------------------------------------------------------ placeholders
+class ResourceSpec(_Model):
+    """How to rebuild a resource at load: a factory reference plus JSON keyword arguments.
+
+    :param factory: ``"package.module:function"``; imported at load only if trusted
+    :param kwargs: JSON-able keyword arguments for the factory
+    :param fingerprint: optional values compared with the rebound object's fingerprint
+    :param lazy: bind a proxy that builds the object on first use
+    """
+
+    factory: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    fingerprint: dict[str, Scalar] | None = None
+    lazy: bool = False
+
+    @field_validator("factory")
+    @classmethod
+    def _check_factory(cls, v: str | None) -> str | None:
+        return None if v is None else check_ref(v)
+
+
+Reason = Literal["unpicklable", "too_large", "external_module", "declared"]
+
+
+class Placeholder(_Model):
+    """One live resource left out of the file, found at one or more attribute paths."""
+
+    key: str = Field(min_length=1, max_length=200)
+    paths: list[str] = Field(min_length=1, max_length=10_000)
+    type: str = Field(max_length=500)
+    reason: Reason
+    size_bytes: int | None = Field(default=None, ge=0)
+    hint: dict[str, Scalar] = Field(default_factory=dict)
+    optional: bool = False
+    spec: ResourceSpec | None = None
+
+    @field_validator("paths")
+    @classmethod
+    def _check_paths(cls, v: list[str]) -> list[str]:
+        return [check_path(p) for p in v]
+
+
+# -------------------------------------------------------------------------------------- state dicts
+class ModuleState(_Model):
+    """A module's ``state_dict``: key ``k`` is stored as tensor ``f"{name}/{k}"`` unless it is an alias."""
+
+    kind: Literal["module"] = "module"
+    name: AttrPath
+    keys: list[str] = Field(max_length=MAX_ITEMS)
+    aliases: dict[str, str] = Field(default_factory=dict)
+    external_prefixes: list[str] = Field(default_factory=list)
+
+
+class OptimizerState(_Model):
+    """An optimizer's ``state_dict`` as a node tree (its tensors are in the body).
+
+    ``dropped`` lists the parameter indices whose state was left out because they belong to an
+    external resource; ``param_groups`` stay intact.
+    """
+
+    kind: Literal["optimizer"] = "optimizer"
+    name: AttrPath
+    state: Node
+    dropped: list[int] = Field(default_factory=list)
+
+
+StateEntry = Annotated[Union[ModuleState, OptimizerState], Field(discriminator="kind")]
+
+
+class TensorMeta(_Model):
+    dtype: str = Field(max_length=16)
+    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]] = Field(max_length=64)
+    xxh3: str
+
+    @field_validator("xxh3")
+    @classmethod
+    def _check_hash(cls, v: str) -> str:
+        if not _HEX128.match(v):
+            raise ValueError("xxh3 must be 32 lowercase hex digits")
+        return v
+
+
+class Hazard(_Model):
+    """Something found while walking that will likely hurt the user, recorded for the audit."""
+
+    code: Literal["shared_with_target", "external_in_optimizer", "reinitialised_on_build"]
+    severity: Literal["info", "warning", "error"]
+    message: str = Field(max_length=2000)
+    paths: list[str] = Field(default_factory=list, max_length=10_000)
+
+
+class Versions(_Model):
+    sb3_safe_save: str
+    stable_baselines3: str
+    torch: str
+    numpy: str
+    python: str
+    gymnasium: str | None = None
+    sb3_contrib: str | None = None
+
+
+class Manifest(_Model):
+    """Everything in a saved agent except tensor bytes."""
+
+    format: Literal["sb3_safe_save"] = FORMAT_NAME
+    format_version: Literal[1] = FORMAT_VERSION
+    versions: Versions
+    algorithm: str
+    base_algorithm: str
+    data: dict[str, Node] = Field(max_length=100_000)
+    state_dicts: list[StateEntry] = Field(max_length=1000)
+    torch_variables: dict[str, Node] = Field(default_factory=dict, max_length=1000)
+    placeholders: list[Placeholder] = Field(default_factory=list, max_length=10_000)
+    tensors: dict[str, TensorMeta] = Field(max_length=MAX_ITEMS)
+    hazards: list[Hazard] = Field(default_factory=list, max_length=1000)
+
+    @field_validator("algorithm", "base_algorithm")
+    @classmethod
+    def _check_ref(cls, v: str) -> str:
+        return check_ref(v)
+
+    @field_validator("data", "torch_variables")
+    @classmethod
+    def _check_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            check_path(key)
+            if "." in key or "[" in key:
+                raise ValueError(f"attribute name {key!r} must be a plain identifier")
+        return v
+
+    def placeholder(self, key: str) -> Placeholder:
+        for p in self.placeholders:
+            if p.key == key:
+                return p
+        raise FormatError(f"the manifest uses placeholder {key!r} but does not describe it; the file is malformed")
+
+
+def parse_manifest(text: str) -> Manifest:
+    """Parse and validate manifest JSON. Imports nothing. Raises ``FormatError`` or ``UnsupportedVersionError``."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"the manifest is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise FormatError("the header has no sb3_safe_save manifest: this is not a file written by sb3_safe_save")
+    version = raw.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        raise UnsupportedVersionError(
+            f"format version {version!r} is not supported by this release (it reads {sorted(SUPPORTED_VERSIONS)}); "
+            "upgrade sb3_safe_save to load this file"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except (ValidationError, RecursionError) as e:
+        raise FormatError(f"the manifest is malformed: {_short(e)}") from None
+
+
+def _short(e: Exception, limit: int = 2000) -> str:
+    text = str(e)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def iter_children(node: Node) -> list[Node]:
+    """The direct child nodes of ``node`` (for generic walks over the tree)."""
+    if isinstance(node, (ListNode, TupleNode, DequeNode)):
+        return list(node.items)
+    if isinstance(node, DictNode):
+        return list(node.items.values())
+    if isinstance(node, SpaceNode):
+        return list(node.args.values())
+    if isinstance(node, ObjectNode):
+        return list(node.state.values())
+    if isinstance(node, NamedTupleNode):
+        return list(node.fields.values())
+    return []
+
+
+def iter_nodes(node: Node) -> list[Node]:
+    """Every node of the tree below (and including) ``node``, iteratively (no recursion limit)."""
+    out: list[Node] = []
+    stack: list[Node] = [node]
+    while stack:
+        n = stack.pop()
+        out.append(n)
+        stack.extend(iter_children(n))
+    return out
+
+
+def node_refs(node: Node) -> list[str]:
+    """The import references a node (not its children) asks to import."""
+    if isinstance(node, RefNode):
+        return [node.ref]
+    if isinstance(node, (ObjectNode, EnumNode, NamedTupleNode)):
+        return [node.cls]
+    return []

@@ -1,0 +1,671 @@
+"""``SafeSaveMixin`` and ``safe()``: SB3's ``save``/``load`` signatures, our format underneath.
+
+Save (top to bottom): walk the model -> tensors to bytes views + checksums -> manifest -> atomic write.
+
+Load, in three phases (nothing the file names is imported before phase 3):
+
+1. **parse**: read the safetensors header only, check the manifest checksum, validate it with pydantic;
+2. **audit**: the algorithm matches, every import reference is trusted, pickled values are allowed or
+   replaced, every placeholder has a live object (``MissingResourceError`` before any model exists);
+3. **construct**: import, decode, build the model the way ``BaseAlgorithm.load`` does but with weight
+   initialisation switched off, then read each tensor straight into the model's own memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import pathlib
+import platform
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any, ClassVar, TypeVar
+
+import cloudpickle
+import numpy as np
+import stable_baselines3 as sb3
+import torch as th
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.type_aliases import GymEnv
+from stable_baselines3.common.utils import check_for_correct_spaces
+
+from sb3_safe_save import _weights
+from sb3_safe_save._codecs import BY_KIND
+from sb3_safe_save._errors import (
+    AlgorithmMismatchError,
+    FormatError,
+    IntegrityError,
+    PickleRefusedError,
+    SafeSaveError,
+    StateMismatchError,
+    UntrustedTypeError,
+)
+from sb3_safe_save._manifest import (
+    META_CHECKSUM,
+    META_MANIFEST,
+    Manifest,
+    ModuleState,
+    Node,
+    OptimizerState,
+    PickleNode,
+    Placeholder,
+    ResourceSpec,
+    TensorMeta,
+    Versions,
+    iter_nodes,
+    node_refs,
+    parse_manifest,
+)
+from sb3_safe_save._resources import resolve
+from sb3_safe_save._trust import TrustList, TrustSpec, import_ref, ref_of
+from sb3_safe_save._version import __version__
+from sb3_safe_save._walker import DEFAULT_MAX_OBJECT_BYTES, _MODULE_INTERNALS, Snapshot, Walker, resolve_attr
+
+PathLike = str | os.PathLike[str] | io.BufferedIOBase
+SUFFIX = ".safetensors"
+SelfAlgo = TypeVar("SelfAlgo", bound=BaseAlgorithm)
+
+
+# =============================================================================================== save
+def save_model(
+    model: BaseAlgorithm,
+    path: PathLike,
+    exclude: Iterable[str] | None = None,
+    include: Iterable[str] | None = None,
+    *,
+    resources: Mapping[str, Any] | None = None,
+    specs: Mapping[str, ResourceSpec | Mapping[str, Any]] | None = None,
+    optional: Iterable[str] = (),
+    allow_pickle: bool = False,
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    fsync: bool = True,
+) -> None:
+    """Save ``model`` to one safetensors file. See ``SafeSaveMixin.save``."""
+    snapshot = snapshot_model(
+        model, exclude, include, resources=resources, specs=specs, optional=optional,
+        allow_pickle=allow_pickle, max_object_bytes=max_object_bytes,
+    )  # fmt: skip
+    blobs = {key: _weights.to_blob(value) for key, value in snapshot.tensors.items()}
+    manifest = build_manifest(model, snapshot, blobs)
+    text = manifest.model_dump_json()
+    metadata = {"format": "pt", META_MANIFEST: text, META_CHECKSUM: _weights.checksum(text.encode())}
+    if isinstance(path, io.BufferedIOBase):
+        _weights.write_stream(path, blobs, metadata)
+    else:
+        _weights.write_atomic(_target_path(path), blobs, metadata, fsync=fsync)
+
+
+def snapshot_model(
+    model: BaseAlgorithm,
+    exclude: Iterable[str] | None = None,
+    include: Iterable[str] | None = None,
+    *,
+    resources: Mapping[str, Any] | None = None,
+    specs: Mapping[str, ResourceSpec | Mapping[str, Any]] | None = None,
+    optional: Iterable[str] = (),
+    allow_pickle: bool = False,
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+) -> Snapshot:
+    """Walk ``model`` as ``save`` would, without writing anything."""
+    cls = type(model)
+    declared = {key: resolve_attr(model, p) for key, p in getattr(cls, "safe_save_resources", {}).items()}
+    declared.update(resources or {})
+    all_specs = {**getattr(cls, "safe_save_specs", {}), **(specs or {})}
+    walker = Walker(
+        allow_pickle=allow_pickle,
+        max_object_bytes=max_object_bytes,
+        declared=declared,
+        specs={k: v if isinstance(v, ResourceSpec) else ResourceSpec.model_validate(v) for k, v in all_specs.items()},
+        optional=frozenset(optional) | frozenset(getattr(cls, "safe_save_optional", ())),
+        trusted=TrustList(None, home_module=cls.__module__),
+    )
+    return walker.walk(model, exclude, include)
+
+
+def build_manifest(model: BaseAlgorithm, snapshot: Snapshot, blobs: Mapping[str, _weights.Blob]) -> Manifest:
+    return Manifest(
+        versions=current_versions(),
+        algorithm=ref_of(type(model)),
+        base_algorithm=base_algorithm_ref(type(model)),
+        data=snapshot.data,
+        state_dicts=snapshot.state_dicts,
+        torch_variables=snapshot.torch_variables,
+        placeholders=snapshot.placeholders,
+        tensors={k: TensorMeta(dtype=b.dtype, shape=list(b.shape), xxh3=_weights.checksum(b.data)) for k, b in blobs.items()},
+        hazards=snapshot.hazards,
+    )
+
+
+def _target_path(path: str | os.PathLike[str]) -> pathlib.Path:
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a directory; give a file name such as {target / ('model' + SUFFIX)}")
+    if not target.suffix:
+        target = target.with_suffix(SUFFIX)
+    if not target.parent.exists():
+        raise FileNotFoundError(f"the directory {target.parent} does not exist; create it first")
+    return target
+
+
+@functools.cache
+def current_versions() -> Versions:
+    try:
+        import sb3_contrib
+
+        contrib: str | None = sb3_contrib.__version__
+    except ImportError:
+        contrib = None
+    import gymnasium
+
+    return Versions(
+        sb3_safe_save=__version__,
+        stable_baselines3=sb3.__version__,
+        torch=th.__version__,
+        numpy=np.__version__,
+        python=platform.python_version(),
+        gymnasium=gymnasium.__version__,
+        sb3_contrib=contrib,
+    )
+
+
+def base_algorithm_ref(cls: type) -> str:
+    """The SB3 / sb3-contrib algorithm a class derives from (``stable_baselines3.dqn.dqn:DQN``)."""
+    for klass in cls.__mro__:
+        module = klass.__module__
+        if module.startswith(("stable_baselines3.", "sb3_contrib.")) and issubclass(klass, BaseAlgorithm):
+            return ref_of(klass)
+    raise TypeError(f"{cls.__qualname__} does not derive from a stable_baselines3 or sb3_contrib algorithm")
+
+
+# =============================================================================================== load
+@contextlib.contextmanager
+def _open(path: PathLike) -> Iterator[tuple[IO[bytes], int]]:
+    if isinstance(path, (io.BufferedIOBase, io.RawIOBase)):
+        f: Any = path
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(0)
+        yield f, size
+        return
+    target = pathlib.Path(path)
+    if not target.exists() and not target.suffix and target.with_suffix(SUFFIX).exists():
+        target = target.with_suffix(SUFFIX)
+    with open(target, "rb", buffering=0) as raw:
+        yield raw, os.fstat(raw.fileno()).st_size
+
+
+def read_manifest(path: PathLike) -> Manifest:
+    """Read and validate the manifest of a saved agent without building a model or reading tensors.
+
+    :param path: the file (or a seekable binary file object)
+    :return: the ``Manifest``
+    :raises FormatError: not an sb3_safe_save file, or malformed
+    :raises IntegrityError: the header does not match its checksum
+    """
+    with _open(path) as (f, size):
+        return _parse(f, size)[1]
+
+
+def _parse(f: IO[bytes], size: int) -> tuple[_weights.Header, Manifest]:
+    """Phase 1: header + manifest, validated; imports nothing."""
+    start = f.read(4)
+    f.seek(0)
+    if start == b"PK\x03\x04":
+        raise FormatError(
+            "this is a zip file, probably a stock SB3 save; loading it means unpickling. "
+            "If you trust it, convert it once: sb3-safe-save convert MODEL.zip OUT.safetensors --trust-pickle"
+        )
+    header = _weights.read_header(f, size)
+    text = header.metadata.get(META_MANIFEST)
+    if text is None:
+        raise FormatError("this safetensors file has no sb3_safe_save manifest: it was not written by sb3_safe_save")
+    expected = header.metadata.get(META_CHECKSUM)
+    if expected is None or _weights.checksum(text.encode()) != expected:
+        raise IntegrityError("the manifest does not match its checksum: the header is corrupted")
+    manifest = parse_manifest(text)
+    if set(manifest.tensors) != set(header.tensors):
+        extra = sorted(set(header.tensors) ^ set(manifest.tensors))[:5]
+        raise IntegrityError(f"the manifest and the safetensors header list different tensors (e.g. {extra})")
+    for key, meta in manifest.tensors.items():
+        info = header.tensors[key]
+        if meta.dtype != info.dtype or tuple(meta.shape) != info.shape:
+            raise IntegrityError(f"tensor {key!r}: the manifest says {meta.dtype} {meta.shape}, the header {info.dtype} {list(info.shape)}")
+    return header, manifest
+
+
+def load_model(
+    cls: type[SelfAlgo],
+    path: PathLike,
+    env: GymEnv | None = None,
+    device: th.device | str = "auto",
+    custom_objects: dict[str, Any] | None = None,
+    print_system_info: bool = False,
+    force_reset: bool = True,
+    *,
+    resources: Mapping[str, Any] | None = None,
+    trusted: TrustSpec | None = None,
+    allow_pickle: bool = False,
+    verify: bool = True,
+    expected_sha256: str | None = None,
+    strict: bool = True,
+    **kwargs: Any,
+) -> SelfAlgo:
+    """Load a model saved by ``save_model``. See ``SafeSaveMixin.load``."""
+    custom_objects = dict(custom_objects or {})
+    with _open(path) as (f, size):
+        # ---- phase 1: parse
+        header, manifest = _parse(f, size)
+        if expected_sha256 is not None:
+            found = _sha256(f)
+            if found != expected_sha256.lower():
+                raise IntegrityError(f"SHA-256 mismatch: expected {expected_sha256}, the file has {found}")
+        if print_system_info:
+            print("== SAVED WITH ==", manifest.versions.model_dump_json(indent=2), "== CURRENT ==", current_versions().model_dump_json(indent=2), sep="\n")
+
+        # ---- phase 2: audit (no imports)
+        expected_base = base_algorithm_ref(cls)
+        if manifest.base_algorithm != expected_base:
+            raise AlgorithmMismatchError(
+                f"this file holds a {manifest.algorithm} (a {manifest.base_algorithm}) model, but it is being loaded with"
+                f" {cls.__qualname__} (a {expected_base}); load it with the matching algorithm class"
+            )
+        trust = TrustList(trusted, home_module=cls.__module__)
+        refs, pickles = _references(manifest, custom_objects)
+        untrusted = trust.untrusted(refs)
+        if untrusted:
+            raise UntrustedTypeError(untrusted, {r: refs[r] for r in untrusted})
+        if pickles and not allow_pickle:
+            raise PickleRefusedError(pickles)
+        covered = frozenset(p.key for p in manifest.placeholders if _covered(p, manifest, custom_objects))
+        bound = resolve(manifest.placeholders, resources, trust, strict=strict, skip=covered)
+
+        # ---- phase 3: construct
+        body = _weights.Body(f, header, {k: m.xxh3 for k, m in manifest.tensors.items()}, verify=verify)
+        decoder = _Decoder(body, trust, bound, custom_objects, manifest)
+        model = _build(cls, manifest, decoder, env, device, custom_objects, force_reset, kwargs)
+        _load_state(model, manifest, decoder, body)
+        _rebind(model, manifest, bound)
+        unread = set(header.tensors) - body.read_keys - _skipped_tensors(manifest, custom_objects)
+        if unread:
+            raise FormatError(f"the file holds tensors the manifest never uses: {sorted(unread)[:5]}")
+    return model
+
+
+def _sha256(f: IO[bytes]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for chunk in _weights.iter_chunks(f):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _walk_data(manifest: Manifest) -> Iterator[tuple[str, Node]]:
+    """(top-level path, node) for every node a load would decode."""
+    for name, node in manifest.data.items():
+        yield name, node
+    for entry in manifest.state_dicts:
+        if isinstance(entry, OptimizerState):
+            yield entry.name, entry.state
+    yield from manifest.torch_variables.items()
+
+
+def _references(manifest: Manifest, custom_objects: Mapping[str, Any]) -> tuple[dict[str, list[str]], list[str]]:
+    """Every import reference (with where it is used) and every pickled value the load would decode."""
+    refs: dict[str, list[str]] = {}
+    pickles: list[str] = []
+    for top, root in _walk_data(manifest):
+        if top in custom_objects:
+            continue
+        for node in iter_nodes(root):
+            for ref in node_refs(node):
+                refs.setdefault(ref, []).append(top)
+            if isinstance(node, PickleNode):
+                path = node.tensor.removesuffix("#pickle")
+                if not any(path == c or path.startswith(c + ".") or path.startswith(c + "[") for c in custom_objects):
+                    pickles.append(path)
+    return refs, pickles
+
+
+def _covered(ph: Placeholder, manifest: Manifest, custom_objects: Mapping[str, Any]) -> bool:
+    """A placeholder is not needed if ``custom_objects`` replaces every data path it sits at."""
+    data_paths = [p for p in ph.paths if _root(p) in manifest.data]
+    return bool(custom_objects) and len(data_paths) == len(ph.paths) and all(_under(p, custom_objects) for p in data_paths)
+
+
+def _under(path: str, prefixes: Iterable[str]) -> bool:
+    return any(path == c or path.startswith(c + ".") or path.startswith(c + "[") for c in prefixes)
+
+
+def _root(path: str) -> str:
+    return path.split(".")[0].split("[")[0]
+
+
+def _skipped_tensors(manifest: Manifest, custom_objects: Mapping[str, Any]) -> set[str]:
+    return {k for k in manifest.tensors if _under(k.removesuffix("#pickle"), custom_objects)}
+
+
+class _Decoder:
+    """Implements the codecs' ``Decoder`` protocol for one load."""
+
+    def __init__(
+        self, body: _weights.Body, trust: TrustList, bound: Mapping[str, Any], overrides: Mapping[str, Any], manifest: Manifest
+    ) -> None:
+        self._body = body
+        self._trust = trust
+        self._bound = bound
+        self._overrides = overrides
+        self._manifest = manifest
+        self._imported: dict[str, Any] = {}
+
+    def decode(self, node: Node, path: str) -> Any:
+        if path in self._overrides:
+            return self._overrides[path]
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        return BY_KIND[node.kind].decode(node, path, self)
+
+    def tensor(self, key: str) -> th.Tensor:
+        return self._body.read_tensor(key)
+
+    def resolve(self, ref: str) -> Any:
+        if ref not in self._imported:
+            why = self._trust.why(ref)
+            if why is None:  # phase 2 checked every reference; this guards new code paths
+                raise UntrustedTypeError([ref])
+            try:
+                self._imported[ref] = import_ref(ref, default_trust=why == "default")
+            except (ImportError, AttributeError, TypeError) as e:
+                raise FormatError(f"cannot import {ref}: {e}") from None
+        return self._imported[ref]
+
+    def placeholder(self, key: str, path: str) -> Any:
+        self._manifest.placeholder(key)
+        if key not in self._bound:
+            raise FormatError(f"{path}: placeholder {key!r} was not resolved")
+        return self._bound[key]
+
+    def unpickle(self, node: PickleNode, path: str) -> Any:
+        data = self._body.read_tensor(node.tensor).numpy().tobytes()
+        return cloudpickle.loads(data)
+
+
+_init_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def no_weight_init() -> Iterator[None]:
+    """Turn the in-place ``torch.nn.init`` functions into no-ops (the loaded tensors overwrite them anyway).
+
+    Building a 50M-parameter PPO policy spends seconds in orthogonal initialisation whose result
+    load then throws away. Process-wide while active; a lock serialises concurrent loads.
+    """
+    init = th.nn.init
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    with _init_lock:
+        saved = {n: getattr(init, n) for n in names}
+        try:
+            for n in names:
+                setattr(init, n, _skip_init)
+            yield
+        finally:
+            for n, fn in saved.items():
+                setattr(init, n, fn)
+
+
+def _skip_init(tensor: th.Tensor, *args: Any, **kwargs: Any) -> th.Tensor:
+    return tensor
+
+
+def _build(
+    cls: type[SelfAlgo],
+    manifest: Manifest,
+    decoder: _Decoder,
+    env: GymEnv | None,
+    device: th.device | str,
+    custom_objects: Mapping[str, Any],
+    force_reset: bool,
+    kwargs: dict[str, Any],
+) -> SelfAlgo:
+    """Rebuild the model as ``BaseAlgorithm.load`` does, from decoded data."""
+    data = {name: decoder.decode(node, name) for name, node in manifest.data.items()}
+    if "policy_kwargs" in data and isinstance(data["policy_kwargs"], dict):
+        data["policy_kwargs"].pop("device", None)
+    if "policy_kwargs" in kwargs and kwargs["policy_kwargs"] != data.get("policy_kwargs"):
+        raise StateMismatchError(
+            "the policy_kwargs passed to load differ from the stored ones; to replace single entries use"
+            " custom_objects={'policy_kwargs.<key>': value}, and for live objects resources={...}"
+        )
+    for key in ("observation_space", "action_space", "policy_class"):
+        if key not in data:
+            raise FormatError(f"the file has no {key!r}; it cannot be rebuilt (was it left out with exclude=?)")
+    if env is not None:
+        env = cls._wrap_env(env, data.get("verbose", 0))
+        check_for_correct_spaces(env, data["observation_space"], data["action_space"])
+        if force_reset:
+            data["_last_obs"] = None
+        data["n_envs"] = env.num_envs
+    elif "env" in data:
+        env = data["env"]
+    model = cls(policy=data["policy_class"], env=env, device=device, _init_setup_model=False)  # type: ignore[call-arg]
+    model.__dict__.update(data)
+    model.__dict__.update(kwargs)
+    with no_weight_init():
+        model._setup_model()
+    return model
+
+
+def _load_state(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, body: _weights.Body) -> None:
+    """Put state dicts, optimizer state and torch variables back (SB3's ``set_parameters`` + variables)."""
+    expected, _ = model._get_torch_save_params()
+    stored = [e.name for e in manifest.state_dicts]
+    if sorted(expected) != sorted(stored):
+        raise StateMismatchError(f"the model has state dicts {sorted(expected)} but the file has {sorted(stored)}")
+    for entry in manifest.state_dicts:
+        target = resolve_attr(model, entry.name)
+        if isinstance(entry, ModuleState):
+            _load_module(getattr(target, "_orig_mod", target), entry, body)
+        else:
+            state = decoder.decode(entry.state, entry.name)
+            try:
+                target.load_state_dict(state)
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise StateMismatchError(f"{entry.name}: the stored optimizer state does not fit the optimizer: {e}") from None
+    device = model.device
+    for name, node in manifest.torch_variables.items():
+        value = decoder.decode(node, name)
+        if value is None:
+            continue
+        if not isinstance(value, th.Tensor):
+            raise FormatError(f"torch variable {name!r} is a {type(value).__name__}, not a tensor")
+        current = resolve_attr(model, name)
+        if not isinstance(current, th.Tensor) or current.shape != value.shape:
+            raise StateMismatchError(f"torch variable {name!r}: the model has {current!r:.80}, the file a tensor {list(value.shape)}")
+        current.data = value.to(device)  # keep the optimizer's reference valid (SB3 #391)
+    if getattr(model, "use_sde", False):
+        model.policy.reset_noise()  # type: ignore[operator]
+
+
+def _fast_path_ok(module: th.nn.Module) -> bool:
+    """Direct reads into parameters are exact unless a module customises state-dict loading."""
+    base = th.nn.Module._load_from_state_dict
+    for m in module.modules():
+        if type(m)._load_from_state_dict is not base or m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks:
+            return False
+    return not module._load_state_dict_pre_hooks
+
+
+def _load_module(module: th.nn.Module, entry: ModuleState, body: _weights.Body) -> None:
+    targets = module.state_dict(keep_vars=True)
+    expected = {k for k in targets if not any(k.startswith(p) for p in entry.external_prefixes)}
+    stored = set(entry.keys) | set(entry.aliases)
+    if expected != stored:
+        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+        raise StateMismatchError(
+            f"{entry.name}: the rebuilt model does not match the stored weights"
+            f" (missing {missing[:5]}{'...' if len(missing) > 5 else ''},"
+            f" unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''});"
+            " was the model saved with different policy_kwargs, or a resource of a different architecture given?"
+        )
+    for alias, canonical in entry.aliases.items():
+        if canonical not in entry.keys:
+            raise FormatError(f"{entry.name}: alias {alias!r} points to {canonical!r}, which is not stored")
+    try:
+        if _fast_path_ok(module):
+            for key in entry.keys:
+                body.read_into_tensor(f"{entry.name}/{key}", targets[key])
+            with th.no_grad():
+                for alias, canonical in entry.aliases.items():
+                    if targets[alias].data_ptr() != targets[canonical].data_ptr():
+                        targets[alias].copy_(targets[canonical])
+        else:
+            state = {key: body.read_tensor(f"{entry.name}/{key}") for key in entry.keys}
+            state.update({alias: state[canonical] for alias, canonical in entry.aliases.items()})
+            module.load_state_dict(state, strict=False)
+    except FormatError as e:
+        raise StateMismatchError(str(e)) from None
+    except RuntimeError as e:
+        raise StateMismatchError(f"{entry.name}: {e}") from None
+
+
+def _rebind(model: BaseAlgorithm, manifest: Manifest, bound: Mapping[str, Any]) -> None:
+    """Put resources back at module-attribute paths the constructor did not fill (identity preserved)."""
+    for ph in manifest.placeholders:
+        if ph.key not in bound:
+            continue
+        obj = bound[ph.key]
+        for path in ph.paths:
+            if _root(path) in manifest.data or "[" in path:
+                continue
+            parent_path, _, attr = path.rpartition(".")
+            if attr in _MODULE_INTERNALS:
+                raise FormatError(f"placeholder {ph.key!r}: path {path!r} names a torch internal attribute")
+            try:
+                parent = resolve_attr(model, parent_path)
+            except (AttributeError, KeyError, IndexError, TypeError):
+                raise StateMismatchError(
+                    f"placeholder {ph.key!r}: cannot rebind at {path!r}, the rebuilt model has no {parent_path!r}"
+                ) from None
+            if getattr(parent, attr, None) is not obj:
+                setattr(parent, attr, obj)
+
+
+# ============================================================================================== mixin
+class SafeSaveMixin:
+    """Give an SB3 algorithm safe ``save``/``load``: ``class CustomDQN(SafeSaveMixin, DQN): ...``.
+
+    Class-level declarations (all optional):
+
+    :cvar safe_save_resources: resource key -> attribute path of a live object to leave out,
+        e.g. ``{"vlm_model": "policy_kwargs.vlm_model"}`` (the walker also finds them by itself)
+    :cvar safe_save_specs: resource key -> ``ResourceSpec`` telling load how to rebuild it
+    :cvar safe_save_optional: resource keys that may stay unbound at load
+    """
+
+    safe_save_resources: ClassVar[Mapping[str, str]] = {}
+    safe_save_specs: ClassVar[Mapping[str, ResourceSpec | Mapping[str, Any]]] = {}
+    safe_save_optional: ClassVar[Sequence[str]] = ()
+
+    def save(
+        self,
+        path: PathLike,
+        exclude: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
+        *,
+        resources: Mapping[str, Any] | None = None,
+        specs: Mapping[str, ResourceSpec | Mapping[str, Any]] | None = None,
+        optional: Iterable[str] = (),
+        allow_pickle: bool = False,
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+        fsync: bool = True,
+    ) -> None:
+        """Save all the attributes of the object and the model parameters in one safetensors file.
+
+        Live resources (external modules, unpicklable or oversized objects) are left out and
+        recorded as placeholders, to be rebound at load. The write is atomic: the previous file at
+        ``path`` survives any failure.
+
+        :param path: path to the file; a path without a suffix gets ``.safetensors``
+        :param exclude: name of parameters that should be excluded in addition to the default ones
+        :param include: name of parameters that might be excluded but should be included anyway
+        :param resources: resource key -> live object to leave out as a placeholder with that key
+        :param specs: resource key -> ``ResourceSpec`` (how to rebuild it at load)
+        :param optional: resource keys that may stay unbound at load
+        :param allow_pickle: cloudpickle values no codec can store (marked in the file; load then
+            needs ``allow_pickle=True``) instead of raising ``UnsupportedObjectError``
+        :param max_object_bytes: objects whose pickle would be larger become ``too_large`` placeholders
+        :param fsync: flush the file and its directory to disk before returning
+        """
+        save_model(
+            self,  # type: ignore[arg-type]
+            path, exclude, include, resources=resources, specs=specs, optional=optional,
+            allow_pickle=allow_pickle, max_object_bytes=max_object_bytes, fsync=fsync,
+        )  # fmt: skip
+
+    @classmethod
+    def load(  # type: ignore[no-untyped-def]
+        cls,
+        path: PathLike,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        *,
+        resources: Mapping[str, Any] | None = None,
+        trusted: TrustSpec | None = None,
+        allow_pickle: bool = False,
+        verify: bool = True,
+        expected_sha256: str | None = None,
+        strict: bool = True,
+        **kwargs: Any,
+    ):
+        """Load the model from a file written by ``save``.
+
+        Warning: ``load`` re-creates the model from scratch, it does not update it in-place!
+
+        :param path: path to the file (or a seekable binary file object)
+        :param env: the new environment to run the loaded model on
+        :param device: Device on which the code should run.
+        :param custom_objects: objects to use instead of the stored values, keyed by attribute name
+            or dotted path (``"policy_kwargs.vlm_model"``); a replaced value is not decoded at all
+        :param print_system_info: print the versions the file was saved with and the current ones
+        :param force_reset: Force call to ``reset()`` before training (see SB3 #597)
+        :param resources: placeholder key -> live object, ``factory(fn)`` or ``lazy(fn)``
+        :param trusted: classes or ``"module.Name"`` strings the file may reference beyond the defaults
+        :param allow_pickle: unpickle values that were saved with ``allow_pickle=True`` (runs code!)
+        :param verify: check every tensor's checksum while reading (default)
+        :param expected_sha256: refuse the file unless its SHA-256 matches
+        :param strict: a resource whose fingerprint differs raises (``False``: warn)
+        :param kwargs: extra arguments to change the model when loading
+        :return: new model instance with loaded parameters
+        """
+        return load_model(
+            cls,  # type: ignore[arg-type]
+            path, env, device, custom_objects, print_system_info, force_reset,
+            resources=resources, trusted=trusted, allow_pickle=allow_pickle, verify=verify,
+            expected_sha256=expected_sha256, strict=strict, **kwargs,
+        )  # fmt: skip
+
+
+_safe_lock = threading.Lock()
+_safe_cache: dict[type, type] = {}
+
+
+def safe(algo: type[SelfAlgo]) -> type[SelfAlgo]:
+    """Return a (cached) subclass of ``algo`` with safe ``save``/``load``: ``safe(PPO)("MlpPolicy", env)``.
+
+    :param algo: any ``BaseAlgorithm`` subclass (SB3, sb3-contrib or your own)
+    """
+    if not (isinstance(algo, type) and issubclass(algo, BaseAlgorithm)):
+        raise TypeError(f"safe() takes a stable_baselines3 algorithm class, got {algo!r}")
+    if issubclass(algo, SafeSaveMixin):
+        return algo
+    with _safe_lock:
+        if algo not in _safe_cache:
+            _safe_cache[algo] = type(algo.__name__, (SafeSaveMixin, algo), {"__module__": algo.__module__, "__qualname__": algo.__qualname__})
+        return _safe_cache[algo]  # type: ignore[return-value]
+
+

@@ -1,0 +1,338 @@
+"""The container: one safetensors file, written atomically, read with checks.
+
+Layout (the standard safetensors layout, readable by ``safetensors.safe_open``)::
+
+    u64 little-endian N | N bytes of JSON header, space padded to 8 bytes | tensor bytes
+
+The header maps each tensor key to ``{"dtype", "shape", "data_offsets"}`` and carries
+``__metadata__`` (str -> str), where the manifest and its checksum live.
+
+Why not ``safetensors.torch.save_file``/``load_file``: ``save_file`` first turns every tensor into a
+Python ``bytes`` object (a second copy of all weights in memory), does not fsync and cannot hash as it
+goes; ``load_file`` returns new tensors that must then be copied into the model. Here the writer streams
+each tensor's own memory to disk and the reader reads bytes straight into the destination tensor, so
+peak memory stays near one copy of the weights. The format is the same; ``tests/test_weights.py``
+checks both directions against the safetensors library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch as th
+import xxhash
+
+from sb3_safe_save._errors import FormatError, IntegrityError
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+_ALIGN = 8
+
+#: safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[th.dtype, int]] = {
+    "F64": (th.float64, 8),
+    "F32": (th.float32, 4),
+    "F16": (th.float16, 2),
+    "BF16": (th.bfloat16, 2),
+    "I64": (th.int64, 8),
+    "I32": (th.int32, 4),
+    "I16": (th.int16, 2),
+    "I8": (th.int8, 1),
+    "U8": (th.uint8, 1),
+    "BOOL": (th.bool, 1),
+    "U16": (th.uint16, 2),
+    "U32": (th.uint32, 4),
+    "U64": (th.uint64, 8),
+    "F8_E4M3": (th.float8_e4m3fn, 1),
+    "F8_E5M2": (th.float8_e5m2, 1),
+}
+_TORCH_TO_ST = {dt: name for name, (dt, _) in DTYPES.items()}
+
+
+def st_dtype(dtype: th.dtype) -> str:
+    """The safetensors name of a torch dtype, or ``FormatError`` if safetensors cannot store it."""
+    try:
+        return _TORCH_TO_ST[dtype]
+    except KeyError:
+        raise FormatError(f"tensors of dtype {dtype} cannot be stored in safetensors") from None
+
+
+@dataclass(frozen=True)
+class Blob:
+    """One tensor ready to write: its bytes as a flat uint8 array plus dtype and shape."""
+
+    data: np.ndarray  # 1-D uint8 view of C-contiguous CPU memory
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+def to_blob(value: th.Tensor | np.ndarray) -> Blob:
+    """View a tensor or array as bytes without copying (unless it is not contiguous or not on the CPU)."""
+    if isinstance(value, np.ndarray):
+        tensor = th.from_numpy(np.ascontiguousarray(value))
+    else:
+        tensor = value.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.contiguous()
+    flat = tensor.reshape(-1).view(th.uint8) if tensor.numel() else th.empty(0, dtype=th.uint8)
+    return Blob(data=flat.numpy(), dtype=st_dtype(tensor.dtype), shape=tuple(tensor.shape))
+
+
+def checksum(buf: Any) -> str:
+    """XXH3-128 of a buffer, as 32 hex digits (a fast corruption check, not a signature)."""
+    return xxhash.xxh3_128_hexdigest(buf)
+
+
+# -------------------------------------------------------------------------------------------- write
+def _header_bytes(blobs: Mapping[str, Blob], metadata: Mapping[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for key, blob in blobs.items():
+        header[key] = {"dtype": blob.dtype, "shape": list(blob.shape), "data_offsets": [offset, offset + blob.nbytes]}
+        offset += blob.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % _ALIGN)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise FormatError(f"the header would be {len(raw)} bytes, over the safetensors limit of {MAX_HEADER_BYTES}")
+    return raw
+
+
+def write_atomic(path: Path, blobs: Mapping[str, Blob], metadata: Mapping[str, str], *, fsync: bool = True) -> None:
+    """Write ``blobs`` and ``metadata`` to ``path`` atomically.
+
+    The bytes go to a temporary file in the target directory, which is flushed, fsynced and then
+    renamed over ``path`` (``os.replace``); the directory is fsynced last. Until the rename the old
+    file is untouched, so an exception or a kill at any moment leaves either the old or the new file.
+    """
+    header = _header_bytes(blobs, metadata)
+    directory = path.parent
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            _write(f, header, blobs)
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if fsync:
+        _fsync_dir(directory)
+
+
+def write_stream(f: IO[bytes], blobs: Mapping[str, Blob], metadata: Mapping[str, str]) -> None:
+    """Write to an open binary file object (no atomicity: the caller owns the stream)."""
+    _write(f, _header_bytes(blobs, metadata), blobs)
+
+
+def _write(f: IO[bytes], header: bytes, blobs: Mapping[str, Blob]) -> None:
+    f.write(struct.pack("<Q", len(header)))
+    f.write(header)
+    for blob in blobs.values():
+        _write_all(f, memoryview(blob.data))
+
+
+def _write_all(f: IO[bytes], view: memoryview) -> None:
+    while view.nbytes:
+        n = f.write(view)
+        if n is None:  # pragma: no cover - non-blocking files only
+            raise OSError("short write")
+        view = view[n:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------- read
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offset
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Header:
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    body_start: int
+    file_size: int
+
+
+def read_header(f: IO[bytes], file_size: int) -> Header:
+    """Read and check the safetensors header of an open file. Reads only the header bytes.
+
+    Raises ``FormatError`` for anything that is not a well-formed safetensors header: a length
+    that does not fit the file, bad JSON, unknown dtypes, sizes that disagree with shapes, or data
+    offsets that leave holes, overlap or run past the end.
+    """
+    if file_size < 8:
+        raise FormatError(f"the file is {file_size} bytes long; a safetensors file starts with an 8-byte header length")
+    (n,) = struct.unpack("<Q", _read_exact(f, 8))
+    if n > MAX_HEADER_BYTES or n > file_size - 8:
+        raise FormatError(
+            f"the header length field says {n} bytes but the file has {file_size - 8} bytes after it"
+            f" (limit {MAX_HEADER_BYTES}); this is not a safetensors file or it is truncated"
+        )
+    raw = _read_exact(f, n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"the safetensors header is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FormatError("the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise FormatError("the safetensors __metadata__ must map strings to strings")
+    body_start = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        tensors[key] = _tensor_info(key, entry, body_start)
+    expected = 0
+    for key, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.start - body_start != expected:
+            raise FormatError(f"tensor {key!r}: data offsets leave a hole or overlap (starts at {info.start - body_start}, expected {expected})")
+        expected = info.end - body_start
+    if body_start + expected != file_size:
+        raise IntegrityError(
+            f"the tensors end at byte {body_start + expected} but the file has {file_size} bytes; the file is truncated or has trailing data"
+        )
+    return Header(metadata=metadata, tensors=tensors, body_start=body_start, file_size=file_size)
+
+
+def _tensor_info(key: str, entry: Any, body_start: int) -> TensorInfo:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise FormatError(f"tensor {key!r}: header entry must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise FormatError(f"tensor {key!r}: unsupported dtype {dtype!r}")
+    if not (isinstance(shape, list) and len(shape) <= 64 and all(type(d) is int and 0 <= d < 2**48 for d in shape)):
+        raise FormatError(f"tensor {key!r}: shape must be a list of non-negative integers, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        raise FormatError(f"tensor {key!r}: data_offsets must be two non-negative integers, got {offsets!r}")
+    start, end = offsets
+    nbytes = DTYPES[dtype][1] * int(np.prod(shape, dtype=object))
+    if end - start != nbytes:
+        raise FormatError(f"tensor {key!r}: {dtype} {shape} needs {nbytes} bytes but its data offsets span {end - start}")
+    return TensorInfo(dtype=dtype, shape=tuple(shape), start=body_start + start, end=body_start + end)
+
+
+def _read_exact(f: IO[bytes], n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise IntegrityError(f"unexpected end of file: wanted {n} bytes, got {len(data)}")
+    return data
+
+
+class Body:
+    """Reads tensor bytes from an open file into caller-provided memory, checking each checksum.
+
+    :param f: the open file (binary, unbuffered is best)
+    :param header: its parsed header
+    :param checksums: expected XXH3-128 per tensor key (from the manifest)
+    :param verify: compare checksums (on by default; off only for speed on trusted storage)
+    """
+
+    def __init__(self, f: IO[bytes], header: Header, checksums: Mapping[str, str], *, verify: bool = True) -> None:
+        self._f = f
+        self._header = header
+        self._checksums = checksums
+        self._verify = verify
+        self.read_keys: set[str] = set()
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self._header.tensors[key]
+        except KeyError:
+            raise FormatError(f"the manifest refers to tensor {key!r}, which the file does not contain") from None
+
+    def read_into(self, key: str, dest: np.ndarray) -> None:
+        """Fill ``dest`` (a writable, C-contiguous byte array of the right size) with tensor ``key``."""
+        info = self.info(key)
+        view = memoryview(dest).cast("B")
+        if view.nbytes != info.nbytes:
+            raise FormatError(f"tensor {key!r}: stored as {info.nbytes} bytes but the destination holds {view.nbytes}")
+        self._f.seek(info.start)
+        got = 0
+        while got < info.nbytes:
+            n = self._f.readinto(view[got:])  # type: ignore[attr-defined]
+            if not n:
+                raise IntegrityError(f"tensor {key!r}: unexpected end of file after {got} of {info.nbytes} bytes")
+            got += n
+        if self._verify and checksum(view) != self._checksums[key]:
+            raise IntegrityError(
+                f"tensor {key!r}: checksum mismatch (expected xxh3 {self._checksums[key]}, found {checksum(view)});"
+                " the file is corrupted"
+            )
+        self.read_keys.add(key)
+
+    def read_tensor(self, key: str) -> th.Tensor:
+        """A new CPU tensor holding tensor ``key``."""
+        info = self.info(key)
+        dtype, _ = DTYPES[info.dtype]
+        out = th.empty(info.shape, dtype=dtype)
+        if info.nbytes:
+            self.read_into(key, out.reshape(-1).view(th.uint8).numpy())
+        else:
+            self.read_keys.add(key)
+        return out
+
+    def read_into_tensor(self, key: str, dest: th.Tensor) -> None:
+        """Copy tensor ``key`` into the existing tensor ``dest`` (same dtype and shape), in place."""
+        info = self.info(key)
+        dtype, _ = DTYPES[info.dtype]
+        if dest.dtype != dtype or tuple(dest.shape) != info.shape:
+            raise FormatError(
+                f"tensor {key!r}: stored as {info.dtype} {list(info.shape)} but the model has {dest.dtype} {list(dest.shape)}"
+            )
+        with th.no_grad():
+            if dest.device.type == "cpu" and dest.is_contiguous() and dest.numel():
+                self.read_into(key, dest.detach().reshape(-1).view(th.uint8).numpy())
+            else:
+                dest.copy_(self.read_tensor(key))
+
+
+def iter_chunks(f: IO[bytes], size: int = 1 << 22) -> Iterator[bytes]:
+    f.seek(0)
+    while chunk := f.read(size):
+        yield chunk
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a whole file, as hex: the hash to publish next to a model and pin at load."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        for chunk in iter_chunks(f):
+            h.update(chunk)
+    return h.hexdigest()
