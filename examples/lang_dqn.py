@@ -117,3 +117,22 @@ def make_model(expert: Any, net_arch: list[int] | None = None, seed: int = 0, **
         CustomDQNPolicy, "CartPole-v1", policy_kwargs=policy_kwargs, learning_starts=50, buffer_size=2000,
         target_update_interval=50, seed=seed, **kwargs,
     )  # fmt: skip
+
+
+def build_expert(kind: str = "unpicklable", **kwargs: Any) -> UnpicklableExpert | ModuleExpert:
+    """A module-level factory a ``ResourceSpec`` can name, so load rebuilds the expert by itself.
+
+    ``ResourceSpec(factory="lang_dqn:build_expert", kwargs={"kind": "unpicklable", "name": "stub-llm-7b", "seed": 0})``:
+    loading with ``CustomDQN`` trusts it (it lives in the module that defines ``CustomDQN``).
+
+    :param kind: ``"unpicklable"`` (``UnpicklableExpert``) or ``"module"`` (``ModuleExpert``, seeded by ``seed=``)
+    :param kwargs: the expert's constructor arguments (JSON values only: they are stored in the file)
+    """
+    if kind == "unpicklable":
+        return UnpicklableExpert(**kwargs)
+    if kind == "module":  # seeded without touching the global torch RNG
+        seed = kwargs.pop("seed", 0)
+        with th.random.fork_rng(devices=[]):
+            th.manual_seed(seed)
+            return ModuleExpert(**kwargs)
+    raise ValueError(f"unknown expert kind {kind!r} (expected 'unpicklable' or 'module')")

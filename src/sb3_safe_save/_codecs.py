@@ -363,6 +363,7 @@ class TorchDtypeCodec(Codec):
 
 
 _RNGS = {"PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"}
+MAX_SPACE_ELEMENTS = 2**26  # 67M elements: far above any image observation
 
 
 def _rng_state(rng: np.random.Generator | None) -> dict[str, Any] | None:
@@ -417,6 +418,10 @@ class SpaceCodec(Codec):
         if set(node.args) != set(expected):
             raise FormatError(f"{path}: a {node.space} space takes {list(expected)}, the file gives {sorted(node.args)}")
         args = {k: dec.decode(v, child_path(path, k)) for k, v in node.args.items()}
+        shape = args.get("shape")
+        if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape) and math.prod(shape) > MAX_SPACE_ELEMENTS:
+            # Box fills low/high arrays of this shape: refuse absurd sizes before allocating them
+            raise FormatError(f"{path}: a {node.space} space of shape {shape} has over {MAX_SPACE_ELEMENTS} elements")
         try:
             space = cls(**args)
         except (TypeError, ValueError, AssertionError) as e:
@@ -466,7 +471,7 @@ class ObjectCodec(Codec):
         cls = type(value)
         return (
             hasattr(value, "__dict__")
-            and not hasattr(cls, "__slots__")
+            and not any(k.__dict__.get("__slots__") for k in cls.__mro__)  # abc.ABC's empty __slots__ is fine
             and cls.__reduce_ex__ is object.__reduce_ex__
             and cls.__reduce__ is object.__reduce__
             and getattr(cls, "__getstate__", object.__getstate__) is getattr(object, "__getstate__", None)

@@ -14,7 +14,9 @@ it, so code that already catches ``ValueError``/``TypeError``/``LookupError`` ke
     ├── MissingResourceError (LookupError)   load: a placeholder has no live object to rebind
     ├── ResourceMismatchError (ValueError)   load: a rebound resource does not match its recorded fingerprint
     ├── AlgorithmMismatchError (TypeError)   load: the file was saved by a different algorithm
-    ├── StateMismatchError (ValueError)      load: the stored tensors do not fit the model that was built
+    ├── StateMismatchError (ValueError)      load: the stored tensors (or the env's spaces) do not fit the model
+    ├── SaveTargetIsADirectoryError / SaveTargetDirectoryMissingError (IsADirectoryError / FileNotFoundError)
+    │                                        save: the target path is a directory, or its directory is missing
     └── UnresolvedResourceError (RuntimeError)  use: an optional resource that was left unbound was used
 """
 
@@ -89,8 +91,11 @@ class UntrustedTypeError(SafeSaveError, TypeError):
 class PickleRefusedError(SafeSaveError, ValueError):
     """Raised at load when the file holds pickled values and neither ``allow_pickle`` nor ``custom_objects`` covers them."""
 
-    def __init__(self, paths: Sequence[str]) -> None:
+    def __init__(self, paths: Sequence[str], message: str | None = None) -> None:
         self.paths = sorted(paths)
+        if message is not None:  # e.g. a whole legacy pickle file (a replay buffer .pkl)
+            super().__init__(message)
+            return
         super().__init__(
             "The file holds pickled values; unpickling can run arbitrary code, so they were refused:"
             + _bullets(self.paths)
@@ -140,3 +145,11 @@ class StateMismatchError(SafeSaveError, ValueError):
 
 class UnresolvedResourceError(SafeSaveError, RuntimeError):
     """Raised when an optional resource that was left unbound at load is used."""
+
+
+class SaveTargetIsADirectoryError(SafeSaveError, IsADirectoryError):
+    """Raised by ``save`` when the target path is a directory (still an ``IsADirectoryError``, as in SB3)."""
+
+
+class SaveTargetDirectoryMissingError(SafeSaveError, FileNotFoundError):
+    """Raised by ``save`` when the target's directory does not exist (still a ``FileNotFoundError``)."""

@@ -256,6 +256,15 @@ class ResourceSpec(_Model):
     def _check_factory(cls, v: str | None) -> str | None:
         return None if v is None else check_ref(v)
 
+    @field_validator("kwargs")
+    @classmethod
+    def _check_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"ResourceSpec kwargs must be JSON (str, int, float, bool, None, lists, dicts): {e}") from None
+        return v
+
 
 Reason = Literal["unpicklable", "too_large", "external_module", "declared"]
 
@@ -337,6 +346,32 @@ class Versions(_Model):
     sb3_contrib: str | None = None
 
 
+JsonFloat = Union[StrictFloat, StrictInt, Literal["inf", "-inf", "nan"]]
+
+
+class VecNormalizeState(_Model):
+    """A ``VecNormalize`` wrapper: its settings here, its statistics as float64 tensors (``_vecnormalize.py``).
+
+    Tensor names, relative to a prefix (``vec_normalize/``): ``obs_rms/mean|var|count`` (or
+    ``obs_rms/<key>/...`` for each of ``obs_keys`` of a Dict space), ``ret_rms/mean|var|count``,
+    ``old_reward``, and ``old_obs`` (or ``old_obs/<key>``) when the wrapper has stepped.
+    """
+
+    training: bool
+    norm_obs: bool
+    norm_reward: bool
+    clip_obs: JsonFloat
+    clip_reward: JsonFloat
+    gamma: JsonFloat
+    epsilon: JsonFloat
+    norm_obs_keys: list[str] | None = None
+    has_obs_rms: bool = True
+    obs_keys: list[str] | None = None
+    old_obs: Literal["none", "array", "dict"] = "none"
+    old_obs_keys: list[str] | None = None
+    numpy_scalars: list[str] = Field(default_factory=list, max_length=1000)  # 0-d tensors that were np.float64, not arrays
+
+
 class Manifest(_Model):
     """Everything in a saved agent except tensor bytes."""
 
@@ -351,6 +386,7 @@ class Manifest(_Model):
     placeholders: list[Placeholder] = Field(default_factory=list, max_length=10_000)
     tensors: dict[str, TensorMeta] = Field(max_length=MAX_ITEMS)
     hazards: list[Hazard] = Field(default_factory=list, max_length=1000)
+    vec_normalize: VecNormalizeState | None = None
 
     @field_validator("algorithm", "base_algorithm")
     @classmethod
@@ -394,7 +430,12 @@ def parse_manifest(text: str) -> Manifest:
 
 
 def _short(e: Exception, limit: int = 2000) -> str:
-    text = str(e)
+    if isinstance(e, ValidationError):  # str(e) repeats every input: megabytes for a deep, hostile manifest
+        errors = e.errors(include_url=False, include_input=False)
+        lines = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in errors[:5]]
+        text = f"{len(errors)} validation error(s): " + "; ".join(lines)
+    else:
+        text = str(e)
     return text if len(text) <= limit else text[:limit] + " ..."
 
 

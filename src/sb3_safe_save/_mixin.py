@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import io
 import os
 import pathlib
 import platform
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any, ClassVar, TypeVar
 
@@ -27,9 +29,13 @@ import cloudpickle
 import numpy as np
 import stable_baselines3 as sb3
 import torch as th
+from gymnasium import spaces as gym_spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import check_for_correct_spaces
+from stable_baselines3.common.vec_env import VecNormalize
+from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 from sb3_safe_save import _weights
 from sb3_safe_save._codecs import BY_KIND
@@ -39,6 +45,8 @@ from sb3_safe_save._errors import (
     IntegrityError,
     PickleRefusedError,
     SafeSaveError,
+    SaveTargetDirectoryMissingError,
+    SaveTargetIsADirectoryError,
     StateMismatchError,
     UntrustedTypeError,
 )
@@ -60,6 +68,9 @@ from sb3_safe_save._manifest import (
 )
 from sb3_safe_save._resources import resolve
 from sb3_safe_save._trust import TrustList, TrustSpec, import_ref, ref_of
+from sb3_safe_save._buffers import is_pickle, load_buffer_into, refuse_pickle, save_buffer
+from sb3_safe_save._vecnormalize import PREFIX as VN_PREFIX
+from sb3_safe_save._vecnormalize import export_vecnormalize, restore_vecnormalize
 from sb3_safe_save._version import __version__
 from sb3_safe_save._walker import DEFAULT_MAX_OBJECT_BYTES, _MODULE_INTERNALS, Snapshot, Walker, resolve_attr
 
@@ -81,6 +92,7 @@ def save_model(
     allow_pickle: bool = False,
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
     fsync: bool = True,
+    vec_normalize: VecNormalize | None = None,
 ) -> None:
     """Save ``model`` to one safetensors file. See ``SafeSaveMixin.save``."""
     snapshot = snapshot_model(
@@ -88,7 +100,13 @@ def save_model(
         allow_pickle=allow_pickle, max_object_bytes=max_object_bytes,
     )  # fmt: skip
     blobs = {key: _weights.to_blob(value) for key, value in snapshot.tensors.items()}
+    vn_state = None
+    if vec_normalize is not None:
+        vn_state, arrays = export_vecnormalize(vec_normalize)
+        blobs.update({VN_PREFIX + key: _weights.to_blob(value) for key, value in arrays.items()})
     manifest = build_manifest(model, snapshot, blobs)
+    if vn_state is not None:
+        manifest = manifest.model_copy(update={"vec_normalize": vn_state})
     text = manifest.model_dump_json()
     metadata = {"format": "pt", META_MANIFEST: text, META_CHECKSUM: _weights.checksum(text.encode())}
     if isinstance(path, io.BufferedIOBase):
@@ -113,15 +131,25 @@ def snapshot_model(
     declared = {key: resolve_attr(model, p) for key, p in getattr(cls, "safe_save_resources", {}).items()}
     declared.update(resources or {})
     all_specs = {**getattr(cls, "safe_save_specs", {}), **(specs or {})}
+    optional = frozenset(optional)
     walker = Walker(
         allow_pickle=allow_pickle,
         max_object_bytes=max_object_bytes,
         declared=declared,
         specs={k: v if isinstance(v, ResourceSpec) else ResourceSpec.model_validate(v) for k, v in all_specs.items()},
-        optional=frozenset(optional) | frozenset(getattr(cls, "safe_save_optional", ())),
+        optional=optional | frozenset(getattr(cls, "safe_save_optional", ())),
         trusted=TrustList(None, home_module=cls.__module__),
     )
-    return walker.walk(model, exclude, include)
+    snapshot = walker.walk(model, exclude, _keep_session_state(model, exclude, include))
+    unused = (set(specs or {}) | optional) - {p.key for p in snapshot.placeholders}
+    if unused:
+        warnings.warn(
+            f"specs/optional given for {sorted(unused)}, which match no resource in the model"
+            f" (its resources are {[p.key for p in snapshot.placeholders]})",
+            UserWarning,
+            stacklevel=4,
+        )
+    return snapshot
 
 
 def build_manifest(model: BaseAlgorithm, snapshot: Snapshot, blobs: Mapping[str, _weights.Blob]) -> Manifest:
@@ -141,11 +169,11 @@ def build_manifest(model: BaseAlgorithm, snapshot: Snapshot, blobs: Mapping[str,
 def _target_path(path: str | os.PathLike[str]) -> pathlib.Path:
     target = pathlib.Path(path)
     if target.is_dir():
-        raise IsADirectoryError(f"{target} is a directory; give a file name such as {target / ('model' + SUFFIX)}")
+        raise SaveTargetIsADirectoryError(f"{target} is a directory; give a file name such as {target / ('model' + SUFFIX)}")
     if not target.suffix:
         target = target.with_suffix(SUFFIX)
     if not target.parent.exists():
-        raise FileNotFoundError(f"the directory {target.parent} does not exist; create it first")
+        raise SaveTargetDirectoryMissingError(f"the directory {target.parent} does not exist; create it first")
     return target
 
 
@@ -222,7 +250,9 @@ def _parse(f: IO[bytes], size: int) -> tuple[_weights.Header, Manifest]:
     if text is None:
         raise FormatError("this safetensors file has no sb3_safe_save manifest: it was not written by sb3_safe_save")
     expected = header.metadata.get(META_CHECKSUM)
-    if expected is None or _weights.checksum(text.encode()) != expected:
+    if expected is None:
+        raise FormatError("this safetensors file has an sb3_safe_save manifest but no checksum: it was not written by sb3_safe_save")
+    if _weights.checksum(text.encode()) != expected:
         raise IntegrityError("the manifest does not match its checksum: the header is corrupted")
     manifest = parse_manifest(text)
     if set(manifest.tensors) != set(header.tensors):
@@ -283,7 +313,9 @@ def load_model(
 
         # ---- phase 3: construct
         body = _weights.Body(f, header, {k: m.xxh3 for k, m in manifest.tensors.items()}, verify=verify)
-        decoder = _Decoder(body, trust, bound, custom_objects, manifest)
+        if manifest.vec_normalize is not None:
+            env = _attach_vec_normalize(cls, manifest, body, env)
+        decoder = _Decoder(body, trust, bound, custom_objects, manifest, allow_pickle=allow_pickle)
         model = _build(cls, manifest, decoder, env, device, custom_objects, force_reset, kwargs)
         _load_state(model, manifest, decoder, body)
         _rebind(model, manifest, bound)
@@ -347,12 +379,24 @@ def _skipped_tensors(manifest: Manifest, custom_objects: Mapping[str, Any]) -> s
     return {k for k in manifest.tensors if _under(k.removesuffix("#pickle"), custom_objects)}
 
 
+#: What building Python values or a model from well-formed but hostile manifest values can raise.
+_DECODE_ERRORS = (TypeError, ValueError, OverflowError, KeyError, IndexError, AttributeError, AssertionError, RecursionError, MemoryError)
+
+
 class _Decoder:
     """Implements the codecs' ``Decoder`` protocol for one load."""
 
     def __init__(
-        self, body: _weights.Body, trust: TrustList, bound: Mapping[str, Any], overrides: Mapping[str, Any], manifest: Manifest
+        self,
+        body: _weights.Body,
+        trust: TrustList,
+        bound: Mapping[str, Any],
+        overrides: Mapping[str, Any],
+        manifest: Manifest,
+        *,
+        allow_pickle: bool = False,
     ) -> None:
+        self._allow_pickle = allow_pickle
         self._body = body
         self._trust = trust
         self._bound = bound
@@ -365,7 +409,12 @@ class _Decoder:
             return self._overrides[path]
         if node is None or isinstance(node, (bool, int, float, str)):
             return node
-        return BY_KIND[node.kind].decode(node, path, self)
+        try:
+            return BY_KIND[node.kind].decode(node, path, self)
+        except SafeSaveError:
+            raise
+        except _DECODE_ERRORS as e:  # a value the codec accepts in shape but not in content (2**70 as int64, ...)
+            raise FormatError(f"{path}: the stored {node.kind} cannot be decoded: {type(e).__name__}: {e}") from None
 
     def tensor(self, key: str) -> th.Tensor:
         return self._body.read_tensor(key)
@@ -388,6 +437,8 @@ class _Decoder:
         return self._bound[key]
 
     def unpickle(self, node: PickleNode, path: str) -> Any:
+        if not self._allow_pickle:  # phase 2 names pickles by tensor key; a forged file can put them elsewhere
+            raise PickleRefusedError([path])
         data = self._body.read_tensor(node.tensor).numpy().tobytes()
         return cloudpickle.loads(data)
 
@@ -430,6 +481,9 @@ def _build(
     kwargs: dict[str, Any],
 ) -> SelfAlgo:
     """Rebuild the model as ``BaseAlgorithm.load`` does, from decoded data."""
+    shadowing = [name for name in manifest.data if hasattr(type(inspect.getattr_static(cls, name, None)), "__get__")]
+    if shadowing:  # e.g. {"predict": ...}: instance data would replace a method or property of the class
+        raise FormatError(f"the stored attributes {shadowing[:5]} would shadow methods or properties of {cls.__qualname__}")
     data = {name: decoder.decode(node, name) for name, node in manifest.data.items()}
     if "policy_kwargs" in data and isinstance(data["policy_kwargs"], dict):
         data["policy_kwargs"].pop("device", None)
@@ -441,20 +495,76 @@ def _build(
     for key in ("observation_space", "action_space", "policy_class"):
         if key not in data:
             raise FormatError(f"the file has no {key!r}; it cannot be rebuilt (was it left out with exclude=?)")
+    policy_class = data["policy_class"]
+    if not (isinstance(policy_class, type) and issubclass(policy_class, BasePolicy)):
+        raise FormatError(f"the stored policy_class {policy_class!r:.100} is not a stable_baselines3 policy class")
+    for key in ("observation_space", "action_space"):
+        if not isinstance(data[key], gym_spaces.Space):
+            raise FormatError(f"the stored {key} is a {type(data[key]).__name__}, not a gymnasium space")
     if env is not None:
         env = cls._wrap_env(env, data.get("verbose", 0))
-        check_for_correct_spaces(env, data["observation_space"], data["action_space"])
+        try:
+            check_for_correct_spaces(env, data["observation_space"], data["action_space"])
+        except ValueError as e:
+            raise StateMismatchError(f"the env given to load does not fit the saved agent: {e}") from None
         if force_reset:
             data["_last_obs"] = None
         data["n_envs"] = env.num_envs
     elif "env" in data:
         env = data["env"]
-    model = cls(policy=data["policy_class"], env=env, device=device, _init_setup_model=False)  # type: ignore[call-arg]
-    model.__dict__.update(data)
-    model.__dict__.update(kwargs)
-    with no_weight_init():
-        model._setup_model()
+    try:
+        model = cls(policy=data["policy_class"], env=env, device=device, _init_setup_model=False)  # type: ignore[call-arg]
+        model.__dict__.update(data)
+        model.__dict__.update(kwargs)
+        with no_weight_init():
+            model._setup_model()
+        _restore_session_state(model, data)
+    except SafeSaveError:
+        raise
+    except _DECODE_ERRORS as e:  # hostile or corrupted hyperparameters (n_steps=-5, policy_kwargs=7, ...)
+        raise FormatError(f"the stored values cannot rebuild a {cls.__qualname__}: {type(e).__name__}: {e}") from e
     return model
+
+
+def _attach_vec_normalize(cls: type[BaseAlgorithm], manifest: Manifest, body: _weights.Body, env: GymEnv | None) -> GymEnv | None:
+    """Wrap ``env`` in the stored VecNormalize; without an env, only read (and verify) its tensors."""
+    assert manifest.vec_normalize is not None
+    if env is None:
+        for key in manifest.tensors:
+            if key.startswith(VN_PREFIX):
+                body.read_tensor(key)
+        return None
+    venv = cls._wrap_env(env, verbose=0)
+    return restore_vecnormalize(manifest.vec_normalize, lambda key: body.read_tensor(VN_PREFIX + key), venv)
+
+
+#: Attributes SB3 leaves out of its save but an exact resume needs (RecurrentPPO's LSTM memory, kept
+#: in step with ``_last_obs``). Saved unless named in ``exclude``; restored after ``_setup_model``
+#: resets them, unless the load forced an env reset.
+SESSION_STATE = ("_last_lstm_states",)
+
+
+def _keep_session_state(model: BaseAlgorithm, exclude: Iterable[str] | None, include: Iterable[str] | None) -> list[str] | None:
+    include = None if include is None else list(include)
+    extra = [n for n in SESSION_STATE if hasattr(model, n) and n not in set(exclude or ())]
+    return include if not extra else [*(include or []), *extra]
+
+
+def _restore_session_state(model: BaseAlgorithm, data: Mapping[str, Any]) -> None:
+    if data.get("_last_obs") is None:  # reset forced (or nothing to resume): keep what _setup_model built
+        return
+    for name in SESSION_STATE:
+        if data.get(name) is not None:
+            setattr(model, name, _to_device(data[name], model.device))
+
+
+def _to_device(value: Any, device: th.device) -> Any:
+    if isinstance(value, th.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        items = [_to_device(v, device) for v in value]
+        return type(value)(*items) if hasattr(type(value), "_fields") else tuple(items)
+    return value
 
 
 def _load_state(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, body: _weights.Body) -> None:
@@ -580,6 +690,7 @@ class SafeSaveMixin:
         allow_pickle: bool = False,
         max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
         fsync: bool = True,
+        vec_normalize: VecNormalize | None = None,
     ) -> None:
         """Save all the attributes of the object and the model parameters in one safetensors file.
 
@@ -597,11 +708,13 @@ class SafeSaveMixin:
             needs ``allow_pickle=True``) instead of raising ``UnsupportedObjectError``
         :param max_object_bytes: objects whose pickle would be larger become ``too_large`` placeholders
         :param fsync: flush the file and its directory to disk before returning
+        :param vec_normalize: a ``VecNormalize`` (e.g. ``self.get_vec_normalize_env()``) whose settings
+            and statistics to store in the same file; ``load(path, env=venv)`` then wraps ``venv`` in it
         """
         save_model(
             self,  # type: ignore[arg-type]
             path, exclude, include, resources=resources, specs=specs, optional=optional,
-            allow_pickle=allow_pickle, max_object_bytes=max_object_bytes, fsync=fsync,
+            allow_pickle=allow_pickle, max_object_bytes=max_object_bytes, fsync=fsync, vec_normalize=vec_normalize,
         )  # fmt: skip
 
     @classmethod
@@ -627,7 +740,10 @@ class SafeSaveMixin:
         Warning: ``load`` re-creates the model from scratch, it does not update it in-place!
 
         :param path: path to the file (or a seekable binary file object)
-        :param env: the new environment to run the loaded model on
+        :param env: the new environment to run the loaded model on. If the file holds VecNormalize
+            statistics (saved with ``vec_normalize=``), ``env`` is wrapped in a restored ``VecNormalize``
+            (or, if it already has one, that one gets the stored statistics); get it back with
+            ``model.get_vec_normalize_env()``
         :param device: Device on which the code should run.
         :param custom_objects: objects to use instead of the stored values, keyed by attribute name
             or dotted path (``"policy_kwargs.vlm_model"``); a replaced value is not decoded at all
@@ -648,6 +764,55 @@ class SafeSaveMixin:
             resources=resources, trusted=trusted, allow_pickle=allow_pickle, verify=verify,
             expected_sha256=expected_sha256, strict=strict, **kwargs,
         )  # fmt: skip
+
+
+    def save_replay_buffer(self, path: str | os.PathLike[str] | io.BufferedIOBase, *, fsync: bool = True) -> None:
+        """Save the replay buffer to a safetensors file: only the filled rows, streamed, no pickle.
+
+        Stores ``pos``, ``full``, the settings and ``HerReplayBuffer``'s episode bookkeeping. The
+        file keeps the name you give (a path without a suffix gets ``.safetensors``); the write is atomic.
+
+        :param path: path to the file (its directory is created if necessary), or a binary stream
+        :param fsync: flush the file and its directory to disk before returning
+        """
+        buffer = getattr(self, "replay_buffer", None)
+        if buffer is None:
+            raise StateMismatchError(f"{type(self).__qualname__} has no replay buffer (only off-policy algorithms have one)")
+        save_buffer(buffer, path, fsync=fsync)
+
+    def load_replay_buffer(
+        self,
+        path: str | os.PathLike[str] | io.BufferedIOBase,
+        truncate_last_traj: bool = True,
+        *,
+        allow_pickle: bool = False,
+        verify: bool = True,
+    ) -> None:
+        """Fill the model's replay buffer from a file written by ``save_replay_buffer``.
+
+        The model's buffer must have the same class, ``buffer_size``, ``n_envs`` and
+        ``optimize_memory_usage`` as the saved one.
+
+        :param path: the file (recognised by content: a ``.pkl`` name may hold our format), or a binary stream
+        :param truncate_last_traj: When using ``HerReplayBuffer`` with online sampling:
+            If set to ``True``, we assume that the last trajectory in the replay buffer was finished
+            (and truncate it).
+            If set to ``False``, we assume that we continue the same trajectory (same episode).
+        :param allow_pickle: load a legacy pickled buffer (SB3's format) with SB3's loader: runs code!
+        :param verify: check every tensor's checksum while reading
+        """
+        if is_pickle(path):
+            if not allow_pickle:
+                raise refuse_pickle(path)
+            super().load_replay_buffer(path, truncate_last_traj)  # type: ignore[misc]
+            return
+        buffer = getattr(self, "replay_buffer", None)
+        if buffer is None:
+            raise StateMismatchError(f"{type(self).__qualname__} has no replay buffer to load into")
+        load_buffer_into(buffer, path, verify=verify)
+        if isinstance(buffer, HerReplayBuffer) and truncate_last_traj:
+            buffer.truncate_last_trajectory()
+        buffer.device = self.device  # type: ignore[attr-defined]  # as SB3 does (GH#1561)
 
 
 _safe_lock = threading.Lock()

@@ -12,7 +12,9 @@ Resolution order for each placeholder (first match wins; documented in the READM
 5. otherwise ``MissingResourceError`` (all missing keys at once), unless the placeholder is optional:
    then an ``Unbound`` stand-in that raises ``UnresolvedResourceError`` when used.
 
-Every factory is called with the ``Placeholder`` (key, paths, type, hint, spec).
+Factories from steps 1-3 are called with the ``Placeholder`` (key, paths, type, hint, spec); the
+spec's own factory (step 4) is called with the spec's JSON keyword arguments: ``fn(**spec.kwargs)``.
+A lazy spec (``ResourceSpec(lazy=True)``) wraps whatever step 2-4 found in a ``LazyResource``.
 """
 
 from __future__ import annotations
@@ -123,7 +125,11 @@ class Unbound:
             f" pass it with load(..., resources={{{ph.key!r}: obj}})"
         )
 
-    __getattr__ = _fail
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):  # protocol lookups (copy, pickle, hasattr checks) stay normal
+            raise AttributeError(name)
+        return self._fail()
+
     __call__ = _fail
 
     def __bool__(self) -> bool:
@@ -134,6 +140,16 @@ class Unbound:
 
 
 _UNSET = object()
+
+
+def standin_placeholder(obj: Any) -> Placeholder | None:
+    """The placeholder a ``LazyResource`` or ``Unbound`` stands for (without building it), else None.
+
+    Lets a loaded model be saved again: the stand-in becomes the same placeholder (key, type, spec).
+    """
+    if type(obj) in (LazyResource, Unbound):
+        return object.__getattribute__(obj, "_placeholder")  # type: ignore[no-any-return]
+    return None
 
 
 def fingerprint_of(obj: Any) -> dict[str, Any]:
@@ -193,7 +209,7 @@ def resolve(
         warnings.warn(
             f"resources {sorted(unknown)} match no placeholder in the file (it has {[p.key for p in placeholders]})",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     with _registry_lock:
         registry = dict(_registry)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,12 +46,16 @@ from sb3_safe_save._manifest import (
     PlaceholderNode,
     ResourceSpec,
 )
+from sb3_safe_save._resources import standin_placeholder
 from sb3_safe_save._trust import TrustList, ref_of
 
 DEFAULT_MAX_OBJECT_BYTES = 16 * 1024 * 1024
 _MAX_DEPTH = 100
 _MODULE_INTERNALS = frozenset(th.nn.Module().__dict__) | {"_compiled_call_impl"}
-_SKIP_IN_MODULES = (th.Tensor, th.nn.Module, th.optim.Optimizer, type, np.ndarray, np.generic, spaces.Space, th.device, th.dtype)
+# weakref.ref: derived caches the constructor rebuilds, e.g. nn.LSTM's ``_flat_weight_refs`` (RecurrentPPO)
+_SKIP_IN_MODULES = (
+    th.Tensor, th.nn.Module, th.optim.Optimizer, type, np.ndarray, np.generic, spaces.Space, th.device, th.dtype, weakref.ref,
+)  # fmt: skip
 _HINT_ATTRS = ("name_or_path", "_name_or_path", "model_name", "model", "name")
 
 
@@ -191,6 +196,9 @@ class Walker:
         if found is not None:
             found.paths.append(path)
             return PlaceholderNode(key=found.key)
+        origin = standin_placeholder(value)
+        if origin is not None:  # a lazy/unbound resource of a loaded model: the same placeholder again, not built
+            return self._new_placeholder(value, path, origin.reason, key=origin.key)
         if isinstance(value, th.nn.Module):
             return self._new_placeholder(value, path, "external_module")
         if id(value) in self._active or path.count(".") + path.count("[") > _MAX_DEPTH:
@@ -231,14 +239,21 @@ class Walker:
         payload = np.frombuffer(cloudpickle.dumps(value), dtype=np.uint8)
         return PickleNode(tensor=self.add_tensor(path + "#pickle", payload), type=_type_name(value))
 
-    def _new_placeholder(self, value: Any, path: str, reason: str, detail: str = "") -> PlaceholderNode:
-        key = _unique(_key_from_path(path), self._keys)
+    def _new_placeholder(
+        self, value: Any, path: str, reason: str, detail: str = "", key: str | None = None
+    ) -> PlaceholderNode:
+        key = _unique(key or _key_from_path(path), self._keys)
         self._keys.add(key)
         self._found[id(value)] = _Found(key=key, obj=value, reason=reason, paths=[path], detail=detail)
         return PlaceholderNode(key=key)
 
     def _placeholder(self, f: _Found) -> Placeholder:
         obj = f.obj
+        origin = standin_placeholder(obj)
+        if origin is not None:  # never touch a stand-in: that would build a lazy one or raise for an unbound one
+            optional = origin.optional or f.key in self._optional
+            spec = self._specs.get(f.key) or origin.spec
+            return Placeholder(**{**dict(origin), "key": f.key, "paths": f.paths, "optional": optional, "spec": spec})
         hint: dict[str, Any] = {}
         size = None
         if isinstance(obj, th.nn.Module):
@@ -297,6 +312,10 @@ class Walker:
         found = self._found.get(id(value))
         if found is not None:
             found.paths.append(path)
+            return
+        origin = standin_placeholder(value)
+        if origin is not None:
+            self._new_placeholder(value, path, origin.reason, key=origin.key)
             return
         if isinstance(value, _SKIP_IN_MODULES) or callable(value) and codec_for(value) is not None:
             return

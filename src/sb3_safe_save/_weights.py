@@ -82,7 +82,10 @@ class Blob:
 def to_blob(value: th.Tensor | np.ndarray) -> Blob:
     """View a tensor or array as bytes without copying (unless it is not contiguous or not on the CPU)."""
     if isinstance(value, np.ndarray):
-        tensor = th.from_numpy(np.ascontiguousarray(value))
+        array = np.ascontiguousarray(value).reshape(value.shape)  # ascontiguousarray makes 0-d arrays 1-d
+        if not array.flags.writeable:  # torch warns on read-only arrays (e.g. pickled bytes); copy them
+            array = array.copy()
+        tensor = th.from_numpy(array)
     else:
         tensor = value.detach()
     if tensor.device.type != "cpu":

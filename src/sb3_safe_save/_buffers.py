@@ -1,0 +1,266 @@
+"""Replay buffers in safetensors: only the filled rows, streamed, no pickle.
+
+SB3's ``save_replay_buffer`` pickles the whole buffer at full capacity (28 GB for 1e6 Atari frames,
+however few were collected) and ``load_replay_buffer`` unpickles it. Here:
+
+* **save** writes the filled rows only (``[:pos]``, or everything once ``full``), plus ``pos``,
+  ``full``, the settings, and for ``HerReplayBuffer`` its episode bookkeeping (``ep_start``,
+  ``ep_length``, ``_current_ep_start``). Each tensor is a view of the buffer's own memory
+  (``arr[:n]`` of a C-contiguous array is contiguous), written straight to the file: no copy, so
+  peak memory stays near the size of the buffer itself.
+* **load** fills the model's own buffer: fresh zeroed arrays of the model's shapes (the pages stay
+  unallocated until written), the stored rows read straight into them. The buffer class, size,
+  ``n_envs`` and ``optimize_memory_usage`` must match the model's.
+* with ``optimize_memory_usage`` the next observation of row ``pos - 1`` lives at row ``pos``, so one
+  extra observation row is kept while the buffer is not full.
+* ``HerReplayBuffer.infos`` is not stored: SB3 only reads it with ``copy_info_dict=True`` (arbitrary
+  objects), which is refused with a clear error.
+
+Files are recognised by content, not by suffix: SB3's ``CheckpointCallback`` names the file
+``..._replay_buffer_N_steps.pkl`` even though it holds safetensors. Legacy pickled buffers load only
+with ``allow_pickle=True`` (through SB3's own loader).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import struct
+from typing import Any, Literal
+
+import numpy as np
+import torch as th
+from pydantic import Field
+from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
+from stable_baselines3.her.goal_selection_strategy import GoalSelectionStrategy
+from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
+
+from sb3_safe_save import _weights
+from sb3_safe_save._errors import FormatError, PickleRefusedError, StateMismatchError, UnsupportedObjectError
+from sb3_safe_save._manifest import TensorMeta, Versions, _Model
+from sb3_safe_save._trust import ref_of
+
+META_BUFFER = "sb3_safe_save.replay_buffer"
+META_BUFFER_CHECKSUM = "sb3_safe_save.replay_buffer.xxh3_128"
+_PER_ROW = ("actions", "rewards", "dones", "timeouts")
+_HER_ROWS = ("ep_start", "ep_length")
+
+
+class HerState(_Model):
+    n_sampled_goal: int
+    her_ratio: float
+    goal_selection_strategy: int
+    copy_info_dict: bool
+
+
+class ReplayBufferFile(_Model):
+    """The header of a replay-buffer file (tensors: ``observations[/key]``, ``actions``, ...)."""
+
+    format: Literal["sb3_safe_save.replay_buffer"] = "sb3_safe_save.replay_buffer"
+    format_version: Literal[1] = 1
+    versions: Versions
+    buffer_class: str
+    buffer_size: int = Field(ge=1)
+    n_envs: int = Field(ge=1)
+    pos: int = Field(ge=0)
+    full: bool
+    optimize_memory_usage: bool
+    handle_timeout_termination: bool
+    obs_keys: list[str] | None = None
+    her: HerState | None = None
+    tensors: dict[str, TensorMeta]
+
+    @property
+    def rows(self) -> int:
+        return self.buffer_size if self.full else self.pos
+
+
+# ---------------------------------------------------------------------------------------------- save
+def _arrays(buffer: ReplayBuffer, rows: int) -> dict[str, np.ndarray]:
+    """Views (no copies) of the filled rows of every array the file stores."""
+    obs_rows = rows + 1 if buffer.optimize_memory_usage and not buffer.full else rows
+    out: dict[str, np.ndarray] = {}
+    for name in ("observations", "next_observations"):
+        value = getattr(buffer, name, None)
+        if name == "next_observations" and buffer.optimize_memory_usage:
+            continue
+        n = obs_rows if name == "observations" else rows
+        if isinstance(value, dict):
+            out.update({f"{name}/{k}": v[:n] for k, v in value.items()})
+        else:
+            out[name] = value[:n]
+    out.update({name: getattr(buffer, name)[:rows] for name in _PER_ROW})
+    if isinstance(buffer, HerReplayBuffer):
+        out.update({name: getattr(buffer, name)[:rows] for name in _HER_ROWS})
+        out["_current_ep_start"] = buffer._current_ep_start
+    return out
+
+
+def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.BufferedIOBase, *, fsync: bool = True) -> None:
+    """Write the filled part of ``buffer`` to one safetensors file (atomic for paths). See the module docstring."""
+    from sb3_safe_save._mixin import current_versions  # local: _mixin imports this module
+
+    if not isinstance(buffer, ReplayBuffer):
+        raise UnsupportedObjectError([("replay_buffer", f"{type(buffer).__module__}.{type(buffer).__qualname__}", "not a ReplayBuffer")])
+    her = None
+    if isinstance(buffer, HerReplayBuffer):
+        if buffer.copy_info_dict:
+            raise UnsupportedObjectError(
+                [("replay_buffer.infos", "numpy object array", "HerReplayBuffer(copy_info_dict=True) keeps arbitrary info dicts")]
+            )
+        her = HerState(
+            n_sampled_goal=buffer.n_sampled_goal,
+            her_ratio=buffer.her_ratio,
+            goal_selection_strategy=int(buffer.goal_selection_strategy.value),
+            copy_info_dict=buffer.copy_info_dict,
+        )
+    rows = buffer.buffer_size if buffer.full else buffer.pos
+    blobs = {key: _weights.to_blob(value) for key, value in _arrays(buffer, rows).items()}
+    header = ReplayBufferFile(
+        versions=current_versions(),
+        buffer_class=ref_of(type(buffer)),
+        buffer_size=buffer.buffer_size,
+        n_envs=buffer.n_envs,
+        pos=buffer.pos,
+        full=buffer.full,
+        optimize_memory_usage=buffer.optimize_memory_usage,
+        handle_timeout_termination=buffer.handle_timeout_termination,
+        obs_keys=list(buffer.observations) if isinstance(buffer, DictReplayBuffer) else None,
+        her=her,
+        tensors={k: TensorMeta(dtype=b.dtype, shape=list(b.shape), xxh3=_weights.checksum(b.data)) for k, b in blobs.items()},
+    )
+    text = header.model_dump_json()
+    metadata = {"format": "pt", META_BUFFER: text, META_BUFFER_CHECKSUM: _weights.checksum(text.encode())}
+    if isinstance(path, io.BufferedIOBase):
+        _weights.write_stream(path, blobs, metadata)
+    else:
+        target = pathlib.Path(path)
+        target = target if target.suffix else target.with_suffix(".safetensors")
+        if not target.parent.exists():
+            target.parent.mkdir(parents=True)  # as SB3's save_to_pkl does
+        _weights.write_atomic(target, blobs, metadata, fsync=fsync)
+
+
+# ---------------------------------------------------------------------------------------------- load
+def is_pickle(path: str | os.PathLike[str] | io.BufferedIOBase) -> bool:
+    """True for a pickle (protocol 2+ starts with ``0x80``) that is not a safetensors file (u64 length, then ``{``)."""
+    from sb3_safe_save._mixin import _open
+
+    with _open(_existing(path)) as (f, size):
+        head = f.read(9)
+        f.seek(0)
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return False
+    return head[:1] == b"\x80"
+
+
+def _existing(path: Any) -> Any:
+    if isinstance(path, (str, os.PathLike)):
+        target = pathlib.Path(path)
+        for candidate in (target, target.with_suffix(".safetensors"), target.with_suffix(".pkl")):
+            if candidate.exists():
+                return candidate
+    return path
+
+
+def load_buffer_into(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.BufferedIOBase, *, verify: bool = True) -> None:
+    """Fill ``buffer`` (the model's own) with a file written by ``save_buffer``. See the module docstring."""
+    from sb3_safe_save._mixin import _open
+
+    with _open(_existing(path)) as (f, size):
+        header = _weights.read_header(f, size)
+        meta = _parse(header)
+        _check_fits(buffer, meta)
+        body = _weights.Body(f, header, {k: m.xxh3 for k, m in meta.tensors.items()}, verify=verify)
+        expected = set(_arrays(buffer, 0))
+        if set(meta.tensors) != expected:
+            raise FormatError(f"the replay-buffer file has tensors {sorted(meta.tensors)}, expected {sorted(expected)}")
+        fresh: dict[str, np.ndarray] = {}
+        for key in sorted(expected):
+            current = _get(buffer, key)
+            info = body.info(key)
+            if info.shape[1:] != current.shape[1:] or info.shape[0] > current.shape[0]:
+                raise StateMismatchError(
+                    f"replay buffer {key!r}: the file has shape {list(info.shape)}, the model's buffer {list(current.shape)}"
+                )
+            if info.dtype != _weights.st_dtype(th.from_numpy(current[:0]).dtype):
+                raise StateMismatchError(f"replay buffer {key!r}: the file has {info.dtype}, the model's buffer {current.dtype}")
+            array = np.zeros(current.shape, dtype=current.dtype)  # calloc: pages past the stored rows stay unallocated
+            if info.nbytes:
+                body.read_into(key, array[: info.shape[0]])
+            else:
+                body.read_keys.add(key)
+            fresh[key] = array
+    # every read and check passed: now replace the arrays
+    for key, array in fresh.items():
+        _set(buffer, key, array)
+    buffer.pos, buffer.full = meta.pos, meta.full
+    buffer.handle_timeout_termination = meta.handle_timeout_termination
+    if isinstance(buffer, HerReplayBuffer) and meta.her is not None:
+        buffer.n_sampled_goal = meta.her.n_sampled_goal
+        buffer.her_ratio = meta.her.her_ratio
+        buffer.goal_selection_strategy = GoalSelectionStrategy(meta.her.goal_selection_strategy)
+        buffer.infos = np.array([[{} for _ in range(buffer.n_envs)] for _ in range(buffer.buffer_size)])
+
+
+def _parse(header: _weights.Header) -> ReplayBufferFile:
+    text = header.metadata.get(META_BUFFER)
+    if text is None:
+        raise FormatError(
+            "this file holds no replay buffer (no sb3_safe_save.replay_buffer header); write it with model.save_replay_buffer(path)"
+        )
+    if _weights.checksum(text.encode()) != header.metadata.get(META_BUFFER_CHECKSUM):
+        raise FormatError("the replay-buffer header does not match its checksum: the file is corrupted")
+    try:
+        meta = ReplayBufferFile.model_validate_json(text)
+    except ValueError as e:
+        raise FormatError(f"the replay-buffer header is malformed: {e}") from None
+    if meta.pos > meta.buffer_size or set(meta.tensors) != set(header.tensors):
+        raise FormatError("the replay-buffer header is inconsistent (pos beyond buffer_size, or tensors not as listed)")
+    for key, m in meta.tensors.items():
+        info = header.tensors[key]
+        if m.dtype != info.dtype or tuple(m.shape) != info.shape:
+            raise FormatError(f"replay buffer {key!r}: the header says {m.dtype} {m.shape}, the safetensors entry {info.dtype} {list(info.shape)}")
+        rows = meta.rows + (1 if key.startswith("observations") and meta.optimize_memory_usage and not meta.full else 0)
+        if key != "_current_ep_start" and info.shape[:1] != (rows,):
+            raise FormatError(f"replay buffer {key!r} has {info.shape[:1]} rows; pos={meta.pos}, full={meta.full} means {rows}")
+    return meta
+
+
+def _check_fits(buffer: ReplayBuffer, meta: ReplayBufferFile) -> None:
+    found = ref_of(type(buffer))
+    if found != meta.buffer_class:
+        raise StateMismatchError(f"the file holds a {meta.buffer_class}, but the model's replay buffer is a {found}")
+    for name in ("buffer_size", "n_envs", "optimize_memory_usage"):
+        if getattr(buffer, name) != getattr(meta, name):
+            raise StateMismatchError(
+                f"replay buffer {name}: the file has {getattr(meta, name)}, the model's buffer {getattr(buffer, name)};"
+                f" create or load the model with the same {name} (e.g. Algo.load(path, {name}=...))"
+            )
+    keys = list(buffer.observations) if isinstance(buffer, DictReplayBuffer) else None
+    if keys != meta.obs_keys:
+        raise StateMismatchError(f"replay buffer observation keys: the file has {meta.obs_keys}, the model's buffer {keys}")
+
+
+def _get(buffer: ReplayBuffer, key: str) -> np.ndarray:
+    name, _, sub = key.partition("/")
+    value = getattr(buffer, name)
+    return value[sub] if sub else value  # type: ignore[no-any-return]
+
+
+def _set(buffer: ReplayBuffer, key: str, array: np.ndarray) -> None:
+    name, _, sub = key.partition("/")
+    if sub:
+        getattr(buffer, name)[sub] = array
+    else:
+        setattr(buffer, name, array)
+
+
+def refuse_pickle(path: Any) -> PickleRefusedError:
+    return PickleRefusedError(
+        [str(path)],
+        f"{path} is a pickled replay buffer (SB3's own format); unpickling can run arbitrary code, so it was refused."
+        "\nIf you trust its author: model.load_replay_buffer(path, allow_pickle=True), then save it again with"
+        " model.save_replay_buffer(path) to get a safe file.",
+    )

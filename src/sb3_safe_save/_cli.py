@@ -1,0 +1,407 @@
+"""The ``sb3-safe-save`` command (also ``python -m sb3_safe_save``).
+
+Subcommands::
+
+    sb3-safe-save inspect PATH                      manifest, versions, placeholders, tensors, SHA-256
+    sb3-safe-save audit PATH... [--max-size 5MB]    sizes and findings; exit 1 when a check fails
+    sb3-safe-save convert SB3_ZIP OUT --trust-pickle    a stock SB3 zip -> an sb3_safe_save file
+    sb3-safe-save export PATH OUT.zip               an sb3_safe_save file -> a stock SB3 zip
+
+Reports go to stdout (or ``-o FILE``), summaries and errors to stderr. Colour only on a terminal,
+and never when ``NO_COLOR`` is set.
+
+Exit status: 0 all well; 1 a budget was exceeded or a finding is at or above ``--fail-on``; 2 a usage
+error, or a file that cannot be read or is not valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import sys
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from typing import IO, Any
+
+from sb3_safe_save._audit import AuditReport, audit, format_size, parse_size, reports_json, table
+from sb3_safe_save._errors import SafeSaveError
+from sb3_safe_save._trust import TrustList
+from sb3_safe_save._version import __version__
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class _UsageError(Exception):
+    """A problem with what was asked (exit 2), reported as one message."""
+
+
+def _color(stream: IO[str]) -> bool:
+    return (
+        bool(getattr(stream, "isatty", lambda: False)())
+        and not os.environ.get("NO_COLOR")
+        and os.environ.get("TERM") != "dumb"
+    )
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sb3-safe-save",
+        description="Inspect, audit and convert Stable-Baselines3 agents saved with sb3_safe_save.",
+        epilog="exit status: 0 ok, 1 audit failed, 2 usage error or unreadable file",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="show a file's manifest, placeholders and tensors (reads the header, hashes the file)")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="output format (default: text)")
+    p.add_argument("--no-sha256", action="store_true", help="skip hashing the whole file")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("audit", help="sizes per component, largest tensors, findings; exit 1 when a check fails")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--max-size", type=_size_arg, default=None, metavar="SIZE", help="size budget, e.g. 5MB, 5MiB, 500KB")
+    p.add_argument(
+        "--fail-on",
+        choices=["info", "warning", "error", "never"],
+        default="error",
+        help="fail on findings at or above this severity (default: error; never: budget only)",
+    )
+    p.add_argument("--format", choices=["text", "json", "markdown"], default="text", help="report format (default: text)")
+    p.add_argument("-o", "--output", default="-", metavar="FILE", help="write the report to FILE ('-': stdout, the default)")
+    p.add_argument("--no-placeholders", action="store_true", help="placeholders are errors, not info")
+    p.add_argument("--allow-placeholder", action="append", default=[], metavar="KEY", help="with --no-placeholders: allow KEY")
+    p.add_argument("--allow-pickle", action="store_true", help="pickled values are warnings, not errors")
+    p.add_argument("--trust", action="append", default=[], metavar="REF", help="do not report REF ('pkg.mod.Name', 'pkg.*')")
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("convert", help="import a stock SB3 zip (unpickles it: needs --trust-pickle)")
+    p.add_argument("zip_path", metavar="SB3_ZIP")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--trust-pickle", action="store_true", help="I trust this file: unpickle it (runs code from the file)")
+    p.add_argument("--algo", default=None, help="algorithm class: DQN, PPO, ... or 'module:Class' (default: guessed)")
+    p.add_argument("--allow-pickle", action="store_true", help="store values no codec handles as visible pickles")
+    p.add_argument("--device", default="cpu", help="device to load on (default: cpu)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("export", help="write a stock SB3 zip (placeholders are left out and listed)")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("out", metavar="OUT.zip")
+    p.add_argument("--trust", action="append", default=[], metavar="REF", help="trust REF ('pkg.mod.Name', 'pkg.*') at load")
+    p.add_argument("--allow-pickle", action="store_true", help="unpickle pickled values in the file (runs code)")
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status.
+
+    :param argv: the arguments (default: ``sys.argv[1:]``)
+    :return: 0 all well, 1 a check failed, 2 a usage error or an unreadable file
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors
+        return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # e.g. piped into head: stop quietly (Python's documented recipe)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAIL
+    except (SafeSaveError, OSError, _UsageError) as e:
+        print(f"sb3-safe-save {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+# ============================================================================================ inspect
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from sb3_safe_save._mixin import _open, _parse
+    from sb3_safe_save._weights import file_sha256
+
+    with _open(args.path) as (f, size):
+        header, manifest = _parse(f, size)
+    sha = None if args.no_sha256 else file_sha256(args.path)
+    tensors = sorted(header.tensors.items(), key=lambda kv: kv[1].start)
+    if args.format == "json":
+        doc = {
+            "schema_version": 1,
+            "path": os.fspath(args.path),
+            "size_bytes": size,
+            "sha256": sha,
+            "format": manifest.format,
+            "format_version": manifest.format_version,
+            "algorithm": manifest.algorithm,
+            "base_algorithm": manifest.base_algorithm,
+            "versions": manifest.versions.model_dump(mode="json"),
+            "placeholders": [p.model_dump(mode="json") for p in manifest.placeholders],
+            "hazards": [h.model_dump(mode="json") for h in manifest.hazards],
+            "tensors": [{"name": k, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes} for k, t in tensors],
+        }
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    versions = ", ".join(f"{k} {v}" for k, v in manifest.versions.model_dump().items() if v is not None)
+    lines = [
+        f"File        {args.path}",
+        f"Size        {format_size(size)} ({size} bytes; header {format_size(header.body_start)})",
+        *([f"SHA-256     {sha}"] if sha else []),
+        f"Format      {manifest.format} {manifest.format_version}",
+        f"Algorithm   {manifest.algorithm} (base {manifest.base_algorithm})",
+        f"Saved with  {versions}",
+        "",
+        f"Placeholders ({len(manifest.placeholders)})",
+    ]
+    if manifest.placeholders:
+        rows = [
+            [p.key, p.type, p.reason, "-" if p.size_bytes is None else format_size(p.size_bytes), ", ".join(p.paths)]
+            for p in manifest.placeholders
+        ]
+        lines += table(["key", "type", "reason", "size", "paths"], rows, right={3})
+    if manifest.hazards:
+        lines += ["", f"Hazards ({len(manifest.hazards)})"]
+        lines += table(["severity", "code", "detail"], [[h.severity, h.code, h.message] for h in manifest.hazards])
+    total = sum(t.nbytes for _, t in tensors)
+    lines += ["", f"Tensors ({len(tensors)}, {format_size(total)})"]
+    rows = [[k, t.dtype, "x".join(map(str, t.shape)) or "()", format_size(t.nbytes)] for k, t in tensors]
+    lines += table(["name", "dtype", "shape", "size"], rows, right={3})
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+# ============================================================================================== audit
+@contextlib.contextmanager
+def _output(name: str) -> Iterator[IO[str]]:
+    if name == "-":
+        yield sys.stdout
+        return
+    with open(name, "w", encoding="utf-8") as f:
+        yield f
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    fail_on = None if args.fail_on == "never" else args.fail_on
+    allow: bool | list[str] = args.allow_placeholder if args.no_placeholders else True
+    reports: list[AuditReport] = []
+    errors: dict[str, str] = {}
+    for path in args.paths:
+        try:
+            reports.append(
+                audit(
+                    path,
+                    max_bytes=args.max_size,
+                    fail_on=fail_on,
+                    allow_placeholders=allow,
+                    allow_pickle=args.allow_pickle,
+                    trusted=args.trust or None,
+                )
+            )
+        except (SafeSaveError, OSError) as e:
+            errors[path] = str(e)
+            print(f"sb3-safe-save audit: error: {path}: {e}", file=sys.stderr)
+    with _output(args.output) as out:
+        if args.format == "json":
+            out.write(reports_json(reports, errors) + "\n")
+        elif args.format == "markdown":
+            out.write("\n".join(r.markdown() for r in reports))
+        else:
+            color = args.output == "-" and _color(out)
+            out.write("\n\n".join(r.table(color=color) for r in reports) + ("\n" if reports else ""))
+    err_color = _color(sys.stderr)
+    for r in reports:
+        print(r.summary() if not err_color else _paint_summary(r), file=sys.stderr)
+    failed = [r for r in reports if not r.ok]
+    print(
+        f"audited {len(args.paths)} file{'s' if len(args.paths) != 1 else ''}: {len(reports) - len(failed)} ok,"
+        f" {len(failed)} failed, {len(errors)} unreadable",
+        file=sys.stderr,
+    )
+    if errors:
+        return EXIT_USAGE
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _paint_summary(report: AuditReport) -> str:
+    text = report.summary()
+    word, _, rest = text.partition(":")
+    return f"\x1b[{'32' if report.ok else '31'}m{word}\x1b[0m:{rest}"
+
+
+# ============================================================================================ convert
+def _cmd_convert(args: argparse.Namespace) -> int:
+    if not args.trust_pickle:
+        raise _UsageError(
+            f"refusing to read {args.zip_path}: a stock SB3 zip stores its data with cloudpickle, and reading it means"
+            " unpickling, which runs code from the file. Convert it only if you trust where it came from: add --trust-pickle"
+        )
+    if not zipfile.is_zipfile(args.zip_path):
+        raise _UsageError(f"{args.zip_path} is not a zip file (stock SB3 saves are zips)")
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    from sb3_safe_save._mixin import save_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if args.algo is not None:
+            algo = _algo_from_name(args.algo)
+        else:
+            data, _, _ = load_from_zip_file(args.zip_path, device="cpu")
+            algo = _guess_algo(data or {}, args.zip_path)
+        model = algo.load(args.zip_path, device=args.device)
+    for w in caught:
+        print(f"sb3-safe-save convert: warning: {w.message}", file=sys.stderr)
+    save_model(model, args.out, allow_pickle=args.allow_pickle)
+    from sb3_safe_save._mixin import read_manifest
+
+    out = args.out if os.path.splitext(args.out)[1] else args.out + ".safetensors"
+    manifest = read_manifest(out)
+    print(f"converted {args.zip_path} ({algo.__name__}) -> {out} ({format_size(os.path.getsize(out))})", file=sys.stderr)
+    for ph in manifest.placeholders:
+        print(f"  placeholder {ph.key!r}: {ph.type} at {', '.join(ph.paths)} ({ph.reason})", file=sys.stderr)
+    return EXIT_OK
+
+
+_ALGO_PACKAGES = ("stable_baselines3", "sb3_contrib")
+#: policy package -> algorithm, where the policy lives outside the algorithm's own package
+_SHARED_POLICY_PACKAGES = {
+    "sb3_contrib.common.recurrent": "sb3_contrib:RecurrentPPO",
+    "sb3_contrib.common.maskable": "sb3_contrib:MaskablePPO",
+}
+
+
+def _algo_from_name(name: str) -> type[Any]:
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+    obj: Any = None
+    if ":" in name or "." in name:
+        module, _, qualname = name.partition(":") if ":" in name else name.rpartition(".")
+        try:
+            obj = importlib.import_module(module)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as e:
+            raise _UsageError(f"--algo {name}: cannot import it ({e})") from None
+    else:
+        for package in _ALGO_PACKAGES:
+            with contextlib.suppress(ImportError):
+                obj = getattr(importlib.import_module(package), name, None)
+            if obj is not None:
+                break
+    if not (isinstance(obj, type) and issubclass(obj, BaseAlgorithm)):
+        raise _UsageError(f"--algo {name}: not a stable_baselines3 or sb3_contrib algorithm class")
+    return obj
+
+
+def _guess_algo(data: dict[str, Any], path: str) -> type[Any]:
+    """The algorithm that wrote a stock zip, from its policy class (and, where policies are shared, its data)."""
+    policy = data.get("policy_class")
+    module = getattr(policy, "__module__", "") or ""
+    package = module.rpartition(".")[0]
+    name: str | None = None
+    if package == "stable_baselines3.td3":
+        name = "DDPG" if data.get("policy_delay") == 1 and data.get("target_noise_clip") == 0.0 else "TD3"
+    elif package == "stable_baselines3.common":
+        name = "PPO" if "clip_range" in data else ("TRPO" if "cg_max_steps" in data else "A2C")
+    elif package in _SHARED_POLICY_PACKAGES:
+        return _algo_from_name(_SHARED_POLICY_PACKAGES[package])
+    elif package.startswith(tuple(p + "." for p in _ALGO_PACKAGES)):
+        from stable_baselines3.common.base_class import BaseAlgorithm
+
+        pkg = importlib.import_module(package)
+        found = [v for v in vars(pkg).values() if isinstance(v, type) and issubclass(v, BaseAlgorithm)]
+        if len(found) == 1:
+            return found[0]
+    if name is None:
+        raise _UsageError(
+            f"cannot tell which algorithm wrote {path} (policy class {module}.{getattr(policy, '__qualname__', policy)});"
+            " pass it with --algo, e.g. --algo DQN or --algo mypackage.module:MyAlgo"
+        )
+    return _algo_from_name(name)
+
+
+# ============================================================================================= export
+def _cmd_export(args: argparse.Namespace) -> int:
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+    from sb3_safe_save._errors import PickleRefusedError, UntrustedTypeError
+    from sb3_safe_save._mixin import load_model, read_manifest
+    from sb3_safe_save._trust import import_ref
+
+    if not str(args.out).endswith(".zip"):
+        raise _UsageError(f"{args.out}: the output of export must end in .zip (stock SB3 would add the suffix)")
+    manifest = read_manifest(args.path)
+    if TrustList(None, None).why(manifest.base_algorithm) != "default":
+        raise _UsageError(
+            f"{args.path}: base algorithm {manifest.base_algorithm} is not a stable_baselines3/sb3_contrib class"
+        )
+    base = import_ref(manifest.base_algorithm, default_trust=True)
+    trusted = args.trust or None
+    # placeholders stay empty (None): the zip is written without them, and they are listed below
+    left_out = {p.key: None for p in manifest.placeholders}
+    try:
+        overrides = _optimizers_without_left_out(args.path, trusted)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fingerprint mismatches of the None stand-ins
+            model = load_model(
+                base, args.path, device="cpu", custom_objects=overrides, resources=left_out, trusted=trusted,
+                allow_pickle=args.allow_pickle, strict=False,
+            )  # fmt: skip
+    except UntrustedTypeError as e:
+        flags = " ".join(f"--trust {r.replace(':', '.')}" for r in e.refs)
+        raise _UsageError(
+            f"{args.path} references types that are not trusted: {', '.join(e.refs)}; if you trust it, add {flags}"
+        ) from None
+    except PickleRefusedError as e:
+        raise _UsageError(
+            f"{args.path} holds pickled values ({', '.join(e.paths)});"
+            " if you trust it, add --allow-pickle (runs code from the file)"
+        ) from None
+    BaseAlgorithm.save(model, args.out)
+    print(f"exported {args.path} -> {args.out} ({format_size(os.path.getsize(args.out))}, stock SB3 zip)", file=sys.stderr)
+    for ph in manifest.placeholders:
+        print(f"  left out placeholder {ph.key!r}: {ph.type} at {', '.join(ph.paths)} (None in the zip)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _optimizers_without_left_out(path: str, trusted: list[str] | None) -> dict[str, Any]:
+    """Optimizer states renumbered as if the parameters of left-out resources had never been in them.
+
+    A saved optimizer that held an external module's parameters keeps them in its ``param_groups``
+    (``OptimizerState.dropped``); without the module the rebuilt optimizer has fewer parameters.
+    """
+    from sb3_safe_save import _weights
+    from sb3_safe_save._manifest import OptimizerState
+    from sb3_safe_save._mixin import _Decoder, _open, _parse
+
+    overrides: dict[str, Any] = {}
+    with _open(path) as (f, size):
+        header, manifest = _parse(f, size)
+        entries = [e for e in manifest.state_dicts if isinstance(e, OptimizerState) and e.dropped]
+        if not entries:
+            return overrides
+        body = _weights.Body(f, header, {k: m.xxh3 for k, m in manifest.tensors.items()})
+        decoder = _Decoder(body, TrustList(trusted, None), {}, {}, manifest)
+        for entry in entries:
+            state = decoder.decode(entry.state, entry.name)
+            dropped = set(entry.dropped)
+            order = [i for group in state["param_groups"] for i in group["params"]]
+            renumber = {old: new for new, old in enumerate(i for i in order if i not in dropped)}
+            state["param_groups"] = [
+                {**group, "params": [renumber[i] for i in group["params"] if i not in dropped]}
+                for group in state["param_groups"]
+            ]
+            state["state"] = {renumber[i]: s for i, s in state["state"].items() if i in renumber}
+            overrides[entry.name] = state
+    return overrides

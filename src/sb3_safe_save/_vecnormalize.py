@@ -1,0 +1,254 @@
+"""``VecNormalize`` without pickle: settings as JSON, running statistics as float64 tensors.
+
+SB3's ``VecNormalize.save`` pickles the whole wrapper and ``VecNormalize.load`` unpickles it (a
+code-execution sink, SB3 #2281). Here the same state goes into a safetensors file:
+
+* ``save_vecnormalize(venv_norm, path)`` / ``load_vecnormalize(path, venv)`` mirror ``save``/``load``;
+* ``model.save(path, vec_normalize=model.get_vec_normalize_env())`` bundles it into the model file
+  (tensors under ``vec_normalize/``, settings in ``Manifest.vec_normalize``), and
+  ``Algo.load(path, env=venv)`` then wraps ``venv`` in the restored ``VecNormalize``. The same model
+  file can also be given to ``load_vecnormalize``.
+
+What is stored is exactly what ``VecNormalize.__getstate__`` keeps: the settings, ``obs_rms`` and
+``ret_rms`` (mean, var, count), ``old_obs`` and ``old_reward``. ``returns`` is reset to zeros at
+load, as ``VecNormalize.set_venv`` does.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.running_mean_std import RunningMeanStd
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_normalize
+
+from sb3_safe_save import _weights
+from sb3_safe_save._errors import FormatError, StateMismatchError
+from sb3_safe_save._manifest import (
+    META_CHECKSUM,
+    META_MANIFEST,
+    TensorMeta,
+    VecNormalizeState,
+    _Model,
+    parse_manifest,
+)
+
+PREFIX = "vec_normalize/"
+#: ``__metadata__`` keys of a standalone VecNormalize file.
+META_VEC_NORMALIZE = "sb3_safe_save.vec_normalize"
+META_VEC_NORMALIZE_CHECKSUM = "sb3_safe_save.vec_normalize.xxh3_128"
+_SETTINGS = ("training", "norm_obs", "norm_reward", "clip_obs", "clip_reward", "gamma", "epsilon")
+_FLOATS = ("clip_obs", "clip_reward", "gamma", "epsilon")
+
+ReadTensor = Callable[[str], th.Tensor]
+
+
+class VecNormalizeFile(_Model):
+    """The header of a standalone VecNormalize file."""
+
+    format: str = "sb3_safe_save.vec_normalize"
+    format_version: int = 1
+    state: VecNormalizeState
+    tensors: dict[str, TensorMeta]
+
+
+# ---------------------------------------------------------------------------------------------- save
+def export_vecnormalize(venv_norm: VecNormalize) -> tuple[VecNormalizeState, dict[str, np.ndarray]]:
+    """The settings and the arrays (keyed relative to ``PREFIX``) of a ``VecNormalize``; arrays are not copied."""
+    if not isinstance(venv_norm, VecNormalize):
+        raise TypeError(f"expected a VecNormalize, got {type(venv_norm).__name__}; use model.get_vec_normalize_env()")
+    arrays: dict[str, Any] = {}
+    obs_rms = getattr(venv_norm, "obs_rms", None)
+    obs_keys = None
+    if isinstance(obs_rms, dict):
+        obs_keys = [str(k) for k in obs_rms]
+        for key, rms in obs_rms.items():
+            _put_rms(arrays, f"obs_rms/{key}", rms)
+    elif obs_rms is not None:
+        _put_rms(arrays, "obs_rms", obs_rms)
+    _put_rms(arrays, "ret_rms", venv_norm.ret_rms)
+    arrays["old_reward"] = np.asarray(venv_norm.old_reward)
+    old_obs: Any = getattr(venv_norm, "old_obs", None)
+    kind, old_keys = "none", None
+    if isinstance(old_obs, dict):
+        kind, old_keys = "dict", [str(k) for k in old_obs]
+        arrays.update({f"old_obs/{k}": np.asarray(v) for k, v in old_obs.items()})
+    elif old_obs is not None:
+        kind = "array"
+        arrays["old_obs"] = np.asarray(old_obs)
+    scalars = [k for k, v in arrays.items() if isinstance(v, np.generic)]
+    settings = {name: getattr(venv_norm, name) for name in _SETTINGS}
+    for name in _FLOATS:
+        settings[name] = _float_out(float(settings[name]))
+    state = VecNormalizeState(
+        **settings,
+        norm_obs_keys=None if venv_norm.norm_obs_keys is None else list(venv_norm.norm_obs_keys),
+        has_obs_rms=obs_rms is not None,
+        obs_keys=obs_keys,
+        old_obs=kind,  # type: ignore[arg-type]
+        old_obs_keys=old_keys,
+        numpy_scalars=sorted(scalars),
+    )
+    return state, {k: np.asarray(v) for k, v in arrays.items()}
+
+
+def _put_rms(arrays: dict[str, Any], prefix: str, rms: RunningMeanStd) -> None:
+    arrays[f"{prefix}/mean"] = rms.mean
+    arrays[f"{prefix}/var"] = rms.var
+    arrays[f"{prefix}/count"] = np.asarray(rms.count, dtype=np.float64)
+
+
+def save_vecnormalize(venv_norm: VecNormalize, path: str | os.PathLike[str] | io.BufferedIOBase, *, fsync: bool = True) -> None:
+    """Save a ``VecNormalize`` (statistics and settings) to a safetensors file, without pickle.
+
+    The safe counterpart of ``VecNormalize.save``. The write is atomic.
+
+    :param venv_norm: the ``VecNormalize`` wrapper, e.g. ``model.get_vec_normalize_env()``
+    :param path: the file to write (a path without a suffix gets ``.safetensors``), or a binary stream
+    :param fsync: flush the file and its directory to disk before returning
+    """
+    state, arrays = export_vecnormalize(venv_norm)
+    blobs = {PREFIX + k: _weights.to_blob(v) for k, v in arrays.items()}
+    header = VecNormalizeFile(
+        state=state,
+        tensors={k: TensorMeta(dtype=b.dtype, shape=list(b.shape), xxh3=_weights.checksum(b.data)) for k, b in blobs.items()},
+    )
+    text = header.model_dump_json()
+    metadata = {"format": "pt", META_VEC_NORMALIZE: text, META_VEC_NORMALIZE_CHECKSUM: _weights.checksum(text.encode())}
+    if isinstance(path, io.BufferedIOBase):
+        _weights.write_stream(path, blobs, metadata)
+    else:
+        target = pathlib.Path(path)
+        _weights.write_atomic(target if target.suffix else target.with_suffix(".safetensors"), blobs, metadata, fsync=fsync)
+
+
+# ---------------------------------------------------------------------------------------------- load
+def load_vecnormalize(
+    path: str | os.PathLike[str] | io.BufferedIOBase, venv: VecEnv, *, verify: bool = True
+) -> VecNormalize:
+    """Load a ``VecNormalize`` saved by ``save_vecnormalize`` (or bundled in a model file) around ``venv``.
+
+    The safe counterpart of ``VecNormalize.load(path, venv)``; nothing is unpickled or imported.
+
+    :param path: a file written by ``save_vecnormalize``, or a model file saved with ``vec_normalize=``
+    :param venv: the vectorized environment to wrap
+    :param verify: check every tensor's checksum while reading
+    :return: a new ``VecNormalize`` wrapping ``venv``, with the stored settings and statistics
+    :raises FormatError: the file holds no VecNormalize state
+    :raises StateMismatchError: the statistics do not fit ``venv``'s observation space
+    """
+    from sb3_safe_save._mixin import _open  # local: _mixin imports this module
+
+    with _open(path) as (f, size):
+        header = _weights.read_header(f, size)
+        state, checksums = _state_from_header(header)
+        body = _weights.Body(f, header, checksums, verify=verify)
+        return restore_vecnormalize(state, lambda key: body.read_tensor(PREFIX + key), venv)
+
+
+def _state_from_header(header: _weights.Header) -> tuple[VecNormalizeState, dict[str, str]]:
+    text = header.metadata.get(META_VEC_NORMALIZE)
+    if text is not None:
+        if _weights.checksum(text.encode()) != header.metadata.get(META_VEC_NORMALIZE_CHECKSUM):
+            raise FormatError("the VecNormalize header does not match its checksum: the file is corrupted")
+        try:
+            parsed = VecNormalizeFile.model_validate_json(text)
+        except ValueError as e:
+            raise FormatError(f"the VecNormalize header is malformed: {e}") from None
+        return parsed.state, {k: m.xxh3 for k, m in parsed.tensors.items()}
+    text = header.metadata.get(META_MANIFEST)
+    if text is None:
+        raise FormatError("this file was not written by sb3_safe_save (no VecNormalize or model manifest in its header)")
+    if _weights.checksum(text.encode()) != header.metadata.get(META_CHECKSUM):
+        raise FormatError("the manifest does not match its checksum: the header is corrupted")
+    manifest = parse_manifest(text)
+    if manifest.vec_normalize is None:
+        raise FormatError(
+            "this model file holds no VecNormalize statistics; save them with"
+            " model.save(path, vec_normalize=model.get_vec_normalize_env()) or save_vecnormalize(venv, path)"
+        )
+    return manifest.vec_normalize, {k: m.xxh3 for k, m in manifest.tensors.items()}
+
+
+def restore_vecnormalize(state: VecNormalizeState, read: ReadTensor, venv: VecEnv) -> VecNormalize:
+    """Wrap ``venv`` in a ``VecNormalize`` with ``state``; if ``venv`` already has one, update that one in place."""
+    existing = unwrap_vec_normalize(venv)
+    if existing is not None:
+        target = existing
+    else:
+        settings = {name: _float_in(getattr(state, name)) if name in _FLOATS else getattr(state, name) for name in _SETTINGS}
+        try:
+            target = VecNormalize(venv, **settings, norm_obs_keys=None if state.norm_obs_keys is None else list(state.norm_obs_keys))
+        except (ValueError, KeyError, AssertionError) as e:
+            raise StateMismatchError(f"the stored VecNormalize settings do not fit this env: {e}") from None
+    apply_vecnormalize(target, state, read)
+    return target
+
+
+def apply_vecnormalize(venv_norm: VecNormalize, state: VecNormalizeState, read: ReadTensor) -> None:
+    """Set the settings and statistics of ``venv_norm`` from ``state``, checking shapes against its spaces."""
+    scalars = frozenset(state.numpy_scalars)
+
+    def read_array(key: str) -> Any:
+        array = read(key).numpy()
+        return array[()] if key in scalars and array.shape == () else array
+
+    space = venv_norm.observation_space
+    obs_rms: Any = None
+    if state.has_obs_rms:
+        if state.obs_keys is not None:
+            if not isinstance(space, spaces.Dict) or not set(state.obs_keys) <= set(space.spaces):
+                raise StateMismatchError(f"the VecNormalize statistics are for Dict keys {state.obs_keys}; this env has {space}")
+            obs_rms = {k: _read_rms(read_array, f"obs_rms/{k}", space.spaces[k].shape) for k in state.obs_keys}
+        else:
+            obs_rms = _read_rms(read_array, "obs_rms", space.shape)
+    ret_rms = _read_rms(read_array, "ret_rms", ())
+    old_reward = read("old_reward").numpy()
+    old_obs: Any = None
+    if state.old_obs == "array":
+        old_obs = read("old_obs").numpy()
+    elif state.old_obs == "dict":
+        old_obs = {k: read(f"old_obs/{k}").numpy() for k in state.old_obs_keys or []}
+    # all reads and checks passed: now mutate
+    for name in _SETTINGS:
+        value = getattr(state, name)
+        setattr(venv_norm, name, _float_in(value) if name in _FLOATS else value)
+    venv_norm.norm_obs_keys = None if state.norm_obs_keys is None else list(state.norm_obs_keys)
+    if obs_rms is not None:
+        venv_norm.obs_rms = obs_rms
+    elif hasattr(venv_norm, "obs_rms"):
+        del venv_norm.obs_rms
+    venv_norm.ret_rms = ret_rms
+    venv_norm.old_reward = old_reward
+    if old_obs is not None:
+        venv_norm.old_obs = old_obs
+    venv_norm.returns = np.zeros(venv_norm.num_envs)
+
+
+def _read_rms(read: Callable[[str], Any], prefix: str, shape: Any) -> RunningMeanStd:
+    mean, var, count = (read(f"{prefix}/{part}") for part in ("mean", "var", "count"))
+    if shape is not None and (mean.shape != tuple(shape) or var.shape != tuple(shape)):
+        raise StateMismatchError(
+            f"VecNormalize {prefix}: the stored statistics have shape {list(mean.shape)} but the env's"
+            f" observations have shape {list(shape)}; load them with the env they were computed on"
+        )
+    if mean.dtype != np.float64 or var.dtype != np.float64 or count.shape != ():
+        raise FormatError(f"VecNormalize {prefix}: mean/var must be float64 and count a float64 scalar")
+    rms = RunningMeanStd(shape=mean.shape)
+    rms.mean, rms.var, rms.count = mean, var, float(count)  # (RunningMeanStd.update makes 0-d ret_rms numpy scalars)
+    return rms
+
+
+def _float_out(x: float) -> float | str:
+    return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
+
+
+def _float_in(x: Any) -> Any:
+    return float(x) if isinstance(x, str) else x
