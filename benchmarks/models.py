@@ -69,8 +69,8 @@ def make_rl_model(algo: str, n_params: int) -> BaseAlgorithm:
     th.manual_seed(0)
     if algo == "PPO":
         model: BaseAlgorithm = safe(PPO)(
-            "MlpPolicy", BoxEnv(), n_steps=8, batch_size=8, n_epochs=1, policy_kwargs={"net_arch": {"pi": [w, w], "vf": [w, w]}},
-            seed=0, device="cpu",
+            "MlpPolicy", BoxEnv(), n_steps=8, batch_size=8, n_epochs=1,
+            policy_kwargs={"net_arch": {"pi": [w, w], "vf": [w, w]}}, seed=0, device="cpu",
         )  # fmt: skip
         model.learn(8)
     else:

@@ -53,29 +53,75 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     for case in rl:
         sb3, ours, st = (_med(results, case, "load", m) for m in ("sb3", "ours", "st"))
         if case.endswith(("-10M", "-50M")) and sb3 and ours:
-            out.append(_goal("load >= 20x faster than SB3 load", case, sb3 / ours, 20, True, f"SB3 {sb3 * 1e3:.0f} ms, ours {ours * 1e3:.1f} ms"))
+            out.append(
+                _goal(
+                    "load >= 20x faster than SB3 load",
+                    case,
+                    sb3 / ours,
+                    20,
+                    True,
+                    f"SB3 {sb3 * 1e3:.0f} ms, ours {ours * 1e3:.1f} ms",
+                )
+            )
         if ours and st:
-            out.append(_goal("load <= 3x raw safetensors load", case, ours / st, 3, False, f"ours {ours * 1e3:.1f} ms, raw {st * 1e3:.1f} ms"))
+            out.append(
+                _goal(
+                    "load <= 3x raw safetensors load",
+                    case,
+                    ours / st,
+                    3,
+                    False,
+                    f"ours {ours * 1e3:.1f} ms, raw {st * 1e3:.1f} ms",
+                )
+            )
     for case in rl:
         ours, st = _med(results, case, "save", "ours"), _med(results, case, "save", "st")
         if ours and st:
-            out.append(_goal("save <= 1.3x raw save_file (both fsync)", case, ours / st, 1.3, False, f"ours {ours * 1e3:.1f} ms, raw {st * 1e3:.1f} ms"))
+            out.append(
+                _goal(
+                    "save <= 1.3x raw save_file (both fsync)",
+                    case,
+                    ours / st,
+                    1.3,
+                    False,
+                    f"ours {ours * 1e3:.1f} ms, raw {st * 1e3:.1f} ms",
+                )
+            )
     for case, mem in results["memory"].items():
         m = mem.get("ours", {})
         if "load_ratio" in m:
-            detail = f"peak {m['peak_load'] / 2**20:.0f} MiB; bare {m['bare'] / 2**20:.0f} MiB + tensors {m['model_bytes'] / 2**20:.0f} MiB"
-            out.append(_goal("peak load memory <= 1.3x (tensors + bare interpreter)", case, m["load_ratio"], 1.3, False, detail))
+            mib = {k: f"{m[k] / 2**20:.0f} MiB" for k in ("peak_load", "bare", "model_bytes")}
+            detail = f"peak {mib['peak_load']}; bare {mib['bare']} + tensors {mib['model_bytes']}"
+            out.append(
+                _goal("peak load memory <= 1.3x (tensors + bare interpreter)", case, m["load_ratio"], 1.3, False, detail)
+            )
     exp = results.get("expert")
     if exp:
         base_t, base_b = exp["save"]["none"]["median_s"], exp["file_bytes"]["none"]
         for kind in ("200MB", "7B"):
             t, b = exp["save"][kind]["median_s"], exp["file_bytes"][kind]
-            out.append(_goal("expert changes save time < 5%", f"DQN+{kind}", t / base_t, 1.05, False, f"{t * 1e3:.1f} vs {base_t * 1e3:.1f} ms"))
-            out.append(_goal("expert changes file size < 1%", f"DQN+{kind}", b / base_b, 1.01, False, f"{b:,} vs {base_b:,} bytes"))
+            out.append(
+                _goal(
+                    "expert changes save time < 5%",
+                    f"DQN+{kind}",
+                    t / base_t,
+                    1.05,
+                    False,
+                    f"{t * 1e3:.1f} vs {base_t * 1e3:.1f} ms",
+                )
+            )
+            out.append(
+                _goal("expert changes file size < 1%", f"DQN+{kind}", b / base_b, 1.01, False, f"{b:,} vs {base_b:,} bytes")
+            )
     w = results.get("walker")
     if w:
-        detail = f"{w['n_objects']:,} objects: walk {w['walk']['median_s'] * 1e3:.1f} ms + {w['audit_fn']} {w[w['audit_fn']]['median_s'] * 1e3:.1f} ms"
+        walk_ms, audit_ms = w["walk"]["median_s"] * 1e3, w[w["audit_fn"]]["median_s"] * 1e3
+        detail = f"{w['n_objects']:,} objects: walk {walk_ms:.1f} ms + {w['audit_fn']} {audit_ms:.1f} ms"
         out.append(_goal("walker + audit < 50 ms (value in ms / 50)", "10k objects", w["total_s"] / 0.05, 1.0, False, detail))
+        if "audit_model" in w:
+            ms = w["audit_model"]["median_s"] * 1e3
+            detail = f"audit(model) {ms:.1f} ms (walks the live model itself)"
+            out.append(_goal("audit of a live model < 50 ms (value in ms / 50)", "10k objects", ms / 50, 1.0, False, detail))
     imp = results.get("import")
     if imp:
         added = imp["added_by_sb3_safe_save"]["median_s"]
@@ -114,8 +160,8 @@ def markdown(results: dict[str, Any], notes: list[str]) -> str:
     for g in results["goals"]:
         lines.append(f"| {g['goal']} | {g['case']} | {_fmt_ratio(g)} | {g['limit']} | {_verdict(g)} | {g['detail']} |")
     lines += ["", "## Times (median ms)", ""]
-    lines += _times_table(results, "save") + [""] + _times_table(results, "load")
-    lines += ["", "## Peak memory (fresh process, MiB)", ""] + _memory_table(results)
+    lines += [*_times_table(results, "save"), "", *_times_table(results, "load")]
+    lines += ["", "## Peak memory (fresh process, MiB)", "", *_memory_table(results)]
     lines += ["", "## Method", ""] + [f"- {n}" for n in _method_notes(results)]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -133,15 +179,17 @@ def _times_table(results: dict[str, Any], op: str) -> list[str]:
 
 
 def _memory_table(results: dict[str, Any]) -> list[str]:
-    rows = ["| case | method | bare | tensors | peak load | load ratio | save peak / RSS before save |", "| --- " * 7 + "|"]
+    head = "| case | method | bare | tensors | peak | load ratio | ratio, torch._dynamo in bare | save peak / RSS before |"
+    rows = [head, "| --- " * 8 + "|"]
     for case, mem in results["memory"].items():
         for method, m in mem.items():
             if "error" in m:
-                rows.append(f"| {case} | {method} | error: {m['error'][:120]} | | | | |")
+                rows.append(f"| {case} | {method} | error: {m['error'][:120]} | | | | | |")
                 continue
             rows.append(
-                f"| {case} | {method} | {m['bare'] / 2**20:.0f} | {m['model_bytes'] / 2**20:.0f} | {m['peak_load'] / 2**20:.0f}"
-                f" | {m['load_ratio']:.2f} | {m['save_ratio']:.2f} |"
+                f"| {case} | {method} | {m['bare'] / 2**20:.0f} | {m['model_bytes'] / 2**20:.0f}"
+                f" | {m['peak_load'] / 2**20:.0f}"
+                f" | {m['load_ratio']:.2f} | {m['load_ratio_dynamo']:.2f} | {m['save_ratio']:.2f} |"
             )
     return rows
 
@@ -164,8 +212,9 @@ def _method_notes(results: dict[str, Any]) -> list[str]:
         " /proc/self/status. `bare` = VmHWM after importing torch, SB3, safetensors and this library (and building the"
         " expert for the DQN cases); ratio = peak / (bare + tensor bytes in the file). Raw loads are measured after"
         " a peak reset (/proc/self/clear_refs) on a model built by this library's load.",
-        "Walker + audit: `snapshot_model` plus the audit of the saved file (`sb3_safe_save.audit` if present, else"
-        " `read_manifest`: header, checksum, pydantic validation) on a PPO whose `policy_kwargs` and attributes hold"
+        "Walker + audit: `snapshot_model` (the save-side walk) plus `sb3_safe_save.audit(path)` of the saved file (header"
+        " only; `audit(model)`, which walks the live model itself, is a separate row) on a PPO whose `policy_kwargs`"
+        " and attributes hold"
         f" {results.get('walker', {}).get('n_objects', 0):,} Python objects.",
         "Import: fresh interpreters; `import stable_baselines3`, then the time `import sb3_safe_save` adds, median.",
     ]
@@ -179,14 +228,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     styles = {"PPO": "-", "SAC": "--"}
-    for ax, op in zip(axes, ("load", "save")):
+    for ax, op in zip(axes, ("load", "save"), strict=False):
         for algo, style in styles.items():
             cs = [c for c in results["cases"] if c["algo"] == algo]
             for i, method in enumerate(LABELS):
                 pts = [(c["n_parameters"], c[op][method]["median_s"] * 1e3) for c in cs if method in c[op]]
                 if len(pts) < 2:
                     continue
-                xs, ys = zip(*pts)
+                xs, ys = zip(*pts, strict=False)
                 ax.plot(xs, ys, style, marker="o", color=f"C{i}", label=f"{algo}: {method}")
         ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="median ms", title=f"{op} time (with Adam state)")
         ax.grid(True, which="both", alpha=0.3)
@@ -204,6 +253,10 @@ def notes(results: dict[str, Any]) -> list[str]:
             f"The machine was shared with other processes during the run (load average {load[0]:.1f} at the start on"
             f" {results['machine']['cores']} cores): absolute times are noisy; the side-by-side ratios are what the goals use."
         )
+    out.append(
+        "About 70 MiB of every fresh-process load is torch importing `torch._dynamo` (and sympy) when the first optimizer"
+        " is built; stock SB3 pays it too. The goal ratio counts it as load memory; the next column counts it as bare."
+    )
     out.append("SB3 `save` never fsyncs; its save times are page-cache writes and are not comparable with the fsync'd ones.")
     misses = [g for g in results["goals"] if g["pass"] is False]
     if misses:
@@ -215,5 +268,3 @@ def write(results: dict[str, Any], extra_notes: list[str] | None = None) -> None
     (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (HERE / "RESULTS.md").write_text(markdown(results, notes(results) + list(extra_notes or [])))
     plot(results, HERE / "plot.png")
-
-

@@ -73,8 +73,9 @@ def run_case(case: Case, quick: bool) -> dict[str, Any]:
     log(f"   loading x{reps}")
     loads = time_interleaved(fast, reps)
     if "sb3" in load_methods:
-        sb3_reps = 2 if quick or case.n_params >= 50_000_000 else 3
-        loads.update(time_interleaved({"sb3": load_fn("sb3", cls, file_for("sb3", stem), expert)}, sb3_reps))
+        big = case.n_params >= 50_000_000  # SB3 load takes seconds there: no warm-up round, 2 rounds
+        sb3_load = {"sb3": load_fn("sb3", cls, file_for("sb3", stem), expert)}
+        loads.update(time_interleaved(sb3_load, 1 if quick else 2 if big else 3, warmup=0 if quick or big else 1))
     result = {
         "case": case.name,
         "algo": case.algo,
@@ -97,22 +98,31 @@ def run_memory(case: Case, methods: list[str]) -> dict[str, Any]:
     for method in methods:
         spec = {"case": case.name, "method": method, "stem": str(WORK / case.name), "expert": case.expert}
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.memory", json.dumps(spec)], cwd=ROOT, capture_output=True, text=True, timeout=600
+            [sys.executable, "-m", "benchmarks.memory", json.dumps(spec)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         if proc.returncode != 0:
             out[method] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
             continue
         m = json.loads(proc.stdout.strip().splitlines()[-1])
         m["load_ratio"] = m["peak_load"] / (m["bare"] + m["model_bytes"])
+        m["load_ratio_dynamo"] = m["peak_load"] / (m["bare_with_dynamo"] + m["model_bytes"])
         m["save_ratio"] = m["peak_save"] / (m["before_save"])
         out[method] = m
     return out
 
 
 def memory_methods(case: Case, quick: bool) -> list[str]:
+    if quick:
+        return ["ours"] if case.name in ("PPO-10M", "DQN-200MB-expert") else []
     if not case.is_rl:
         return ["ours", "sb3"] if case.sb3 else ["ours"]
-    return ["ours", "sb3"] if quick else ["ours", "sb3", "st", "torch"]
+    if case.n_params >= 50_000_000:
+        return ["ours", "sb3", "st", "torch"]
+    return ["ours", "sb3"] if case.n_params >= 10_000_000 else ["ours"]
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -126,8 +136,9 @@ def run(quick: bool) -> dict[str, Any]:
     results["machine"] = report.machine()
     for case in cases(quick):
         results["cases"].append(run_case(case, quick))
-        log(f"   peak memory ({', '.join(memory_methods(case, quick))}) in fresh processes")
-        results["memory"][case.name] = run_memory(case, memory_methods(case, quick))
+        if memory_methods(case, quick):
+            log(f"   peak memory ({', '.join(memory_methods(case, quick))}) in fresh processes")
+            results["memory"][case.name] = run_memory(case, memory_methods(case, quick))
         for m in ("sb3", "ours", "st", "st_nofsync", "torch"):
             file_for(m, WORK / case.name).unlink(missing_ok=True)
     log("== walker + audit, expert save overhead, import time")

@@ -76,11 +76,13 @@ def main() -> None:
     print("   weights bitwise equal, optimizer state equal, counters equal, expert identity kept")
     loaded.learn(100)
     print("   learn() continues on the loaded agent")
-    print(f"\nOK: exact round trip. Files in {work}")
-    if os.environ.get("SB3_SAFE_SAVE_DEMO_KEEP") is None:
+    if os.environ.get("SB3_SAFE_SAVE_DEMO_KEEP"):
+        print(f"\nOK: exact round trip. Files kept in {work}")
+    else:
         for f in work.iterdir():
             f.unlink()
         work.rmdir()
+        print("\nOK: exact round trip. (Set SB3_SAFE_SAVE_DEMO_KEEP=1 to keep the files.)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,17 @@ def no_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(mod, name, refuse)
 
 
-BUFFER_ARRAYS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts", "ep_start", "ep_length", "_current_ep_start")
+BUFFER_ARRAYS = (
+    "observations",
+    "next_observations",
+    "actions",
+    "rewards",
+    "dones",
+    "timeouts",
+    "ep_start",
+    "ep_length",
+    "_current_ep_start",
+)
 
 
 def assert_same_buffer(a: ReplayBuffer, b: ReplayBuffer) -> None:
@@ -65,7 +75,7 @@ def assert_same_buffer(a: ReplayBuffer, b: ReplayBuffer) -> None:
     s1 = a.sample(8)
     np.random.seed(0)
     s2 = b.sample(8)
-    for u, v in zip(s1, s2):
+    for u, v in zip(s1, s2, strict=True):
         if isinstance(u, dict):
             assert all(th.equal(u[k], v[k]) for k in u)
         elif u is None:  # e.g. discounts
@@ -80,7 +90,12 @@ CASES = {
         SAC,
         "MlpPolicy",
         "Pendulum-v1",
-        dict(buffer_size=100, learning_starts=1000, optimize_memory_usage=True, replay_buffer_kwargs=dict(handle_timeout_termination=False)),
+        dict(
+            buffer_size=100,
+            learning_starts=1000,
+            optimize_memory_usage=True,
+            replay_buffer_kwargs=dict(handle_timeout_termination=False),
+        ),
     ),
 }
 
@@ -111,7 +126,10 @@ def test_only_filled_rows_are_written(tmp_path: pathlib.Path) -> None:
     model = make("dqn", buffer_size=10_000)
     model.learn(20)
     model.save_replay_buffer(tmp_path / "b.safetensors")
-    arrays = sum(getattr(model.replay_buffer, n).nbytes for n in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"))
+    arrays = sum(
+        getattr(model.replay_buffer, n).nbytes
+        for n in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+    )
     assert (tmp_path / "b.safetensors").stat().st_size < arrays * 20 / 10_000 + 4096
 
 
@@ -203,6 +221,8 @@ def test_save_and_load_do_not_copy_the_arrays(tmp_path: pathlib.Path) -> None:
         tracemalloc.stop()
     assert save_peak < 0.05 * filled
     # load: one set of fresh (calloc'ed) arrays at the target's capacity, the rows read straight into them
-    capacity = sum(getattr(target, n).nbytes for n in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"))
+    capacity = sum(
+        getattr(target, n).nbytes for n in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+    )
     assert load_peak - base < 1.05 * capacity
     assert np.array_equal(target.observations, rb.observations) and target.pos == 1500

@@ -15,14 +15,14 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from _compare import assert_same_model, assert_same_tree
 from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3
 
+from _compare import assert_same_model, assert_same_tree
 from sb3_safe_save import read_manifest, safe
 from sb3_safe_save._manifest import PickleNode, iter_nodes
 
 sb3_contrib = pytest.importorskip("sb3_contrib")
-from sb3_contrib import ARS, TQC, TRPO, CrossQ, MaskablePPO, QRDQN, RecurrentPPO  # noqa: E402
+from sb3_contrib import ARS, QRDQN, TQC, TRPO, CrossQ, MaskablePPO, RecurrentPPO  # noqa: E402
 from sb3_contrib.common.envs import InvalidActionEnvDiscrete  # noqa: E402
 
 OFF = dict(learning_starts=16, buffer_size=256, batch_size=8, train_freq=8, gradient_steps=1)
@@ -46,7 +46,12 @@ CASES: dict[str, tuple[type, str, str | None, dict[str, Any]]] = {
         dict(**ON, n_epochs=1, policy_kwargs=dict(net_arch=[8], lstm_hidden_size=8)),
     ),
     "TQC": (TQC, "MlpPolicy", "Pendulum-v1", dict(**OFF, policy_kwargs=dict(net_arch=[8], n_quantiles=5))),
-    "TRPO": (TRPO, "MlpPolicy", "Pendulum-v1", dict(**ON, n_critic_updates=1, cg_max_steps=2, policy_kwargs=dict(net_arch=[8]))),
+    "TRPO": (
+        TRPO,
+        "MlpPolicy",
+        "Pendulum-v1",
+        dict(**ON, n_critic_updates=1, cg_max_steps=2, policy_kwargs=dict(net_arch=[8])),
+    ),
 }
 
 
@@ -144,7 +149,7 @@ def test_recurrent_ppo_lstm_states_round_trip() -> None:
         pa, sa = model.predict(obs, state=state, episode_start=starts, deterministic=True)
         pb, sb = loaded.predict(obs, state=state, episode_start=starts, deterministic=True)
         assert np.array_equal(pa, pb)
-        assert all(np.array_equal(x, y) for x, y in zip(sa, sb))
+        assert all(np.array_equal(x, y) for x, y in zip(sa, sb, strict=True))
         state = sa
 
 

@@ -10,12 +10,12 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from _stfile import edit_manifest
-from lang_dqn import CustomDQN, CustomDQNPolicy, UnpicklableExpert, make_model
 from safetensors.torch import save_file
 from stable_baselines3 import DQN, PPO
 
 import sb3_safe_save
+from _stfile import edit_manifest
+from lang_dqn import CustomDQN, CustomDQNPolicy, UnpicklableExpert, make_model
 from sb3_safe_save import (
     AlgorithmMismatchError,
     FormatError,
@@ -47,7 +47,9 @@ def expert_file(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 # --------------------------------------------------------------------------------- missing resource
-def test_missing_resource_is_reported_before_any_model_is_built(expert_file: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_resource_is_reported_before_any_model_is_built(
+    expert_file: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     built: list[str] = []
 
     def counting(cls: type, name: str) -> None:
@@ -142,7 +144,9 @@ def test_random_bytes(tmp_path: pathlib.Path) -> None:
         sb3_safe_save.read_manifest(path)
 
 
-@pytest.mark.parametrize("content", [b"", b"abc", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "], ids=["empty", "short", "empty-header"])
+@pytest.mark.parametrize(
+    "content", [b"", b"abc", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "], ids=["empty", "short", "empty-header"]
+)
 def test_tiny_files(tmp_path: pathlib.Path, content: bytes) -> None:
     path = tmp_path / "tiny.safetensors"
     path.write_bytes(content)
@@ -239,7 +243,7 @@ def test_policy_kwargs_mismatch_at_load(dqn_file: pathlib.Path) -> None:
 
 
 def test_wrong_env_spaces(dqn_file: pathlib.Path) -> None:
-    with pytest.raises(StateMismatchError, match="[Oo]bservation spaces do not match") as info:
+    with pytest.raises(StateMismatchError, match=r"[Oo]bservation spaces do not match") as info:
         safe(DQN).load(dqn_file, env=gym.make("MountainCar-v0"))
     assert isinstance(info.value, ValueError)  # what SB3 raises there, still catchable as such
 

@@ -228,6 +228,13 @@ FUZZ = settings(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _saved_files() -> None:
+    """Save the fuzzed agents before any timed example runs."""
+    for name in FILES:
+        saved_bytes(name)
+
+
 def _fuzz_load(name: str, data: bytes) -> None:
     """The property: a load either succeeds or raises a SafeSaveError subclass, within the bound."""
     start = time.monotonic()
@@ -299,6 +306,21 @@ STRINGS = [
 ]  # fmt: skip
 
 
+def _same_type(value: Any, strings: list[str]) -> st.SearchStrategy[Any]:
+    """Another value of the same JSON type: nearby and extreme numbers, strings seen in the manifests."""
+    if isinstance(value, bool):
+        return st.booleans()
+    if isinstance(value, int):
+        return st.one_of(st.integers(-3, 3), st.integers(value - 2, value + 2), st.sampled_from([2**12, 2**31, 2**63, -(2**63) - 1]))
+    if isinstance(value, float):
+        return st.one_of(st.floats(), st.sampled_from([0.0, -1.0, 1e308]))
+    if isinstance(value, str):
+        return st.sampled_from(strings)
+    if isinstance(value, list):
+        return st.just(value[:-1]) if value else st.just([0])
+    return st.just({} if isinstance(value, dict) else value)
+
+
 def _locations(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Every path to a value in a JSON tree."""
     out = [path]
@@ -317,18 +339,21 @@ def _get(tree: Any, path: tuple[Any, ...]) -> Any:
     return tree
 
 
-@FUZZ
+@settings(FUZZ, max_examples=500)
 @given(name=st.sampled_from(FILES), data=st.data())
 def test_fuzz_manifest(name: str, data: st.DataObject) -> None:
     """Mutate the manifest's JSON values and keys, then re-seal its checksum to reach deep validation."""
     original = saved_bytes(name)
     manifest = manifest_of(original)
+    strings = sorted({v for loc in _locations(manifest) if isinstance(v := _get(manifest, loc), str)} | set(STRINGS))
+    rnd = random.Random(data.draw(st.integers(0, 2**32), label="seed"))  # uniform: sampled_from favours the first items
     for _ in range(data.draw(st.integers(1, 3), label="edits")):
-        locations = _locations(manifest)[1:]
-        path = data.draw(st.sampled_from(locations), label="path")
+        path = rnd.choice(_locations(manifest)[1:])
         parent, last = _get(manifest, path[:-1]), path[-1]
-        op = data.draw(st.sampled_from(["value", "value", "splice", "delete", "rename", "add"]), label="op")
-        if op == "value":
+        op = data.draw(st.sampled_from(["same_type"] * 4 + ["value", "splice", "delete", "rename", "add"]), label="op")
+        if op == "same_type":  # keeps the schema valid more often, so validation beyond pydantic is reached
+            parent[last] = data.draw(_same_type(parent[last], strings), label="value")
+        elif op == "value":
             parent[last] = data.draw(_json_values(), label="value")
         elif op == "splice":  # a subtree from elsewhere, possibly from another algorithm's file
             source = manifest_of(saved_bytes(data.draw(st.sampled_from(FILES), label="from")))

@@ -4,6 +4,7 @@ predictions; and ``learn()`` continues on the loaded model (issue 2, "Done when"
 from __future__ import annotations
 
 import functools
+import io
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -11,13 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch as th
-from _compare import assert_same_model, assert_same_tree
 from safetensors import safe_open
 from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3, HerReplayBuffer
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.envs import BitFlippingEnv, FakeImageEnv
 
 import sb3_safe_save
+from _compare import assert_same_model, assert_same_tree
 from sb3_safe_save import SafeSaveMixin, safe
 from sb3_safe_save._manifest import ModuleState, OptimizerState, PickleNode, iter_nodes
 
@@ -52,26 +53,92 @@ def _her_kwargs() -> dict[str, Any]:
 def small() -> dict[str, Any]:
     return {"net_arch": [16]}  # a fresh dict each time: SB3 writes into policy_kwargs (e.g. use_sde)
 
+
 # id -> (algorithm class, env factory, policy, constructor kwargs, timesteps)
 CASES: dict[str, tuple[type[BaseAlgorithm], Callable[[], Any], str, dict[str, Any], int]] = {
     "a2c": (safe(A2C), lambda: "CartPole-v1", "MlpPolicy", {"n_steps": 8, "policy_kwargs": small()}, 64),
-    "ppo": (safe(PPO), lambda: "CartPole-v1", "MlpPolicy", {"n_steps": 32, "batch_size": 16, "n_epochs": 2, "policy_kwargs": small()}, 64),
-    "ppo-mixin": (MixinPPO, lambda: "Pendulum-v1", "MlpPolicy", {"n_steps": 32, "batch_size": 16, "n_epochs": 2, "policy_kwargs": small()}, 64),
-    "dqn": (safe(DQN), lambda: "CartPole-v1", "MlpPolicy", {"learning_starts": 32, "buffer_size": 500, "target_update_interval": 20, "policy_kwargs": small()}, 100),
-    "dqn-mixin": (MixinDQN, lambda: "CartPole-v1", "MlpPolicy", {"learning_starts": 32, "batch_size": 32, "buffer_size": 500, "policy_kwargs": small()}, 48),
-    "sac-auto": (safe(SAC), lambda: "Pendulum-v1", "MlpPolicy", {"learning_starts": 32, "batch_size": 32, "buffer_size": 500, "policy_kwargs": small()}, 48),
-    "sac-fixed": (MixinSAC, lambda: "Pendulum-v1", "MlpPolicy", {"ent_coef": 0.1, "learning_starts": 32, "batch_size": 32, "buffer_size": 500, "policy_kwargs": small()}, 48),
-    "td3": (safe(TD3), lambda: "Pendulum-v1", "MlpPolicy", {"learning_starts": 32, "batch_size": 32, "buffer_size": 500, "policy_kwargs": small()}, 48),
-    "ddpg": (safe(DDPG), lambda: "Pendulum-v1", "MlpPolicy", {"learning_starts": 32, "batch_size": 32, "buffer_size": 500, "policy_kwargs": small()}, 48),
+    "ppo": (
+        safe(PPO),
+        lambda: "CartPole-v1",
+        "MlpPolicy",
+        {"n_steps": 32, "batch_size": 16, "n_epochs": 2, "policy_kwargs": small()},
+        64,
+    ),
+    "ppo-mixin": (
+        MixinPPO,
+        lambda: "Pendulum-v1",
+        "MlpPolicy",
+        {"n_steps": 32, "batch_size": 16, "n_epochs": 2, "policy_kwargs": small()},
+        64,
+    ),
+    "dqn": (
+        safe(DQN),
+        lambda: "CartPole-v1",
+        "MlpPolicy",
+        {"learning_starts": 32, "buffer_size": 500, "target_update_interval": 20, "policy_kwargs": small()},
+        100,
+    ),
+    "dqn-mixin": (
+        MixinDQN,
+        lambda: "CartPole-v1",
+        "MlpPolicy",
+        {"learning_starts": 32, "batch_size": 32, "buffer_size": 500, "policy_kwargs": small()},
+        48,
+    ),
+    "sac-auto": (
+        safe(SAC),
+        lambda: "Pendulum-v1",
+        "MlpPolicy",
+        {"learning_starts": 32, "batch_size": 32, "buffer_size": 500, "policy_kwargs": small()},
+        48,
+    ),
+    "sac-fixed": (
+        MixinSAC,
+        lambda: "Pendulum-v1",
+        "MlpPolicy",
+        {"ent_coef": 0.1, "learning_starts": 32, "batch_size": 32, "buffer_size": 500, "policy_kwargs": small()},
+        48,
+    ),
+    "td3": (
+        safe(TD3),
+        lambda: "Pendulum-v1",
+        "MlpPolicy",
+        {"learning_starts": 32, "batch_size": 32, "buffer_size": 500, "policy_kwargs": small()},
+        48,
+    ),
+    "ddpg": (
+        safe(DDPG),
+        lambda: "Pendulum-v1",
+        "MlpPolicy",
+        {"learning_starts": 32, "batch_size": 32, "buffer_size": 500, "policy_kwargs": small()},
+        48,
+    ),
     "dqn-her": (safe(DQN), _bitflip(False), "MultiInputPolicy", {**_her_kwargs(), "policy_kwargs": small()}, 80),
     "sac-her": (safe(SAC), _bitflip(True), "MultiInputPolicy", {**_her_kwargs(), "policy_kwargs": small()}, 80),
-    "sac-sde": (safe(SAC), lambda: "Pendulum-v1", "MlpPolicy", {"use_sde": True, "learning_starts": 32, "batch_size": 32, "buffer_size": 500, "policy_kwargs": small()}, 48),
-    "ppo-sde": (safe(PPO), lambda: "Pendulum-v1", "MlpPolicy", {"use_sde": True, "n_steps": 32, "batch_size": 16, "n_epochs": 2, "policy_kwargs": small()}, 64),
+    "sac-sde": (
+        safe(SAC),
+        lambda: "Pendulum-v1",
+        "MlpPolicy",
+        {"use_sde": True, "learning_starts": 32, "batch_size": 32, "buffer_size": 500, "policy_kwargs": small()},
+        48,
+    ),
+    "ppo-sde": (
+        safe(PPO),
+        lambda: "Pendulum-v1",
+        "MlpPolicy",
+        {"use_sde": True, "n_steps": 32, "batch_size": 16, "n_epochs": 2, "policy_kwargs": small()},
+        64,
+    ),
     "ppo-cnn": (
         safe(PPO),
         lambda: FakeImageEnv(action_dim=3, screen_height=36, screen_width=36, n_channels=1),
         "CnnPolicy",
-        {"n_steps": 16, "batch_size": 16, "n_epochs": 1, "policy_kwargs": {"net_arch": [16], "features_extractor_kwargs": {"features_dim": 16}}},
+        {
+            "n_steps": 16,
+            "batch_size": 16,
+            "n_epochs": 1,
+            "policy_kwargs": {"net_arch": [16], "features_extractor_kwargs": {"features_dim": 16}},
+        },
         32,
     ),
 }
@@ -152,6 +219,12 @@ def test_suffix_handling(tmp_path: pathlib.Path) -> None:
     assert_same_model(model, safe(A2C).load(str(tmp_path / "noext.safetensors"), device="cpu"))
     with open(tmp_path / "custom.bin", "rb") as f:
         assert_same_model(model, safe(A2C).load(f, device="cpu"))
+    # in-memory streams both ways, byte-identical to the file
+    buf = io.BytesIO()
+    model.save(buf)
+    model.save(tmp_path / "again.safetensors")
+    assert buf.getvalue() == (tmp_path / "again.safetensors").read_bytes()
+    assert_same_model(model, safe(A2C).load(io.BytesIO(buf.getvalue()), device="cpu"))
 
 
 def test_dqn_file_has_no_pickle_and_tensors_equal_state_dict(tmp_path: pathlib.Path) -> None:
@@ -252,3 +325,27 @@ def test_load_on_cuda(tmp_path: pathlib.Path) -> None:
     loaded.save(tmp_path / "sac_cuda")
     back = safe(SAC).load(tmp_path / "sac_cuda.safetensors", device="cpu")
     assert_same_model(loaded, back)
+
+
+def _without_space_rng(tree: Any) -> Any:
+    """Drop the RNG state of stored spaces: load reseeds them from ``seed`` in ``_setup_model``, as SB3's load does."""
+    if isinstance(tree, dict):
+        return {k: _without_space_rng(v) for k, v in tree.items() if not (k == "rng" and tree.get("kind") == "space")}
+    if isinstance(tree, list):
+        return [_without_space_rng(v) for v in tree]
+    return tree
+
+
+@pytest.mark.parametrize("case", ["dqn", "sac-auto", "ppo-cnn", "dqn-her"])
+def test_resave_is_identical(case: str, tmp_path: pathlib.Path) -> None:
+    """load then save gives back the same manifest and the same tensor bytes: nothing is lost or changed."""
+    cls = CASES[case][0]
+    model = _train(case)
+    model.save(tmp_path / "a")
+    first = sb3_safe_save.read_manifest(tmp_path / "a.safetensors").model_dump()
+    loaded = cls.load(tmp_path / "a.safetensors", env=model.get_env(), force_reset=False, device="cpu")
+    loaded.save(tmp_path / "b")
+    second = sb3_safe_save.read_manifest(tmp_path / "b.safetensors").model_dump()
+    for part in ("data", "state_dicts", "torch_variables", "placeholders", "hazards"):
+        assert _without_space_rng(second[part]) == _without_space_rng(first[part]), part
+    assert second["tensors"] == first["tensors"]  # dtype, shape and checksum of every tensor

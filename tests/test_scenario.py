@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch as th
-from _compare import assert_same_model
-from lang_dqn import CustomDQN, ModuleExpert, UnpicklableExpert, make_model
 
 import sb3_safe_save
+from _compare import assert_same_model
+from lang_dqn import CustomDQN, ModuleExpert, UnpicklableExpert, make_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERT_SEED = 9  # its log-probabilities favour action 1 by ~1.05 nats: enough to flip some greedy actions

@@ -100,7 +100,10 @@ def test_matches_stock_pickle_load(tmp_path: pathlib.Path) -> None:
     vn = stepped(VecNormalize(pendulum()))
     vn.save(str(tmp_path / "stock.pkl"))
     save_vecnormalize(vn, tmp_path / "ours.safetensors")
-    assert_same_state(VecNormalize.load(str(tmp_path / "stock.pkl"), pendulum()), load_vecnormalize(tmp_path / "ours.safetensors", pendulum()))
+    assert_same_state(
+        VecNormalize.load(str(tmp_path / "stock.pkl"), pendulum()),
+        load_vecnormalize(tmp_path / "ours.safetensors", pendulum()),
+    )
 
 
 @pytest.mark.parametrize(

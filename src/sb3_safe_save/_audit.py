@@ -553,7 +553,9 @@ def _findings(
                     )
                 )
     refs, _ = _references(manifest, {})
-    for ref in TrustList(trusted, None).untrusted(refs):
+    # as ``load`` would see it when called on the saving class: its own module is trusted
+    home = manifest.algorithm.partition(":")[0]
+    for ref in TrustList(trusted, home).untrusted(refs):
         where = sorted(set(refs[ref]))
         findings.append(
             Finding(

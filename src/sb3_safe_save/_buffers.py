@@ -82,9 +82,9 @@ def _arrays(buffer: ReplayBuffer, rows: int) -> dict[str, np.ndarray]:
     obs_rows = rows + 1 if buffer.optimize_memory_usage and not buffer.full else rows
     out: dict[str, np.ndarray] = {}
     for name in ("observations", "next_observations"):
-        value = getattr(buffer, name, None)
         if name == "next_observations" and buffer.optimize_memory_usage:
             continue
+        value: Any = getattr(buffer, name)
         n = obs_rows if name == "observations" else rows
         if isinstance(value, dict):
             out.update({f"{name}/{k}": v[:n] for k, v in value.items()})
@@ -102,12 +102,20 @@ def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buffered
     from sb3_safe_save._mixin import current_versions  # local: _mixin imports this module
 
     if not isinstance(buffer, ReplayBuffer):
-        raise UnsupportedObjectError([("replay_buffer", f"{type(buffer).__module__}.{type(buffer).__qualname__}", "not a ReplayBuffer")])
+        raise UnsupportedObjectError(
+            [("replay_buffer", f"{type(buffer).__module__}.{type(buffer).__qualname__}", "not a ReplayBuffer")]
+        )
     her = None
     if isinstance(buffer, HerReplayBuffer):
         if buffer.copy_info_dict:
             raise UnsupportedObjectError(
-                [("replay_buffer.infos", "numpy object array", "HerReplayBuffer(copy_info_dict=True) keeps arbitrary info dicts")]
+                [
+                    (
+                        "replay_buffer.infos",
+                        "numpy object array",
+                        "HerReplayBuffer(copy_info_dict=True) keeps arbitrary info dicts",
+                    )
+                ]
             )
         her = HerState(
             n_sampled_goal=buffer.n_sampled_goal,
@@ -133,7 +141,7 @@ def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buffered
     text = header.model_dump_json()
     metadata = {"format": "pt", META_BUFFER: text, META_BUFFER_CHECKSUM: _weights.checksum(text.encode())}
     if isinstance(path, io.BufferedIOBase):
-        _weights.write_stream(path, blobs, metadata)
+        _weights.write_stream(path, blobs, metadata)  # type: ignore[arg-type]
     else:
         target = pathlib.Path(path)
         target = target if target.suffix else target.with_suffix(".safetensors")
@@ -185,7 +193,9 @@ def load_buffer_into(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buf
                     f"replay buffer {key!r}: the file has shape {list(info.shape)}, the model's buffer {list(current.shape)}"
                 )
             if info.dtype != _weights.st_dtype(th.from_numpy(current[:0]).dtype):
-                raise StateMismatchError(f"replay buffer {key!r}: the file has {info.dtype}, the model's buffer {current.dtype}")
+                raise StateMismatchError(
+                    f"replay buffer {key!r}: the file has {info.dtype}, the model's buffer {current.dtype}"
+                )
             array = np.zeros(current.shape, dtype=current.dtype)  # calloc: pages past the stored rows stay unallocated
             if info.nbytes:
                 body.read_into(key, array[: info.shape[0]])
@@ -208,7 +218,8 @@ def _parse(header: _weights.Header) -> ReplayBufferFile:
     text = header.metadata.get(META_BUFFER)
     if text is None:
         raise FormatError(
-            "this file holds no replay buffer (no sb3_safe_save.replay_buffer header); write it with model.save_replay_buffer(path)"
+            "this file holds no replay buffer (no sb3_safe_save.replay_buffer header);"
+            " write one with model.save_replay_buffer(path)"
         )
     if _weights.checksum(text.encode()) != header.metadata.get(META_BUFFER_CHECKSUM):
         raise FormatError("the replay-buffer header does not match its checksum: the file is corrupted")
@@ -221,10 +232,15 @@ def _parse(header: _weights.Header) -> ReplayBufferFile:
     for key, m in meta.tensors.items():
         info = header.tensors[key]
         if m.dtype != info.dtype or tuple(m.shape) != info.shape:
-            raise FormatError(f"replay buffer {key!r}: the header says {m.dtype} {m.shape}, the safetensors entry {info.dtype} {list(info.shape)}")
+            raise FormatError(
+                f"replay buffer {key!r}: the header says {m.dtype} {m.shape},"
+                f" the safetensors entry {info.dtype} {list(info.shape)}"
+            )
         rows = meta.rows + (1 if key.startswith("observations") and meta.optimize_memory_usage and not meta.full else 0)
         if key != "_current_ep_start" and info.shape[:1] != (rows,):
-            raise FormatError(f"replay buffer {key!r} has {info.shape[:1]} rows; pos={meta.pos}, full={meta.full} means {rows}")
+            raise FormatError(
+                f"replay buffer {key!r} has {info.shape[:1]} rows; pos={meta.pos}, full={meta.full} means {rows}"
+            )
     return meta
 
 

@@ -16,6 +16,7 @@ import collections
 import enum
 import keyword
 import math
+import re
 import types
 from typing import Any, ClassVar, Protocol
 
@@ -268,10 +269,10 @@ class ArrayCodec(Codec):
         return ArrayNode(tensor=key, dtype=value.dtype.str, shape=list(value.shape))
 
     def decode(self, node: ArrayNode, path: str, dec: Decoder) -> np.ndarray:
-        try:
-            dtype = np.dtype(node.dtype)
-        except TypeError:
-            raise FormatError(f"{path}: {node.dtype!r} is not a numpy dtype") from None
+        # np.dtype() parses arbitrary strings ("05a2,..." goes through ast.literal_eval): check the shape first
+        if not re.fullmatch(r"[<>|=][biuf][1248]", node.dtype):
+            raise FormatError(f"{path}: {node.dtype!r} is not an allowed numpy dtype")
+        dtype = np.dtype(node.dtype)
         if dtype.newbyteorder("=").str not in _NP_DTYPES:
             raise FormatError(f"{path}: numpy dtype {node.dtype!r} is not allowed")
         arr = dec.tensor(node.tensor).numpy()

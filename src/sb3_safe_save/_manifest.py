@@ -346,7 +346,7 @@ class Versions(_Model):
     sb3_contrib: str | None = None
 
 
-JsonFloat = Union[StrictFloat, StrictInt, Literal["inf", "-inf", "nan"]]
+JsonFloat = StrictFloat | StrictInt | Literal["inf", "-inf", "nan"]
 
 
 class VecNormalizeState(_Model):
@@ -418,7 +418,7 @@ def parse_manifest(text: str) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise FormatError("the header has no sb3_safe_save manifest: this is not a file written by sb3_safe_save")
     version = raw.get("format_version")
-    if version not in SUPPORTED_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersionError(
             f"format version {version!r} is not supported by this release (it reads {sorted(SUPPORTED_VERSIONS)}); "
             "upgrade sb3_safe_save to load this file"

@@ -38,6 +38,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 from sb3_safe_save import _weights
+from sb3_safe_save._buffers import is_pickle, load_buffer_into, refuse_pickle, save_buffer
 from sb3_safe_save._codecs import BY_KIND
 from sb3_safe_save._errors import (
     AlgorithmMismatchError,
@@ -68,11 +69,10 @@ from sb3_safe_save._manifest import (
 )
 from sb3_safe_save._resources import resolve
 from sb3_safe_save._trust import TrustList, TrustSpec, import_ref, ref_of
-from sb3_safe_save._buffers import is_pickle, load_buffer_into, refuse_pickle, save_buffer
 from sb3_safe_save._vecnormalize import PREFIX as VN_PREFIX
 from sb3_safe_save._vecnormalize import export_vecnormalize, restore_vecnormalize
 from sb3_safe_save._version import __version__
-from sb3_safe_save._walker import DEFAULT_MAX_OBJECT_BYTES, _MODULE_INTERNALS, Snapshot, Walker, resolve_attr
+from sb3_safe_save._walker import _MODULE_INTERNALS, DEFAULT_MAX_OBJECT_BYTES, Snapshot, Walker, resolve_attr
 
 PathLike = str | os.PathLike[str] | io.BufferedIOBase
 SUFFIX = ".safetensors"
@@ -522,7 +522,10 @@ def _build(
     except SafeSaveError:
         raise
     except _DECODE_ERRORS as e:  # hostile or corrupted hyperparameters (n_steps=-5, policy_kwargs=7, ...)
-        raise FormatError(f"the stored values cannot rebuild a {cls.__qualname__}: {type(e).__name__}: {e}") from e
+        raise FormatError(
+            f"the stored values cannot rebuild a {cls.__qualname__}: {type(e).__name__}: {e}"
+            " (if the file is intact, check the arguments given to load: e.g. HerReplayBuffer needs env=)"
+        ) from e
     return model
 
 
@@ -581,7 +584,7 @@ def _load_state(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, bod
             state = decoder.decode(entry.state, entry.name)
             try:
                 target.load_state_dict(state)
-            except (ValueError, KeyError, RuntimeError) as e:
+            except (RuntimeError, *_DECODE_ERRORS) as e:
                 raise StateMismatchError(f"{entry.name}: the stored optimizer state does not fit the optimizer: {e}") from None
     device = model.device
     for name, node in manifest.torch_variables.items():

@@ -105,7 +105,9 @@ def _put_rms(arrays: dict[str, Any], prefix: str, rms: RunningMeanStd) -> None:
     arrays[f"{prefix}/count"] = np.asarray(rms.count, dtype=np.float64)
 
 
-def save_vecnormalize(venv_norm: VecNormalize, path: str | os.PathLike[str] | io.BufferedIOBase, *, fsync: bool = True) -> None:
+def save_vecnormalize(
+    venv_norm: VecNormalize, path: str | os.PathLike[str] | io.BufferedIOBase, *, fsync: bool = True
+) -> None:
     """Save a ``VecNormalize`` (statistics and settings) to a safetensors file, without pickle.
 
     The safe counterpart of ``VecNormalize.save``. The write is atomic.
@@ -123,16 +125,14 @@ def save_vecnormalize(venv_norm: VecNormalize, path: str | os.PathLike[str] | io
     text = header.model_dump_json()
     metadata = {"format": "pt", META_VEC_NORMALIZE: text, META_VEC_NORMALIZE_CHECKSUM: _weights.checksum(text.encode())}
     if isinstance(path, io.BufferedIOBase):
-        _weights.write_stream(path, blobs, metadata)
+        _weights.write_stream(path, blobs, metadata)  # type: ignore[arg-type]
     else:
         target = pathlib.Path(path)
         _weights.write_atomic(target if target.suffix else target.with_suffix(".safetensors"), blobs, metadata, fsync=fsync)
 
 
 # ---------------------------------------------------------------------------------------------- load
-def load_vecnormalize(
-    path: str | os.PathLike[str] | io.BufferedIOBase, venv: VecEnv, *, verify: bool = True
-) -> VecNormalize:
+def load_vecnormalize(path: str | os.PathLike[str] | io.BufferedIOBase, venv: VecEnv, *, verify: bool = True) -> VecNormalize:
     """Load a ``VecNormalize`` saved by ``save_vecnormalize`` (or bundled in a model file) around ``venv``.
 
     The safe counterpart of ``VecNormalize.load(path, venv)``; nothing is unpickled or imported.
@@ -185,7 +185,9 @@ def restore_vecnormalize(state: VecNormalizeState, read: ReadTensor, venv: VecEn
     else:
         settings = {name: _float_in(getattr(state, name)) if name in _FLOATS else getattr(state, name) for name in _SETTINGS}
         try:
-            target = VecNormalize(venv, **settings, norm_obs_keys=None if state.norm_obs_keys is None else list(state.norm_obs_keys))
+            target = VecNormalize(
+                venv, **settings, norm_obs_keys=None if state.norm_obs_keys is None else list(state.norm_obs_keys)
+            )
         except (ValueError, KeyError, AssertionError) as e:
             raise StateMismatchError(f"the stored VecNormalize settings do not fit this env: {e}") from None
     apply_vecnormalize(target, state, read)
@@ -205,7 +207,9 @@ def apply_vecnormalize(venv_norm: VecNormalize, state: VecNormalizeState, read: 
     if state.has_obs_rms:
         if state.obs_keys is not None:
             if not isinstance(space, spaces.Dict) or not set(state.obs_keys) <= set(space.spaces):
-                raise StateMismatchError(f"the VecNormalize statistics are for Dict keys {state.obs_keys}; this env has {space}")
+                raise StateMismatchError(
+                    f"the VecNormalize statistics are for Dict keys {state.obs_keys}; this env has {space}"
+                )
             obs_rms = {k: _read_rms(read_array, f"obs_rms/{k}", space.spaces[k].shape) for k in state.obs_keys}
         else:
             obs_rms = _read_rms(read_array, "obs_rms", space.shape)
