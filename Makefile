@@ -11,8 +11,8 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml constraints.txt tests/resource_plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[contrib]" \
-		pytest pytest-timeout hypothesis mypy ruff matplotlib
+	$(PY) -m pip install -q -c constraints.txt -e ".[contrib,remote]" \
+		pytest pytest-timeout hypothesis mypy ruff matplotlib "moto[server]"
 	$(PY) -m pip install -q -c constraints.txt --no-deps -e tests/resource_plugin
 	touch $(STAMP)
 

@@ -21,7 +21,14 @@ from sb3_safe_save._manifest import META_CHECKSUM, META_MANIFEST
 from sb3_safe_save._weights import checksum, read_header
 
 ALGOS = {"A2C": A2C, "PPO": PPO, "DQN": DQN, "SAC": SAC, "TD3": TD3, "DDPG": DDPG}
-ENVS = {"A2C": "CartPole-v1", "PPO": "CartPole-v1", "DQN": "CartPole-v1", "SAC": "Pendulum-v1", "TD3": "Pendulum-v1", "DDPG": "Pendulum-v1"}
+ENVS = {
+    "A2C": "CartPole-v1",
+    "PPO": "CartPole-v1",
+    "DQN": "CartPole-v1",
+    "SAC": "Pendulum-v1",
+    "TD3": "Pendulum-v1",
+    "DDPG": "Pendulum-v1",
+}
 
 
 def tiny_kwargs(name: str) -> dict[str, Any]:

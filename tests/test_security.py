@@ -19,11 +19,11 @@ from typing import Any
 import cloudpickle
 import pytest
 import torch as th
-from _compare import assert_same_model
-from _hostile import ALGOS, edit_manifest, manifest_of, saved_bytes, tiny_kwargs, tiny_model, with_manifest_text
 from stable_baselines3 import DQN, PPO
 from stable_baselines3.common.utils import FloatSchedule
 
+from _compare import assert_same_model
+from _hostile import ALGOS, edit_manifest, manifest_of, saved_bytes, tiny_kwargs, tiny_model, with_manifest_text
 from sb3_safe_save import (
     FormatError,
     PickleRefusedError,
@@ -219,9 +219,7 @@ def canary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
     """A module on sys.path whose import leaves a marker file: it must never be imported."""
     name = f"sb3ss_canary_{uuid.uuid4().hex[:12]}"
     marker = tmp_path / "imported"
-    (tmp_path / f"{name}.py").write_text(
-        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n\nclass Thing:\n    pass\n"
-    )
+    (tmp_path / f"{name}.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n\nclass Thing:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return name, marker
 
@@ -236,7 +234,9 @@ def _forge_refs(data: bytes, canary_module: str) -> bytes:
     return edit_manifest(data, edit)
 
 
-def test_untrusted_refs_are_listed_together_and_not_imported(canary: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_untrusted_refs_are_listed_together_and_not_imported(
+    canary: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     module, marker = canary
     monkeypatch.delitem(sys.modules, "xml.dom.minidom", raising=False)
     forged = _forge_refs(saved_bytes("DQN"), module)
@@ -310,7 +310,11 @@ DUNDER_EDITS = {
     ),
     "object state __dict__": _set(
         ["data", "exploration_schedule"],
-        {"kind": "object", "cls": "stable_baselines3.common.utils:ConstantSchedule", "state": {"__dict__": {"kind": "dict", "items": {}}}},
+        {
+            "kind": "object",
+            "cls": "stable_baselines3.common.utils:ConstantSchedule",
+            "state": {"__dict__": {"kind": "dict", "items": {}}},
+        },
     ),
     "object state not an identifier": _set(
         ["data", "exploration_schedule"],
@@ -349,7 +353,12 @@ SIZE_EDITS = {
     ),
     "huge Box from a scalar bound": _set(
         ["data", "observation_space", "args"],
-        {"low": -1.0, "high": 1.0, "shape": {"kind": "tuple", "items": [2**20, 2**20]}, "dtype": {"kind": "np_dtype", "value": "<f4"}},
+        {
+            "low": -1.0,
+            "high": 1.0,
+            "shape": {"kind": "tuple", "items": [2**20, 2**20]},
+            "dtype": {"kind": "np_dtype", "value": "<f4"},
+        },
     ),
     "int64 overflow": _set(["data", "extra"], {"kind": "np_scalar", "dtype": "<i8", "value": 2**70}),
     "NaN as int64": _set(["data", "extra"], {"kind": "np_scalar", "dtype": "<i8", "value": "nan"}),

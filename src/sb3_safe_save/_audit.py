@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Literal
@@ -83,7 +82,7 @@ _DUMMY_XXH3 = "0" * 32  # same length as a real checksum: the header size is exa
 
 # ============================================================================================ models
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class Finding(_Frozen):
@@ -283,7 +282,7 @@ def audit(
         print(report.table())
         assert report.ok, report.table()
 
-    :param model_or_path: a live SB3 model, or the path of a file written by ``save``
+    :param model_or_path: a live SB3 model, or the path (or URL, e.g. ``s3://bucket/key``) of a file written by ``save``
     :param max_bytes: the size budget: an int or a string such as ``"5 MB"``, ``"5MiB"``, ``"500KB"``
     :param fail_on: findings at or above this severity make ``ok`` False (None: only the budget counts)
     :param allow_placeholders: True, False, or the placeholder keys that are expected; other
@@ -403,7 +402,7 @@ def _live_layout(
 
 
 def _file_layout(path: str | os.PathLike[str]) -> _Layout:
-    with _open(pathlib.Path(path)) as (f, size):
+    with _open(path) as (f, size):
         header, manifest = _parse(f, size)
     tensors = {k: (info.dtype, info.shape, info.nbytes) for k, info in header.tensors.items()}
     return _Layout(manifest, tensors, header.body_start, len(header.metadata[META_MANIFEST].encode()))

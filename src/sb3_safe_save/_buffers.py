@@ -36,7 +36,7 @@ from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
 from stable_baselines3.her.goal_selection_strategy import GoalSelectionStrategy
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-from sb3_safe_save import _weights
+from sb3_safe_save import _remote, _weights
 from sb3_safe_save._errors import FormatError, PickleRefusedError, StateMismatchError, UnsupportedObjectError
 from sb3_safe_save._manifest import TensorMeta, Versions, _Model
 from sb3_safe_save._trust import ref_of
@@ -142,8 +142,10 @@ def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buffered
     metadata = {"format": "pt", META_BUFFER: text, META_BUFFER_CHECKSUM: _weights.checksum(text.encode())}
     if isinstance(path, io.BufferedIOBase):
         _weights.write_stream(path, blobs, metadata)  # type: ignore[arg-type]
+    elif _remote.is_url(path):
+        _remote.write(path, blobs, metadata)
     else:
-        target = pathlib.Path(path)
+        target = pathlib.Path(_remote.local(path))
         target = target if target.suffix else target.with_suffix(".safetensors")
         if not target.parent.exists():
             target.parent.mkdir(parents=True)  # as SB3's save_to_pkl does
@@ -164,8 +166,8 @@ def is_pickle(path: str | os.PathLike[str] | io.BufferedIOBase) -> bool:
 
 
 def _existing(path: Any) -> Any:
-    if isinstance(path, (str, os.PathLike)):
-        target = pathlib.Path(path)
+    if isinstance(path, (str, os.PathLike)) and not _remote.is_url(path):
+        target = pathlib.Path(_remote.local(path))
         for candidate in (target, target.with_suffix(".safetensors"), target.with_suffix(".pkl")):
             if candidate.exists():
                 return candidate

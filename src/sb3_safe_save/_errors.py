@@ -17,6 +17,7 @@ it, so code that already catches ``ValueError``/``TypeError``/``LookupError`` ke
     ├── StateMismatchError (ValueError)      load: the stored tensors (or the env's spaces) do not fit the model
     ├── SaveTargetIsADirectoryError / SaveTargetDirectoryMissingError (IsADirectoryError / FileNotFoundError)
     │                                        save: the target path is a directory, or its directory is missing
+    ├── RemoteStorageUnavailableError (ImportError)  a URL path (s3://...) without fsspec or its backend installed
     └── UnresolvedResourceError (RuntimeError)  use: an optional resource that was left unbound was used
 """
 
@@ -153,3 +154,10 @@ class SaveTargetIsADirectoryError(SafeSaveError, IsADirectoryError):
 
 class SaveTargetDirectoryMissingError(SafeSaveError, FileNotFoundError):
     """Raised by ``save`` when the target's directory does not exist (still a ``FileNotFoundError``)."""
+
+
+class RemoteStorageUnavailableError(SafeSaveError, ImportError):
+    """Raised for a URL path (``s3://``, ``gs://``, ...) when fsspec or the backend it needs is not installed.
+
+    Install the extra: ``pip install "sb3-safe-save[remote]"`` (fsspec and s3fs).
+    """

@@ -81,7 +81,7 @@ AttrPath = Annotated[str, AfterValidator(check_path)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 # --------------------------------------------------------------------------------------------- nodes
@@ -231,9 +231,8 @@ TaggedNode = Annotated[
     Field(discriminator="kind"),
 ]
 Node = Union[Scalar, TaggedNode]
-
-for _m in (ListNode, TupleNode, DictNode, DequeNode, SpaceNode, ObjectNode, NamedTupleNode):
-    _m.model_rebuild()
+# The models are built on first use (``defer_build``): building the recursive node schema costs
+# ~100 ms, which ``import sb3_safe_save`` should not pay.
 
 
 # ------------------------------------------------------------------------------------ placeholders

@@ -37,7 +37,7 @@ from stable_baselines3.common.utils import check_for_correct_spaces
 from stable_baselines3.common.vec_env import VecNormalize
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-from sb3_safe_save import _weights
+from sb3_safe_save import _remote, _weights
 from sb3_safe_save._buffers import is_pickle, load_buffer_into, refuse_pickle, save_buffer
 from sb3_safe_save._codecs import BY_KIND
 from sb3_safe_save._errors import (
@@ -111,8 +111,10 @@ def save_model(
     metadata = {"format": "pt", META_MANIFEST: text, META_CHECKSUM: _weights.checksum(text.encode())}
     if isinstance(path, io.BufferedIOBase):
         _weights.write_stream(path, blobs, metadata)
+    elif _remote.is_url(path):
+        _remote.write(path, blobs, metadata)
     else:
-        _weights.write_atomic(_target_path(path), blobs, metadata, fsync=fsync)
+        _weights.write_atomic(_target_path(_remote.local(path)), blobs, metadata, fsync=fsync)
 
 
 def snapshot_model(
@@ -217,7 +219,11 @@ def _open(path: PathLike) -> Iterator[tuple[IO[bytes], int]]:
         f.seek(0)
         yield f, size
         return
-    target = pathlib.Path(path)
+    if _remote.is_url(path):
+        with _remote.open_read(path) as (f, size):
+            yield f, size
+        return
+    target = pathlib.Path(_remote.local(path))
     if not target.exists() and not target.suffix and target.with_suffix(SUFFIX).exists():
         target = target.with_suffix(SUFFIX)
     with open(target, "rb", buffering=0) as raw:
@@ -227,7 +233,7 @@ def _open(path: PathLike) -> Iterator[tuple[IO[bytes], int]]:
 def read_manifest(path: PathLike) -> Manifest:
     """Read and validate the manifest of a saved agent without building a model or reading tensors.
 
-    :param path: the file (or a seekable binary file object)
+    :param path: the file, a URL such as ``s3://bucket/key`` (the ``remote`` extra), or a seekable binary file object
     :return: the ``Manifest``
     :raises FormatError: not an sb3_safe_save file, or malformed
     :raises IntegrityError: the header does not match its checksum
@@ -380,7 +386,9 @@ def _skipped_tensors(manifest: Manifest, custom_objects: Mapping[str, Any]) -> s
 
 
 #: What building Python values or a model from well-formed but hostile manifest values can raise.
-_DECODE_ERRORS = (TypeError, ValueError, OverflowError, KeyError, IndexError, AttributeError, AssertionError, RecursionError, MemoryError)
+_DECODE_ERRORS = (
+    TypeError, ValueError, ArithmeticError, KeyError, IndexError, AttributeError, AssertionError, RecursionError, MemoryError,
+)  # fmt: skip
 
 
 class _Decoder:
@@ -521,7 +529,7 @@ def _build(
         _restore_session_state(model, data)
     except SafeSaveError:
         raise
-    except _DECODE_ERRORS as e:  # hostile or corrupted hyperparameters (n_steps=-5, policy_kwargs=7, ...)
+    except (RuntimeError, *_DECODE_ERRORS) as e:  # hostile or corrupted hyperparameters (n_steps=-5, net_arch=[2**31], ...)
         raise FormatError(
             f"the stored values cannot rebuild a {cls.__qualname__}: {type(e).__name__}: {e}"
             " (if the file is intact, check the arguments given to load: e.g. HerReplayBuffer needs env=)"
@@ -598,7 +606,10 @@ def _load_state(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, bod
             raise StateMismatchError(f"torch variable {name!r}: the model has {current!r:.80}, the file a tensor {list(value.shape)}")
         current.data = value.to(device)  # keep the optimizer's reference valid (SB3 #391)
     if getattr(model, "use_sde", False):
-        model.policy.reset_noise()  # type: ignore[operator]
+        reset_noise = getattr(model.policy, "reset_noise", None)
+        if not callable(reset_noise):  # use_sde=True stored for an algorithm without gSDE (a corrupted file)
+            raise FormatError(f"the file sets use_sde=True but {type(model.policy).__name__} has no gSDE noise to reset")
+        reset_noise()
 
 
 def _fast_path_ok(module: th.nn.Module) -> bool:
@@ -699,9 +710,10 @@ class SafeSaveMixin:
 
         Live resources (external modules, unpicklable or oversized objects) are left out and
         recorded as placeholders, to be rebound at load. The write is atomic: the previous file at
-        ``path`` survives any failure.
+        ``path`` survives any failure (for URLs, see the README's table per storage backend).
 
-        :param path: path to the file; a path without a suffix gets ``.safetensors``
+        :param path: path to the file, or a URL such as ``s3://bucket/key`` (the ``remote`` extra);
+            a path without a suffix gets ``.safetensors``
         :param exclude: name of parameters that should be excluded in addition to the default ones
         :param include: name of parameters that might be excluded but should be included anyway
         :param resources: resource key -> live object to leave out as a placeholder with that key
@@ -742,7 +754,8 @@ class SafeSaveMixin:
 
         Warning: ``load`` re-creates the model from scratch, it does not update it in-place!
 
-        :param path: path to the file (or a seekable binary file object)
+        :param path: path to the file, a URL such as ``s3://bucket/key`` (the ``remote`` extra), or a seekable
+            binary file object
         :param env: the new environment to run the loaded model on. If the file holds VecNormalize
             statistics (saved with ``vec_normalize=``), ``env`` is wrapped in a restored ``VecNormalize``
             (or, if it already has one, that one gets the stored statistics); get it back with

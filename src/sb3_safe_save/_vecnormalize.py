@@ -29,7 +29,7 @@ from gymnasium import spaces
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_normalize
 
-from sb3_safe_save import _weights
+from sb3_safe_save import _remote, _weights
 from sb3_safe_save._errors import FormatError, StateMismatchError
 from sb3_safe_save._manifest import (
     META_CHECKSUM,
@@ -126,8 +126,10 @@ def save_vecnormalize(
     metadata = {"format": "pt", META_VEC_NORMALIZE: text, META_VEC_NORMALIZE_CHECKSUM: _weights.checksum(text.encode())}
     if isinstance(path, io.BufferedIOBase):
         _weights.write_stream(path, blobs, metadata)  # type: ignore[arg-type]
+    elif _remote.is_url(path):
+        _remote.write(path, blobs, metadata)
     else:
-        target = pathlib.Path(path)
+        target = pathlib.Path(_remote.local(path))
         _weights.write_atomic(target if target.suffix else target.with_suffix(".safetensors"), blobs, metadata, fsync=fsync)
 
 

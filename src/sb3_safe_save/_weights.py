@@ -23,6 +23,7 @@ import json
 import os
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,7 @@ def write_atomic(path: Path, blobs: Mapping[str, Blob], metadata: Mapping[str, s
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     tmp = Path(tmp_name)
     try:
+        _chmod_like_open(fd, path)
         with os.fdopen(fd, "wb", buffering=0) as f:
             _write(f, header, blobs)
             if fsync:
@@ -137,6 +139,33 @@ def write_atomic(path: Path, blobs: Mapping[str, Blob], metadata: Mapping[str, s
         raise
     if fsync:
         _fsync_dir(directory)
+
+
+def _chmod_like_open(fd: int, path: Path) -> None:
+    """mkstemp creates files as 0600: give the new file the mode ``open(path, "wb")`` would have left.
+
+    That is the current file's mode when replacing one, else 0666 minus the umask.
+    """
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~_umask()
+    with contextlib.suppress(OSError, NotImplementedError):  # e.g. Windows, or file systems without modes
+        os.fchmod(fd, mode)
+
+
+def _umask() -> int:
+    with contextlib.suppress(OSError, ValueError):  # Linux: read it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    with _umask_lock:  # elsewhere os.umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_umask_lock = threading.Lock()
 
 
 def write_stream(f: IO[bytes], blobs: Mapping[str, Blob], metadata: Mapping[str, str]) -> None:
