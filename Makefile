@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine with Python 3.10+ (see README):
 #   make demo   - train a tiny agent with an expert, save, audit, load with the expert rebound, check it's exact
-#   make test   - the whole test suite (what .ci/run calls)
+#   make test   - lint (ruff), strict types (mypy) and the whole test suite (what .ci/run calls)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt tests/resource_plugin/pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -20,10 +20,10 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch as th
-from lang_dqn import CustomDQN, UnpicklableExpert, make_model
 from stable_baselines3 import DQN
 
 import sb3_safe_save as sss
+from lang_dqn import CustomDQN, UnpicklableExpert, make_model
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     stock.write_bytes(b"PK\x03\x04 (pretend this is last night's good checkpoint)")
     try:
         DQN.save(model, stock)  # SB3's own save, bypassing the mixin
-    except Exception as e:  # noqa: BLE001 - showing what SB3 raises
+    except Exception as e:
         print(f"   SB3 raised {type(e).__name__}: {e}")
     print(f"   and the checkpoint at {stock.name} is now {stock.stat().st_size} bytes")
 
@@ -61,7 +61,7 @@ def main() -> None:
     print("5. load with the expert rebound, and check it is the same agent:")
     loaded = CustomDQN.load(path, env=gym.make("CartPole-v1"), resources={"vlm_model": expert})
     assert loaded.policy.q_net.vlm_model is expert, "the expert is the very same object"
-    for a, b in zip(model.policy.state_dict().values(), loaded.policy.state_dict().values()):
+    for a, b in zip(model.policy.state_dict().values(), loaded.policy.state_dict().values(), strict=True):
         assert th.equal(a, b)
     opt_a, opt_b = model.policy.optimizer.state_dict()["state"], loaded.policy.optimizer.state_dict()["state"]
     assert all(th.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])

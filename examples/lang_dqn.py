@@ -11,6 +11,7 @@ The classes are importable (``lang_dqn``), which is what a fresh process needs t
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -44,10 +45,12 @@ class UnpicklableExpert:
 class ModuleExpert(th.nn.Module):
     """An ``nn.Module`` expert: a stack of Linear layers (``device="meta"`` builds a weightless giant)."""
 
-    def __init__(self, obs_dim: int = 4, n_actions: int = 2, width: int = 64, depth: int = 2, device: str | None = None) -> None:
+    def __init__(
+        self, obs_dim: int = 4, n_actions: int = 2, width: int = 64, depth: int = 2, device: str | None = None
+    ) -> None:
         super().__init__()
         dims = [obs_dim] + [width] * depth
-        self.layers = th.nn.ModuleList(th.nn.Linear(a, b, device=device) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = th.nn.ModuleList(th.nn.Linear(a, b, device=device) for a, b in itertools.pairwise(dims))
         self.head = th.nn.Linear(dims[-1], n_actions, device=device)
         self.name_or_path = f"module-expert-{width}x{depth}"
         for p in self.parameters():

@@ -8,6 +8,7 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 
+
 def assert_same_tree(a: Any, b: Any, path: str = "") -> None:
     """Recursive equality for optimizer state dicts and similar nested values (tensors bitwise)."""
     if isinstance(a, th.Tensor):
@@ -20,17 +21,17 @@ def assert_same_tree(a: Any, b: Any, path: str = "") -> None:
             assert_same_tree(a[k], b[k], f"{path}.{k}")
     elif isinstance(a, (list, tuple)):
         assert type(a) is type(b) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same_tree(x, y, f"{path}[{i}]")
     elif isinstance(a, np.ndarray):
         assert isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), path
     else:
         assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
 
+
 def assert_same_model(a: BaseAlgorithm, b: BaseAlgorithm, n_obs: int = 64) -> None:
     """Parameters bitwise equal, optimizer state equal, counters equal, deterministic predictions identical."""
     for name in a._get_torch_save_params()[0]:
-
         x = _resolve(a, name).state_dict()
         y = _resolve(b, name).state_dict()
         assert_same_tree(x, y, name)
@@ -44,11 +45,13 @@ def assert_same_model(a: BaseAlgorithm, b: BaseAlgorithm, n_obs: int = 64) -> No
     pb, _ = b.predict(obs, deterministic=True)
     assert np.array_equal(pa, pb)
 
+
 def _resolve(model: Any, name: str) -> Any:
     obj = model
     for part in name.split("."):
         obj = getattr(obj, part)
     return obj
+
 
 def _sample_obs(model: BaseAlgorithm, n: int) -> Any:
     space = model.observation_space

@@ -141,7 +141,7 @@ def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buffered
     text = header.model_dump_json()
     metadata = {"format": "pt", META_BUFFER: text, META_BUFFER_CHECKSUM: _weights.checksum(text.encode())}
     if isinstance(path, io.BufferedIOBase):
-        _weights.write_stream(path, blobs, metadata)  # type: ignore[arg-type]
+        _weights.write_stream(path, blobs, metadata)
     elif _remote.is_url(path):
         _remote.write(path, blobs, metadata)
     else:

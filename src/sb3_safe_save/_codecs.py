@@ -18,7 +18,7 @@ import keyword
 import math
 import re
 import types
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch as th
@@ -103,7 +103,7 @@ def np_dtype(text: str) -> np.dtype[Any]:
         raise FormatError(f"numpy dtype {text!r} is not allowed in a file (allowed: {sorted(_NP_DTYPES)})") from None
 
 
-def _scalar_out(x: float) -> float | str:
+def _scalar_out(x: float) -> float | Literal["nan", "inf", "-inf"]:
     return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
 
 
@@ -277,7 +277,9 @@ class ArrayCodec(Codec):
             raise FormatError(f"{path}: numpy dtype {node.dtype!r} is not allowed")
         arr = dec.tensor(node.tensor).numpy()
         if arr.dtype != dtype.newbyteorder("=") or list(arr.shape) != node.shape:
-            raise FormatError(f"{path}: tensor {node.tensor!r} is {arr.dtype} {list(arr.shape)}, expected {node.dtype} {node.shape}")
+            raise FormatError(
+                f"{path}: tensor {node.tensor!r} is {arr.dtype} {list(arr.shape)}, expected {node.dtype} {node.shape}"
+            )
         return arr.astype(dtype, copy=False)
 
 
@@ -288,7 +290,7 @@ class NumpyScalarCodec(Codec):
         return isinstance(value, np.generic) and np.dtype(type(value)).str in _NP_DTYPES
 
     def encode(self, value: np.generic, path: str, enc: Encoder) -> Node:
-        py = value.item()
+        py: Any = value.item()
         return NumpyScalarNode(dtype=value.dtype.str, value=_scalar_out(py) if isinstance(py, float) else py)
 
     def decode(self, node: NumpyScalarNode, path: str, dec: Decoder) -> np.generic:
@@ -473,9 +475,9 @@ class ObjectCodec(Codec):
         return (
             hasattr(value, "__dict__")
             and not any(k.__dict__.get("__slots__") for k in cls.__mro__)  # abc.ABC's empty __slots__ is fine
-            and cls.__reduce_ex__ is object.__reduce_ex__
-            and cls.__reduce__ is object.__reduce__
-            and getattr(cls, "__getstate__", object.__getstate__) is getattr(object, "__getstate__", None)
+            and _same_as_object(cls, "__reduce_ex__")
+            and _same_as_object(cls, "__reduce__")
+            and _same_as_object(cls, "__getstate__")
             and not hasattr(cls, "__setstate__")
         )
 
@@ -493,12 +495,19 @@ class ObjectCodec(Codec):
         cls = dec.resolve(node.cls)
         if not isinstance(cls, type):
             raise FormatError(f"{path}: {node.cls} is not a class")
-        obj = cls.__new__(cls)
+        obj: Any = object.__new__(cls)
         for k, v in node.state.items():
             if not k.isidentifier() or k.startswith("__"):
                 raise FormatError(f"{path}: attribute name {k!r} is not allowed")
             obj.__dict__[k] = dec.decode(v, child_path(path, k))
         return obj
+
+
+def _same_as_object(cls: type, name: str) -> bool:
+    """True if ``cls`` inherits ``name`` from ``object`` unchanged (default pickling behaviour)."""
+    ours: Any = getattr(cls, name, None)
+    base: Any = getattr(object, name, None)
+    return ours is base
 
 
 class PlaceholderCodec(Codec):

@@ -97,11 +97,12 @@ class PickleRefusedError(SafeSaveError, ValueError):
         if message is not None:  # e.g. a whole legacy pickle file (a replay buffer .pkl)
             super().__init__(message)
             return
+        supplied = ", ".join(repr(p) + ": ..." for p in self.paths)
         super().__init__(
             "The file holds pickled values; unpickling can run arbitrary code, so they were refused:"
             + _bullets(self.paths)
             + "\nFix one of:"
-            + f"\n  - supply them yourself: Algo.load(path, custom_objects={{{', '.join(repr(p) + ': ...' for p in self.paths)}}})"
+            + f"\n  - supply them yourself: Algo.load(path, custom_objects={{{supplied}}})"
             + "\n  - if you trust the file's author: Algo.load(path, allow_pickle=True)"
         )
 

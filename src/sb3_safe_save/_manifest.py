@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Final, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -38,8 +38,8 @@ from pydantic import (
 
 from sb3_safe_save._errors import FormatError, UnsupportedVersionError
 
-FORMAT_NAME = "sb3_safe_save"
-FORMAT_VERSION = 1
+FORMAT_NAME: Final = "sb3_safe_save"
+FORMAT_VERSION: Final = 1
 SUPPORTED_VERSIONS = frozenset({1})
 
 #: ``__metadata__`` keys of the safetensors header.
@@ -85,7 +85,7 @@ class _Model(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- nodes
-Scalar = Union[None, StrictBool, StrictInt, StrictFloat, StrictStr]
+Scalar = Union[None, StrictBool, StrictInt, StrictFloat, StrictStr]  # noqa: UP007 - a runtime alias pydantic reads
 
 
 class ListNode(_Model):
@@ -208,29 +208,27 @@ class PickleNode(_Model):
 
 
 TaggedNode = Annotated[
-    Union[
-        ListNode,
-        TupleNode,
-        DictNode,
-        DequeNode,
-        FloatNode,
-        RefNode,
-        ArrayNode,
-        NumpyScalarNode,
-        TensorNode,
-        DeviceNode,
-        TorchDtypeNode,
-        NumpyDtypeNode,
-        SpaceNode,
-        ObjectNode,
-        EnumNode,
-        NamedTupleNode,
-        PlaceholderNode,
-        PickleNode,
-    ],
+    ListNode
+    | TupleNode
+    | DictNode
+    | DequeNode
+    | FloatNode
+    | RefNode
+    | ArrayNode
+    | NumpyScalarNode
+    | TensorNode
+    | DeviceNode
+    | TorchDtypeNode
+    | NumpyDtypeNode
+    | SpaceNode
+    | ObjectNode
+    | EnumNode
+    | NamedTupleNode
+    | PlaceholderNode
+    | PickleNode,
     Field(discriminator="kind"),
 ]
-Node = Union[Scalar, TaggedNode]
+Node = Union[Scalar, TaggedNode]  # noqa: UP007 - a runtime alias pydantic reads
 # The models are built on first use (``defer_build``): building the recursive node schema costs
 # ~100 ms, which ``import sb3_safe_save`` should not pay.
 
@@ -310,7 +308,7 @@ class OptimizerState(_Model):
     dropped: list[int] = Field(default_factory=list)
 
 
-StateEntry = Annotated[Union[ModuleState, OptimizerState], Field(discriminator="kind")]
+StateEntry = Annotated[ModuleState | OptimizerState, Field(discriminator="kind")]
 
 
 class TensorMeta(_Model):

@@ -257,7 +257,9 @@ def _parse(f: IO[bytes], size: int) -> tuple[_weights.Header, Manifest]:
         raise FormatError("this safetensors file has no sb3_safe_save manifest: it was not written by sb3_safe_save")
     expected = header.metadata.get(META_CHECKSUM)
     if expected is None:
-        raise FormatError("this safetensors file has an sb3_safe_save manifest but no checksum: it was not written by sb3_safe_save")
+        raise FormatError(
+            "this safetensors file has an sb3_safe_save manifest but no checksum: it was not written by sb3_safe_save"
+        )
     if _weights.checksum(text.encode()) != expected:
         raise IntegrityError("the manifest does not match its checksum: the header is corrupted")
     manifest = parse_manifest(text)
@@ -267,7 +269,9 @@ def _parse(f: IO[bytes], size: int) -> tuple[_weights.Header, Manifest]:
     for key, meta in manifest.tensors.items():
         info = header.tensors[key]
         if meta.dtype != info.dtype or tuple(meta.shape) != info.shape:
-            raise IntegrityError(f"tensor {key!r}: the manifest says {meta.dtype} {meta.shape}, the header {info.dtype} {list(info.shape)}")
+            raise IntegrityError(
+                f"tensor {key!r}: the manifest says {meta.dtype} {meta.shape}, the header {info.dtype} {list(info.shape)}"
+            )
     return header, manifest
 
 
@@ -298,7 +302,13 @@ def load_model(
             if found != expected_sha256.lower():
                 raise IntegrityError(f"SHA-256 mismatch: expected {expected_sha256}, the file has {found}")
         if print_system_info:
-            print("== SAVED WITH ==", manifest.versions.model_dump_json(indent=2), "== CURRENT ==", current_versions().model_dump_json(indent=2), sep="\n")
+            print(
+                "== SAVED WITH ==",
+                manifest.versions.model_dump_json(indent=2),
+                "== CURRENT ==",
+                current_versions().model_dump_json(indent=2),
+                sep="\n",
+            )
 
         # ---- phase 2: audit (no imports)
         expected_base = base_algorithm_ref(cls)
@@ -342,8 +352,7 @@ def _sha256(f: IO[bytes]) -> str:
 
 def _walk_data(manifest: Manifest) -> Iterator[tuple[str, Node]]:
     """(top-level path, node) for every node a load would decode."""
-    for name, node in manifest.data.items():
-        yield name, node
+    yield from manifest.data.items()
     for entry in manifest.state_dicts:
         if isinstance(entry, OptimizerState):
             yield entry.name, entry.state
@@ -537,7 +546,9 @@ def _build(
     return model
 
 
-def _attach_vec_normalize(cls: type[BaseAlgorithm], manifest: Manifest, body: _weights.Body, env: GymEnv | None) -> GymEnv | None:
+def _attach_vec_normalize(
+    cls: type[BaseAlgorithm], manifest: Manifest, body: _weights.Body, env: GymEnv | None
+) -> GymEnv | None:
     """Wrap ``env`` in the stored VecNormalize; without an env, only read (and verify) its tensors."""
     assert manifest.vec_normalize is not None
     if env is None:
@@ -555,7 +566,9 @@ def _attach_vec_normalize(cls: type[BaseAlgorithm], manifest: Manifest, body: _w
 SESSION_STATE = ("_last_lstm_states",)
 
 
-def _keep_session_state(model: BaseAlgorithm, exclude: Iterable[str] | None, include: Iterable[str] | None) -> list[str] | None:
+def _keep_session_state(
+    model: BaseAlgorithm, exclude: Iterable[str] | None, include: Iterable[str] | None
+) -> list[str] | None:
     include = None if include is None else list(include)
     extra = [n for n in SESSION_STATE if hasattr(model, n) and n not in set(exclude or ())]
     return include if not extra else [*(include or []), *extra]
@@ -603,7 +616,9 @@ def _load_state(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, bod
             raise FormatError(f"torch variable {name!r} is a {type(value).__name__}, not a tensor")
         current = resolve_attr(model, name)
         if not isinstance(current, th.Tensor) or current.shape != value.shape:
-            raise StateMismatchError(f"torch variable {name!r}: the model has {current!r:.80}, the file a tensor {list(value.shape)}")
+            raise StateMismatchError(
+                f"torch variable {name!r}: the model has {current!r:.80}, the file a tensor {list(value.shape)}"
+            )
         current.data = value.to(device)  # keep the optimizer's reference valid (SB3 #391)
     if getattr(model, "use_sde", False):
         reset_noise = getattr(model.policy, "reset_noise", None)
@@ -774,13 +789,12 @@ class SafeSaveMixin:
         :param kwargs: extra arguments to change the model when loading
         :return: new model instance with loaded parameters
         """
-        return load_model(
-            cls,  # type: ignore[arg-type]
+        return load_model(  # type: ignore[type-var]
+            cls,
             path, env, device, custom_objects, print_system_info, force_reset,
             resources=resources, trusted=trusted, allow_pickle=allow_pickle, verify=verify,
             expected_sha256=expected_sha256, strict=strict, **kwargs,
         )  # fmt: skip
-
 
     def save_replay_buffer(self, path: str | os.PathLike[str] | io.BufferedIOBase, *, fsync: bool = True) -> None:
         """Save the replay buffer to a safetensors file: only the filled rows, streamed, no pickle.
@@ -846,7 +860,7 @@ def safe(algo: type[SelfAlgo]) -> type[SelfAlgo]:
         return algo
     with _safe_lock:
         if algo not in _safe_cache:
-            _safe_cache[algo] = type(algo.__name__, (SafeSaveMixin, algo), {"__module__": algo.__module__, "__qualname__": algo.__qualname__})
-        return _safe_cache[algo]  # type: ignore[return-value]
-
-
+            _safe_cache[algo] = type(
+                algo.__name__, (SafeSaveMixin, algo), {"__module__": algo.__module__, "__qualname__": algo.__qualname__}
+            )
+        return _safe_cache[algo]

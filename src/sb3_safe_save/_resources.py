@@ -36,14 +36,14 @@ _registry_lock = threading.Lock()
 _registry: dict[str, Factory] = {}
 
 
-class factory:  # noqa: N801 - reads like a function at the call site: resources={"llm": factory(build)}
+class factory:
     """Mark a callable in ``resources=`` as a factory: it is called with the ``Placeholder`` at load."""
 
     def __init__(self, fn: Factory) -> None:
         self.fn = fn
 
 
-class lazy:  # noqa: N801
+class lazy:
     """Mark a factory to run on first use: ``resources={"vlm_model": lazy(build)}``.
 
     The proxy builds the object exactly once, even when threads race, and then forwards attribute
@@ -246,7 +246,7 @@ def resolve(
             if ph.optional:
                 bound[ph.key] = Unbound(ph)
                 continue
-            hint = dict(ph.hint)
+            hint: dict[str, object] = dict(ph.hint)
             if ph.spec is not None and ph.spec.factory is not None:
                 hint["untrusted_factory"] = f"{ph.spec.factory} (pass trusted=[{ph.spec.factory!r}] to let it rebuild this)"
             missing.append((ph.key, ph.paths, ph.type, hint))

@@ -125,7 +125,7 @@ def save_vecnormalize(
     text = header.model_dump_json()
     metadata = {"format": "pt", META_VEC_NORMALIZE: text, META_VEC_NORMALIZE_CHECKSUM: _weights.checksum(text.encode())}
     if isinstance(path, io.BufferedIOBase):
-        _weights.write_stream(path, blobs, metadata)  # type: ignore[arg-type]
+        _weights.write_stream(path, blobs, metadata)
     elif _remote.is_url(path):
         _remote.write(path, blobs, metadata)
     else:

@@ -192,7 +192,7 @@ class Walker:
         if value is None or type(value) in (bool, int, str):
             return value  # type: ignore[no-any-return]
         if type(value) is float and math.isfinite(value):
-            return value  # type: ignore[no-any-return]
+            return value
         found = self._found.get(id(value))
         if found is not None:
             found.paths.append(path)
@@ -233,7 +233,9 @@ class Walker:
         if error is not None:
             return self._new_placeholder(value, path, "unpicklable", detail=error)
         if size is None:
-            return self._new_placeholder(value, path, "too_large", detail=f"pickles to more than {self.max_object_bytes} bytes")
+            return self._new_placeholder(
+                value, path, "too_large", detail=f"pickles to more than {self.max_object_bytes} bytes"
+            )
         if not self.allow_pickle:
             self.problems.append((path, _type_name(value), detail))
             return None
@@ -319,7 +321,7 @@ class Walker:
         if origin is not None:
             self._new_placeholder(value, path, origin.reason, key=origin.key)
             return
-        if isinstance(value, _SKIP_IN_MODULES) or callable(value) and codec_for(value) is not None:
+        if isinstance(value, _SKIP_IN_MODULES) or (callable(value) and codec_for(value) is not None):
             return
         if isinstance(value, (list, tuple, dict)):
             if depth < 4:
@@ -344,7 +346,9 @@ class Walker:
                 continue
             path = f"{name}.{key}"
             if tensor.device.type == "meta":
-                self.problems.append((path, "meta tensor", "a meta-device tensor has no data; declare its module as a resource"))
+                self.problems.append(
+                    (path, "meta tensor", "a meta-device tensor has no data; declare its module as a resource")
+                )
                 continue
             signature = (
                 tensor.untyped_storage().data_ptr(),
@@ -455,8 +459,20 @@ def _own_spec(obj: Any) -> ResourceSpec | None:
     return spec if isinstance(spec, ResourceSpec) else ResourceSpec.model_validate(spec)
 
 
-_TARGET_PAIRS = (("q_net", "q_net_target"), ("critic", "critic_target"), ("actor", "actor_target"), ("quantile_net", "quantile_net_target"))
-_ORTHO_INIT_ROOTS = ("features_extractor", "pi_features_extractor", "vf_features_extractor", "mlp_extractor", "action_net", "value_net")
+_TARGET_PAIRS = (
+    ("q_net", "q_net_target"),
+    ("critic", "critic_target"),
+    ("actor", "actor_target"),
+    ("quantile_net", "quantile_net_target"),
+)
+_ORTHO_INIT_ROOTS = (
+    "features_extractor",
+    "pi_features_extractor",
+    "vf_features_extractor",
+    "mlp_extractor",
+    "action_net",
+    "value_net",
+)
 
 
 def _hazards(model: BaseAlgorithm, placeholders: list[Placeholder]) -> list[Hazard]:

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 import torch as th
@@ -65,6 +65,12 @@ def st_dtype(dtype: th.dtype) -> str:
         return _TORCH_TO_ST[dtype]
     except KeyError:
         raise FormatError(f"tensors of dtype {dtype} cannot be stored in safetensors") from None
+
+
+class Writable(Protocol):
+    """A binary file object opened for writing (``open(..., "wb")``, ``io.BytesIO``, ...)."""
+
+    def write(self, data: Any, /) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -168,19 +174,19 @@ def _umask() -> int:
 _umask_lock = threading.Lock()
 
 
-def write_stream(f: IO[bytes], blobs: Mapping[str, Blob], metadata: Mapping[str, str]) -> None:
+def write_stream(f: Writable, blobs: Mapping[str, Blob], metadata: Mapping[str, str]) -> None:
     """Write to an open binary file object (no atomicity: the caller owns the stream)."""
     _write(f, _header_bytes(blobs, metadata), blobs)
 
 
-def _write(f: IO[bytes], header: bytes, blobs: Mapping[str, Blob]) -> None:
+def _write(f: Writable, header: bytes, blobs: Mapping[str, Blob]) -> None:
     f.write(struct.pack("<Q", len(header)))
     f.write(header)
     for blob in blobs.values():
-        _write_all(f, memoryview(blob.data))
+        _write_all(f, blob.data.data)
 
 
-def _write_all(f: IO[bytes], view: memoryview) -> None:
+def _write_all(f: Writable, view: memoryview) -> None:
     while view.nbytes:
         n = f.write(view)
         if n is None:  # pragma: no cover - non-blocking files only
@@ -254,11 +260,15 @@ def read_header(f: IO[bytes], file_size: int) -> Header:
     expected = 0
     for key, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
         if info.start - body_start != expected:
-            raise FormatError(f"tensor {key!r}: data offsets leave a hole or overlap (starts at {info.start - body_start}, expected {expected})")
+            raise FormatError(
+                f"tensor {key!r}: data offsets leave a hole or overlap"
+                f" (starts at {info.start - body_start}, expected {expected})"
+            )
         expected = info.end - body_start
     if body_start + expected != file_size:
         raise IntegrityError(
-            f"the tensors end at byte {body_start + expected} but the file has {file_size} bytes; the file is truncated or has trailing data"
+            f"the tensors end at byte {body_start + expected} but the file has {file_size} bytes;"
+            " the file is truncated or has trailing data"
         )
     return Header(metadata=metadata, tensors=tensors, body_start=body_start, file_size=file_size)
 
@@ -312,7 +322,7 @@ class Body:
     def read_into(self, key: str, dest: np.ndarray) -> None:
         """Fill ``dest`` (a writable, C-contiguous byte array of the right size) with tensor ``key``."""
         info = self.info(key)
-        view = memoryview(dest).cast("B")
+        view = dest.data.cast("B")
         if view.nbytes != info.nbytes:
             raise FormatError(f"tensor {key!r}: stored as {info.nbytes} bytes but the destination holds {view.nbytes}")
         self._f.seek(info.start)
