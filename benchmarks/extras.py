@@ -15,7 +15,7 @@ import sb3_safe_save
 from benchmarks.models import BoxEnv, make_dqn, make_expert
 from benchmarks.runner import summary, time_interleaved
 from sb3_safe_save import read_manifest, safe
-from sb3_safe_save._mixin import snapshot_model
+from sb3_safe_save._persist import snapshot_model
 
 
 class TaggedPolicy(ActorCriticPolicy):

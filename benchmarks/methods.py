@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from sb3_safe_save import SafeSaveMixin, read_manifest, safe
-from sb3_safe_save._mixin import snapshot_model
+from sb3_safe_save._persist import snapshot_model
 
 Tensors = dict[str, th.Tensor]
 

@@ -17,7 +17,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 import sb3_safe_save
 from lang_dqn import CustomDQNPolicy, ModuleExpert, UnpicklableExpert, make_model
-from sb3_safe_save import AuditReport, Finding, _mixin, _weights, assert_save_budget, audit, safe
+from sb3_safe_save import AuditReport, Finding, _persist, _weights, assert_save_budget, audit, safe
 from sb3_safe_save._audit import format_size, parse_size
 from sb3_safe_save._manifest import META_CHECKSUM, META_MANIFEST, ArrayNode, TensorMeta
 
@@ -110,7 +110,7 @@ def test_budget_verdict(trained_dqn: Any) -> None:
 def _inflate(small: Path, out: Path, extra_bytes: int) -> None:
     """A valid file whose body is ``extra_bytes`` bigger: a real manifest plus one huge array, written sparse."""
     with open(small, "rb") as f:
-        header, manifest = _mixin._parse(f, small.stat().st_size)
+        header, manifest = _persist._parse(f, small.stat().st_size)
         f.seek(header.body_start)
         body = f.read()
     n = extra_bytes // 4
@@ -172,7 +172,7 @@ def test_file_audit_reads_only_the_header_of_a_1gb_file(
             opened.append(os.fspath(file))
             return _CountingFile(open(file, *args, **kwargs), counter)
 
-        monkeypatch.setattr(_mixin, "open", counting_open, raising=False)  # shadows the builtin inside _mixin only
+        monkeypatch.setattr(_persist, "open", counting_open, raising=False)  # shadows the builtin inside _persist only
         report = audit(big)
         monkeypatch.undo()
         assert opened == [str(big)]

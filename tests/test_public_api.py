@@ -64,3 +64,25 @@ def test_every_error_is_a_safe_save_error() -> None:
 
 def test_installed_version_matches() -> None:
     assert importlib.metadata.version("sb3-safe-save") == sb3_safe_save.__version__
+
+
+def test_defining_a_safe_algorithm_does_not_import_the_machinery() -> None:
+    """``SafeSaveMixin``/``safe`` stay light: pydantic, the codecs and the walker load on the first save or load."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from stable_baselines3 import DQN\n"
+        "from sb3_safe_save import SafeSaveMixin, safe\n"
+        "class MyDQN(SafeSaveMixin, DQN): pass\n"
+        "safe(DQN)\n"
+        "heavy = sorted(m for m in ('pydantic', 'sb3_safe_save._persist', 'sb3_safe_save._walker') if m in sys.modules)\n"
+        "print(heavy)\n"
+        "import sb3_safe_save\n"
+        "sb3_safe_save.read_manifest\n"
+        "print('sb3_safe_save._persist' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]", out
+    assert out[1] == "True"

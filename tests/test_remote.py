@@ -22,7 +22,7 @@ from _compare import assert_same_model
 from sb3_safe_save import UnsupportedObjectError, audit, read_manifest, safe
 from sb3_safe_save._cli import main
 from sb3_safe_save._errors import RemoteStorageUnavailableError
-from sb3_safe_save._mixin import _open, _parse
+from sb3_safe_save._persist import _open, _parse
 from sb3_safe_save._remote import READ_AHEAD, is_url
 
 fsspec = pytest.importorskip("fsspec", reason='fsspec is not installed: pip install "sb3-safe-save[remote]"')

@@ -15,7 +15,7 @@ import sb3_safe_save
 from _compare import assert_same_tree
 from lang_dqn import CustomDQN, CustomDQNPolicy, ModuleExpert, UnpicklableExpert, make_model
 from sb3_safe_save import MissingResourceError, SafeSaveMixin, UnsupportedObjectError, safe
-from sb3_safe_save._mixin import snapshot_model
+from sb3_safe_save._persist import snapshot_model
 from sb3_safe_save._walker import DEFAULT_MAX_OBJECT_BYTES, Walker, probe_pickle
 
 

@@ -3,7 +3,9 @@
 Use ``class MyDQN(SafeSaveMixin, DQN)`` or ``safe(DQN)``; ``save``/``load`` keep SB3's signatures.
 """
 
-from sb3_safe_save._audit import AuditReport, Finding, assert_save_budget, audit
+import importlib as _importlib
+import typing as _typing
+
 from sb3_safe_save._errors import (
     AlgorithmMismatchError,
     FormatError,
@@ -18,13 +20,56 @@ from sb3_safe_save._errors import (
     UnsupportedVersionError,
     UntrustedTypeError,
 )
-from sb3_safe_save._manifest import FORMAT_VERSION, Hazard, Manifest, Placeholder, ResourceSpec
-from sb3_safe_save._mixin import SafeSaveMixin, load_model, read_manifest, safe, save_model
-from sb3_safe_save._resources import LazyResource, factory, lazy, register_resource, unregister_resource
+from sb3_safe_save._mixin import SafeSaveMixin, safe
 from sb3_safe_save._trust import trust
-from sb3_safe_save._vecnormalize import load_vecnormalize, save_vecnormalize
 from sb3_safe_save._version import __version__
-from sb3_safe_save._weights import file_sha256
+
+if _typing.TYPE_CHECKING:
+    from sb3_safe_save._audit import AuditReport, Finding, assert_save_budget, audit
+    from sb3_safe_save._manifest import FORMAT_VERSION, Hazard, Manifest, Placeholder, ResourceSpec
+    from sb3_safe_save._persist import load_model, read_manifest, save_model
+    from sb3_safe_save._resources import LazyResource, factory, lazy, register_resource, unregister_resource
+    from sb3_safe_save._vecnormalize import load_vecnormalize, save_vecnormalize
+    from sb3_safe_save._weights import file_sha256
+
+# Imported on first use (PEP 562): they pull in pydantic, the codecs and the walker, which a module
+# that only defines ``class MyDQN(SafeSaveMixin, DQN)`` does not need until it saves or loads.
+_LAZY = {
+    "AuditReport": "sb3_safe_save._audit",
+    "Finding": "sb3_safe_save._audit",
+    "assert_save_budget": "sb3_safe_save._audit",
+    "audit": "sb3_safe_save._audit",
+    "FORMAT_VERSION": "sb3_safe_save._manifest",
+    "Hazard": "sb3_safe_save._manifest",
+    "Manifest": "sb3_safe_save._manifest",
+    "Placeholder": "sb3_safe_save._manifest",
+    "ResourceSpec": "sb3_safe_save._manifest",
+    "load_model": "sb3_safe_save._persist",
+    "read_manifest": "sb3_safe_save._persist",
+    "save_model": "sb3_safe_save._persist",
+    "LazyResource": "sb3_safe_save._resources",
+    "factory": "sb3_safe_save._resources",
+    "lazy": "sb3_safe_save._resources",
+    "register_resource": "sb3_safe_save._resources",
+    "unregister_resource": "sb3_safe_save._resources",
+    "load_vecnormalize": "sb3_safe_save._vecnormalize",
+    "save_vecnormalize": "sb3_safe_save._vecnormalize",
+    "file_sha256": "sb3_safe_save._weights",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sb3_safe_save' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "FORMAT_VERSION",

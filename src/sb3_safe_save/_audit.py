@@ -59,8 +59,9 @@ from sb3_safe_save._manifest import (
     TensorMeta,
     TensorNode,
     iter_nodes,
+    node_refs,
 )
-from sb3_safe_save._mixin import _open, _parse, _references, base_algorithm_ref, current_versions, snapshot_model
+from sb3_safe_save._persist import _open, _parse, base_algorithm_ref, current_versions, snapshot_model
 from sb3_safe_save._trust import TrustList, TrustSpec, ref_of
 from sb3_safe_save._walker import DEFAULT_MAX_OBJECT_BYTES
 
@@ -409,8 +410,8 @@ def _file_layout(path: str | os.PathLike[str]) -> _Layout:
 
 
 # ------------------------------------------------------------------------------------------ analysis
-def _tensor_keys(node: Node) -> list[str]:
-    return [n.tensor for n in iter_nodes(node) if isinstance(n, (ArrayNode, TensorNode, PickleNode))]
+def _tensor_keys(nodes: list[Node]) -> list[str]:
+    return [n.tensor for n in nodes if isinstance(n, (ArrayNode, TensorNode, PickleNode))]
 
 
 def _json_size(node: Node) -> int:
@@ -431,12 +432,17 @@ def _analyse(
 ) -> AuditReport:
     manifest, tensors = layout.manifest, layout.tensors
     size = {k: n for k, (_, _, n) in tensors.items()}
+    # every node tree, walked once: (top-level name, its nodes)
+    scans = [(name, iter_nodes(node)) for name, node in manifest.data.items()]
+    scans += [(e.name, iter_nodes(e.state)) for e in manifest.state_dicts if isinstance(e, OptimizerState)]
+    scans += [(name, iter_nodes(node)) for name, node in manifest.torch_variables.items()]
+    nodes_of = dict(scans)
     owner: dict[str, tuple[str, ComponentKind]] = {}
     attributes: list[AttributeSize] = []
 
     for name, node in manifest.data.items():
-        keys = _tensor_keys(node)
-        pickled = {n.tensor for n in iter_nodes(node) if isinstance(n, PickleNode)}
+        keys = _tensor_keys(nodes_of[name])
+        pickled = {n.tensor for n in nodes_of[name] if isinstance(n, PickleNode)}
         for key in keys:
             owner[key] = ("pickled values", "pickle") if key in pickled else ("data arrays", "data")
         attributes.append(AttributeSize(name=name, kind="data", bytes=_json_size(node) + sum(size.get(k, 0) for k in keys)))
@@ -445,13 +451,13 @@ def _analyse(
             keys = [f"{entry.name}/{k}" for k in entry.keys]
             kind: Literal["state_dict", "optimizer"] = "state_dict"
         else:
-            keys = _tensor_keys(entry.state)
+            keys = _tensor_keys(nodes_of[entry.name])
             kind = "optimizer"
         for key in keys:
             owner[key] = (entry.name, kind)
         attributes.append(AttributeSize(name=entry.name, kind=kind, bytes=sum(size.get(k, 0) for k in keys)))
-    for name, node in manifest.torch_variables.items():
-        keys = _tensor_keys(node)
+    for name in manifest.torch_variables:
+        keys = _tensor_keys(nodes_of[name])
         for key in keys:
             owner[key] = ("torch variables", "torch_variables")
         attributes.append(AttributeSize(name=name, kind="torch_variable", bytes=sum(size.get(k, 0) for k in keys)))
@@ -465,7 +471,7 @@ def _analyse(
     tensor_bytes = sum(size.values())
     total = layout.header_bytes + tensor_bytes
 
-    findings = _findings(manifest, size, allow_placeholders, allow_pickle, trusted)
+    findings = _findings(manifest, scans, size, allow_placeholders, allow_pickle, trusted)
     over = budget is not None and total > budget
     if over:
         assert budget is not None
@@ -512,6 +518,7 @@ def _placeholder_allowed(key: str, allow: bool | Collection[str]) -> bool:
 
 def _findings(
     manifest: Manifest,
+    scans: list[tuple[str, list[Node]]],
     size: Mapping[str, int],
     allow_placeholders: bool | Collection[str],
     allow_pickle: bool,
@@ -534,10 +541,11 @@ def _findings(
                 size_bytes=ph.size_bytes,
             )
         )
-    roots = [*manifest.data.items(), *((e.name, e.state) for e in manifest.state_dicts if isinstance(e, OptimizerState))]
-    roots.extend(manifest.torch_variables.items())
-    for _, root in roots:
-        for node in iter_nodes(root):
+    refs: dict[str, list[str]] = {}
+    for top, nodes in scans:
+        for node in nodes:
+            for ref in node_refs(node):
+                refs.setdefault(ref, []).append(top)
             if isinstance(node, PickleNode):
                 path = node.tensor.removesuffix("#pickle")
                 findings.append(
@@ -551,7 +559,6 @@ def _findings(
                         size_bytes=size.get(node.tensor),
                     )
                 )
-    refs, _ = _references(manifest, {})
     # as ``load`` would see it when called on the saving class: its own module is trusted
     home = manifest.algorithm.partition(":")[0]
     for ref in TrustList(trusted, home).untrusted(refs):

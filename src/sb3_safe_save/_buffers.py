@@ -99,7 +99,7 @@ def _arrays(buffer: ReplayBuffer, rows: int) -> dict[str, np.ndarray]:
 
 def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.BufferedIOBase, *, fsync: bool = True) -> None:
     """Write the filled part of ``buffer`` to one safetensors file (atomic for paths). See the module docstring."""
-    from sb3_safe_save._mixin import current_versions  # local: _mixin imports this module
+    from sb3_safe_save._persist import current_versions  # local: _persist imports this module
 
     if not isinstance(buffer, ReplayBuffer):
         raise UnsupportedObjectError(
@@ -155,7 +155,7 @@ def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buffered
 # ---------------------------------------------------------------------------------------------- load
 def is_pickle(path: str | os.PathLike[str] | io.BufferedIOBase) -> bool:
     """True for a pickle (protocol 2+ starts with ``0x80``) that is not a safetensors file (u64 length, then ``{``)."""
-    from sb3_safe_save._mixin import _open
+    from sb3_safe_save._persist import _open
 
     with _open(_existing(path)) as (f, size):
         head = f.read(9)
@@ -176,7 +176,7 @@ def _existing(path: Any) -> Any:
 
 def load_buffer_into(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.BufferedIOBase, *, verify: bool = True) -> None:
     """Fill ``buffer`` (the model's own) with a file written by ``save_buffer``. See the module docstring."""
-    from sb3_safe_save._mixin import _open
+    from sb3_safe_save._persist import _open
 
     with _open(_existing(path)) as (f, size):
         header = _weights.read_header(f, size)

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # ============================================================================================ inspect
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from sb3_safe_save._mixin import _open, _parse, _sha256
+    from sb3_safe_save._persist import _open, _parse, _sha256
 
     with _open(args.path) as (f, size):  # a path or a URL (s3://...)
         header, manifest = _parse(f, size)
@@ -249,7 +249,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise _UsageError(f"{args.zip_path} is not a zip file (stock SB3 saves are zips)")
     from stable_baselines3.common.save_util import load_from_zip_file
 
-    from sb3_safe_save._mixin import save_model
+    from sb3_safe_save._persist import save_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -262,7 +262,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     for w in caught:
         print(f"sb3-safe-save convert: warning: {w.message}", file=sys.stderr)
     save_model(model, args.out, allow_pickle=args.allow_pickle)
-    from sb3_safe_save._mixin import read_manifest
+    from sb3_safe_save._persist import read_manifest
 
     out = args.out if os.path.splitext(args.out)[1] else args.out + ".safetensors"
     manifest = read_manifest(out)
@@ -335,7 +335,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from stable_baselines3.common.base_class import BaseAlgorithm
 
     from sb3_safe_save._errors import PickleRefusedError, UntrustedTypeError
-    from sb3_safe_save._mixin import load_model, read_manifest
+    from sb3_safe_save._persist import load_model, read_manifest
     from sb3_safe_save._trust import import_ref
 
     if not str(args.out).endswith(".zip"):
@@ -382,7 +382,7 @@ def _optimizers_without_left_out(path: str, trusted: list[str] | None) -> dict[s
     """
     from sb3_safe_save import _weights
     from sb3_safe_save._manifest import OptimizerState
-    from sb3_safe_save._mixin import _Decoder, _open, _parse
+    from sb3_safe_save._persist import _Decoder, _open, _parse
 
     overrides: dict[str, Any] = {}
     with _open(path) as (f, size):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Final, Literal, Union
 
 from pydantic import (
@@ -436,19 +437,21 @@ def _short(e: Exception, limit: int = 2000) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def iter_children(node: Node) -> list[Node]:
+_CHILDREN: dict[type, Callable[[Any], Iterable[Node]]] = {
+    ListNode: lambda n: n.items,
+    TupleNode: lambda n: n.items,
+    DequeNode: lambda n: n.items,
+    DictNode: lambda n: n.items.values(),
+    SpaceNode: lambda n: n.args.values(),
+    ObjectNode: lambda n: n.state.values(),
+    NamedTupleNode: lambda n: n.fields.values(),
+}
+
+
+def iter_children(node: Node) -> Iterable[Node]:
     """The direct child nodes of ``node`` (for generic walks over the tree)."""
-    if isinstance(node, (ListNode, TupleNode, DequeNode)):
-        return list(node.items)
-    if isinstance(node, DictNode):
-        return list(node.items.values())
-    if isinstance(node, SpaceNode):
-        return list(node.args.values())
-    if isinstance(node, ObjectNode):
-        return list(node.state.values())
-    if isinstance(node, NamedTupleNode):
-        return list(node.fields.values())
-    return []
+    children = _CHILDREN.get(type(node))
+    return () if children is None else children(node)
 
 
 def iter_nodes(node: Node) -> list[Node]:
@@ -458,7 +461,9 @@ def iter_nodes(node: Node) -> list[Node]:
     while stack:
         n = stack.pop()
         out.append(n)
-        stack.extend(iter_children(n))
+        children = _CHILDREN.get(type(n))
+        if children is not None:
+            stack.extend(children(n))
     return out
 
 

@@ -1,697 +1,36 @@
 """``SafeSaveMixin`` and ``safe()``: SB3's ``save``/``load`` signatures, our format underneath.
 
-Save (top to bottom): walk the model -> tensors to bytes views + checksums -> manifest -> atomic write.
-
-Load, in three phases (nothing the file names is imported before phase 3):
-
-1. **parse**: read the safetensors header only, check the manifest checksum, validate it with pydantic;
-2. **audit**: the algorithm matches, every import reference is trusted, pickled values are allowed or
-   replaced, every placeholder has a live object (``MissingResourceError`` before any model exists);
-3. **construct**: import, decode, build the model the way ``BaseAlgorithm.load`` does but with weight
-   initialisation switched off, then read each tensor straight into the model's own memory.
+The methods hand over to ``_persist.save_model`` / ``_persist.load_model``. That module (and pydantic,
+the codecs, the walker) is imported on the first save or load, not when this class is defined: user
+modules that define ``class MyDQN(SafeSaveMixin, DQN)`` are imported by every ``SubprocVecEnv``
+worker, which should not pay for it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
-import io
-import os
-import pathlib
-import platform
 import threading
-import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import IO, Any, ClassVar, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-import cloudpickle
-import numpy as np
-import stable_baselines3 as sb3
-import torch as th
-from gymnasium import spaces as gym_spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv
-from stable_baselines3.common.utils import check_for_correct_spaces
-from stable_baselines3.common.vec_env import VecNormalize
-from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-from sb3_safe_save import _remote, _weights
-from sb3_safe_save._buffers import is_pickle, load_buffer_into, refuse_pickle, save_buffer
-from sb3_safe_save._codecs import BY_KIND
-from sb3_safe_save._errors import (
-    AlgorithmMismatchError,
-    FormatError,
-    IntegrityError,
-    PickleRefusedError,
-    SafeSaveError,
-    SaveTargetDirectoryMissingError,
-    SaveTargetIsADirectoryError,
-    StateMismatchError,
-    UntrustedTypeError,
-)
-from sb3_safe_save._manifest import (
-    META_CHECKSUM,
-    META_MANIFEST,
-    Manifest,
-    ModuleState,
-    Node,
-    OptimizerState,
-    PickleNode,
-    Placeholder,
-    ResourceSpec,
-    TensorMeta,
-    Versions,
-    iter_nodes,
-    node_refs,
-    parse_manifest,
-)
-from sb3_safe_save._resources import resolve
-from sb3_safe_save._trust import TrustList, TrustSpec, import_ref, ref_of
-from sb3_safe_save._vecnormalize import PREFIX as VN_PREFIX
-from sb3_safe_save._vecnormalize import export_vecnormalize, restore_vecnormalize
-from sb3_safe_save._version import __version__
-from sb3_safe_save._walker import _MODULE_INTERNALS, DEFAULT_MAX_OBJECT_BYTES, Snapshot, Walker, resolve_attr
+from sb3_safe_save._errors import StateMismatchError
 
-PathLike = str | os.PathLike[str] | io.BufferedIOBase
-SUFFIX = ".safetensors"
+if TYPE_CHECKING:
+    import io
+    import os
+
+    import torch as th
+    from stable_baselines3.common.type_aliases import GymEnv
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from sb3_safe_save._manifest import ResourceSpec
+    from sb3_safe_save._persist import PathLike
+    from sb3_safe_save._trust import TrustSpec
+
 SelfAlgo = TypeVar("SelfAlgo", bound=BaseAlgorithm)
 
 
-# =============================================================================================== save
-def save_model(
-    model: BaseAlgorithm,
-    path: PathLike,
-    exclude: Iterable[str] | None = None,
-    include: Iterable[str] | None = None,
-    *,
-    resources: Mapping[str, Any] | None = None,
-    specs: Mapping[str, ResourceSpec | Mapping[str, Any]] | None = None,
-    optional: Iterable[str] = (),
-    allow_pickle: bool = False,
-    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
-    fsync: bool = True,
-    vec_normalize: VecNormalize | None = None,
-) -> None:
-    """Save ``model`` to one safetensors file. See ``SafeSaveMixin.save``."""
-    snapshot = snapshot_model(
-        model, exclude, include, resources=resources, specs=specs, optional=optional,
-        allow_pickle=allow_pickle, max_object_bytes=max_object_bytes,
-    )  # fmt: skip
-    blobs = {key: _weights.to_blob(value) for key, value in snapshot.tensors.items()}
-    vn_state = None
-    if vec_normalize is not None:
-        vn_state, arrays = export_vecnormalize(vec_normalize)
-        blobs.update({VN_PREFIX + key: _weights.to_blob(value) for key, value in arrays.items()})
-    manifest = build_manifest(model, snapshot, blobs)
-    if vn_state is not None:
-        manifest = manifest.model_copy(update={"vec_normalize": vn_state})
-    text = manifest.model_dump_json()
-    metadata = {"format": "pt", META_MANIFEST: text, META_CHECKSUM: _weights.checksum(text.encode())}
-    if isinstance(path, io.BufferedIOBase):
-        _weights.write_stream(path, blobs, metadata)
-    elif _remote.is_url(path):
-        _remote.write(path, blobs, metadata)
-    else:
-        _weights.write_atomic(_target_path(_remote.local(path)), blobs, metadata, fsync=fsync)
-
-
-def snapshot_model(
-    model: BaseAlgorithm,
-    exclude: Iterable[str] | None = None,
-    include: Iterable[str] | None = None,
-    *,
-    resources: Mapping[str, Any] | None = None,
-    specs: Mapping[str, ResourceSpec | Mapping[str, Any]] | None = None,
-    optional: Iterable[str] = (),
-    allow_pickle: bool = False,
-    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
-) -> Snapshot:
-    """Walk ``model`` as ``save`` would, without writing anything."""
-    cls = type(model)
-    declared = {key: resolve_attr(model, p) for key, p in getattr(cls, "safe_save_resources", {}).items()}
-    declared.update(resources or {})
-    all_specs = {**getattr(cls, "safe_save_specs", {}), **(specs or {})}
-    optional = frozenset(optional)
-    walker = Walker(
-        allow_pickle=allow_pickle,
-        max_object_bytes=max_object_bytes,
-        declared=declared,
-        specs={k: v if isinstance(v, ResourceSpec) else ResourceSpec.model_validate(v) for k, v in all_specs.items()},
-        optional=optional | frozenset(getattr(cls, "safe_save_optional", ())),
-        trusted=TrustList(None, home_module=cls.__module__),
-    )
-    snapshot = walker.walk(model, exclude, _keep_session_state(model, exclude, include))
-    unused = (set(specs or {}) | optional) - {p.key for p in snapshot.placeholders}
-    if unused:
-        warnings.warn(
-            f"specs/optional given for {sorted(unused)}, which match no resource in the model"
-            f" (its resources are {[p.key for p in snapshot.placeholders]})",
-            UserWarning,
-            stacklevel=4,
-        )
-    return snapshot
-
-
-def build_manifest(model: BaseAlgorithm, snapshot: Snapshot, blobs: Mapping[str, _weights.Blob]) -> Manifest:
-    return Manifest(
-        versions=current_versions(),
-        algorithm=ref_of(type(model)),
-        base_algorithm=base_algorithm_ref(type(model)),
-        data=snapshot.data,
-        state_dicts=snapshot.state_dicts,
-        torch_variables=snapshot.torch_variables,
-        placeholders=snapshot.placeholders,
-        tensors={k: TensorMeta(dtype=b.dtype, shape=list(b.shape), xxh3=_weights.checksum(b.data)) for k, b in blobs.items()},
-        hazards=snapshot.hazards,
-    )
-
-
-def _target_path(path: str | os.PathLike[str]) -> pathlib.Path:
-    target = pathlib.Path(path)
-    if target.is_dir():
-        raise SaveTargetIsADirectoryError(f"{target} is a directory; give a file name such as {target / ('model' + SUFFIX)}")
-    if not target.suffix:
-        target = target.with_suffix(SUFFIX)
-    if not target.parent.exists():
-        raise SaveTargetDirectoryMissingError(f"the directory {target.parent} does not exist; create it first")
-    return target
-
-
-@functools.cache
-def current_versions() -> Versions:
-    try:
-        import sb3_contrib
-
-        contrib: str | None = sb3_contrib.__version__
-    except ImportError:
-        contrib = None
-    import gymnasium
-
-    return Versions(
-        sb3_safe_save=__version__,
-        stable_baselines3=sb3.__version__,
-        torch=th.__version__,
-        numpy=np.__version__,
-        python=platform.python_version(),
-        gymnasium=gymnasium.__version__,
-        sb3_contrib=contrib,
-    )
-
-
-def base_algorithm_ref(cls: type) -> str:
-    """The SB3 / sb3-contrib algorithm a class derives from (``stable_baselines3.dqn.dqn:DQN``)."""
-    for klass in cls.__mro__:
-        module = klass.__module__
-        if module.startswith(("stable_baselines3.", "sb3_contrib.")) and issubclass(klass, BaseAlgorithm):
-            return ref_of(klass)
-    raise TypeError(f"{cls.__qualname__} does not derive from a stable_baselines3 or sb3_contrib algorithm")
-
-
-# =============================================================================================== load
-@contextlib.contextmanager
-def _open(path: PathLike) -> Iterator[tuple[IO[bytes], int]]:
-    if isinstance(path, (io.BufferedIOBase, io.RawIOBase)):
-        f: Any = path
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(0)
-        yield f, size
-        return
-    if _remote.is_url(path):
-        with _remote.open_read(path) as (f, size):
-            yield f, size
-        return
-    target = pathlib.Path(_remote.local(path))
-    if not target.exists() and not target.suffix and target.with_suffix(SUFFIX).exists():
-        target = target.with_suffix(SUFFIX)
-    with open(target, "rb", buffering=0) as raw:
-        yield raw, os.fstat(raw.fileno()).st_size
-
-
-def read_manifest(path: PathLike) -> Manifest:
-    """Read and validate the manifest of a saved agent without building a model or reading tensors.
-
-    :param path: the file, a URL such as ``s3://bucket/key`` (the ``remote`` extra), or a seekable binary file object
-    :return: the ``Manifest``
-    :raises FormatError: not an sb3_safe_save file, or malformed
-    :raises IntegrityError: the header does not match its checksum
-    """
-    with _open(path) as (f, size):
-        return _parse(f, size)[1]
-
-
-def _parse(f: IO[bytes], size: int) -> tuple[_weights.Header, Manifest]:
-    """Phase 1: header + manifest, validated; imports nothing."""
-    start = f.read(4)
-    f.seek(0)
-    if start == b"PK\x03\x04":
-        raise FormatError(
-            "this is a zip file, probably a stock SB3 save; loading it means unpickling. "
-            "If you trust it, convert it once: sb3-safe-save convert MODEL.zip OUT.safetensors --trust-pickle"
-        )
-    header = _weights.read_header(f, size)
-    text = header.metadata.get(META_MANIFEST)
-    if text is None:
-        raise FormatError("this safetensors file has no sb3_safe_save manifest: it was not written by sb3_safe_save")
-    expected = header.metadata.get(META_CHECKSUM)
-    if expected is None:
-        raise FormatError(
-            "this safetensors file has an sb3_safe_save manifest but no checksum: it was not written by sb3_safe_save"
-        )
-    if _weights.checksum(text.encode()) != expected:
-        raise IntegrityError("the manifest does not match its checksum: the header is corrupted")
-    manifest = parse_manifest(text)
-    if set(manifest.tensors) != set(header.tensors):
-        extra = sorted(set(header.tensors) ^ set(manifest.tensors))[:5]
-        raise IntegrityError(f"the manifest and the safetensors header list different tensors (e.g. {extra})")
-    for key, meta in manifest.tensors.items():
-        info = header.tensors[key]
-        if meta.dtype != info.dtype or tuple(meta.shape) != info.shape:
-            raise IntegrityError(
-                f"tensor {key!r}: the manifest says {meta.dtype} {meta.shape}, the header {info.dtype} {list(info.shape)}"
-            )
-    return header, manifest
-
-
-def load_model(
-    cls: type[SelfAlgo],
-    path: PathLike,
-    env: GymEnv | None = None,
-    device: th.device | str = "auto",
-    custom_objects: dict[str, Any] | None = None,
-    print_system_info: bool = False,
-    force_reset: bool = True,
-    *,
-    resources: Mapping[str, Any] | None = None,
-    trusted: TrustSpec | None = None,
-    allow_pickle: bool = False,
-    verify: bool = True,
-    expected_sha256: str | None = None,
-    strict: bool = True,
-    **kwargs: Any,
-) -> SelfAlgo:
-    """Load a model saved by ``save_model``. See ``SafeSaveMixin.load``."""
-    custom_objects = dict(custom_objects or {})
-    with _open(path) as (f, size):
-        # ---- phase 1: parse
-        header, manifest = _parse(f, size)
-        if expected_sha256 is not None:
-            found = _sha256(f)
-            if found != expected_sha256.lower():
-                raise IntegrityError(f"SHA-256 mismatch: expected {expected_sha256}, the file has {found}")
-        if print_system_info:
-            print(
-                "== SAVED WITH ==",
-                manifest.versions.model_dump_json(indent=2),
-                "== CURRENT ==",
-                current_versions().model_dump_json(indent=2),
-                sep="\n",
-            )
-
-        # ---- phase 2: audit (no imports)
-        expected_base = base_algorithm_ref(cls)
-        if manifest.base_algorithm != expected_base:
-            raise AlgorithmMismatchError(
-                f"this file holds a {manifest.algorithm} (a {manifest.base_algorithm}) model, but it is being loaded with"
-                f" {cls.__qualname__} (a {expected_base}); load it with the matching algorithm class"
-            )
-        trust = TrustList(trusted, home_module=cls.__module__)
-        refs, pickles = _references(manifest, custom_objects)
-        untrusted = trust.untrusted(refs)
-        if untrusted:
-            raise UntrustedTypeError(untrusted, {r: refs[r] for r in untrusted})
-        if pickles and not allow_pickle:
-            raise PickleRefusedError(pickles)
-        covered = frozenset(p.key for p in manifest.placeholders if _covered(p, manifest, custom_objects))
-        bound = resolve(manifest.placeholders, resources, trust, strict=strict, skip=covered)
-
-        # ---- phase 3: construct
-        body = _weights.Body(f, header, {k: m.xxh3 for k, m in manifest.tensors.items()}, verify=verify)
-        if manifest.vec_normalize is not None:
-            env = _attach_vec_normalize(cls, manifest, body, env)
-        decoder = _Decoder(body, trust, bound, custom_objects, manifest, allow_pickle=allow_pickle)
-        model = _build(cls, manifest, decoder, env, device, custom_objects, force_reset, kwargs)
-        _load_state(model, manifest, decoder, body)
-        _rebind(model, manifest, bound)
-        unread = set(header.tensors) - body.read_keys - _skipped_tensors(manifest, custom_objects)
-        if unread:
-            raise FormatError(f"the file holds tensors the manifest never uses: {sorted(unread)[:5]}")
-    return model
-
-
-def _sha256(f: IO[bytes]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for chunk in _weights.iter_chunks(f):
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def _walk_data(manifest: Manifest) -> Iterator[tuple[str, Node]]:
-    """(top-level path, node) for every node a load would decode."""
-    yield from manifest.data.items()
-    for entry in manifest.state_dicts:
-        if isinstance(entry, OptimizerState):
-            yield entry.name, entry.state
-    yield from manifest.torch_variables.items()
-
-
-def _references(manifest: Manifest, custom_objects: Mapping[str, Any]) -> tuple[dict[str, list[str]], list[str]]:
-    """Every import reference (with where it is used) and every pickled value the load would decode."""
-    refs: dict[str, list[str]] = {}
-    pickles: list[str] = []
-    for top, root in _walk_data(manifest):
-        if top in custom_objects:
-            continue
-        for node in iter_nodes(root):
-            for ref in node_refs(node):
-                refs.setdefault(ref, []).append(top)
-            if isinstance(node, PickleNode):
-                path = node.tensor.removesuffix("#pickle")
-                if not any(path == c or path.startswith(c + ".") or path.startswith(c + "[") for c in custom_objects):
-                    pickles.append(path)
-    return refs, pickles
-
-
-def _covered(ph: Placeholder, manifest: Manifest, custom_objects: Mapping[str, Any]) -> bool:
-    """A placeholder is not needed if ``custom_objects`` replaces every data path it sits at."""
-    data_paths = [p for p in ph.paths if _root(p) in manifest.data]
-    return bool(custom_objects) and len(data_paths) == len(ph.paths) and all(_under(p, custom_objects) for p in data_paths)
-
-
-def _under(path: str, prefixes: Iterable[str]) -> bool:
-    return any(path == c or path.startswith(c + ".") or path.startswith(c + "[") for c in prefixes)
-
-
-def _root(path: str) -> str:
-    return path.split(".")[0].split("[")[0]
-
-
-def _skipped_tensors(manifest: Manifest, custom_objects: Mapping[str, Any]) -> set[str]:
-    return {k for k in manifest.tensors if _under(k.removesuffix("#pickle"), custom_objects)}
-
-
-#: What building Python values or a model from well-formed but hostile manifest values can raise.
-_DECODE_ERRORS = (
-    TypeError, ValueError, ArithmeticError, KeyError, IndexError, AttributeError, AssertionError, RecursionError, MemoryError,
-)  # fmt: skip
-
-
-class _Decoder:
-    """Implements the codecs' ``Decoder`` protocol for one load."""
-
-    def __init__(
-        self,
-        body: _weights.Body,
-        trust: TrustList,
-        bound: Mapping[str, Any],
-        overrides: Mapping[str, Any],
-        manifest: Manifest,
-        *,
-        allow_pickle: bool = False,
-    ) -> None:
-        self._allow_pickle = allow_pickle
-        self._body = body
-        self._trust = trust
-        self._bound = bound
-        self._overrides = overrides
-        self._manifest = manifest
-        self._imported: dict[str, Any] = {}
-
-    def decode(self, node: Node, path: str) -> Any:
-        if path in self._overrides:
-            return self._overrides[path]
-        if node is None or isinstance(node, (bool, int, float, str)):
-            return node
-        try:
-            return BY_KIND[node.kind].decode(node, path, self)
-        except SafeSaveError:
-            raise
-        except _DECODE_ERRORS as e:  # a value the codec accepts in shape but not in content (2**70 as int64, ...)
-            raise FormatError(f"{path}: the stored {node.kind} cannot be decoded: {type(e).__name__}: {e}") from None
-
-    def tensor(self, key: str) -> th.Tensor:
-        return self._body.read_tensor(key)
-
-    def resolve(self, ref: str) -> Any:
-        if ref not in self._imported:
-            why = self._trust.why(ref)
-            if why is None:  # phase 2 checked every reference; this guards new code paths
-                raise UntrustedTypeError([ref])
-            try:
-                self._imported[ref] = import_ref(ref, default_trust=why == "default")
-            except (ImportError, AttributeError, TypeError) as e:
-                raise FormatError(f"cannot import {ref}: {e}") from None
-        return self._imported[ref]
-
-    def placeholder(self, key: str, path: str) -> Any:
-        self._manifest.placeholder(key)
-        if key not in self._bound:
-            raise FormatError(f"{path}: placeholder {key!r} was not resolved")
-        return self._bound[key]
-
-    def unpickle(self, node: PickleNode, path: str) -> Any:
-        if not self._allow_pickle:  # phase 2 names pickles by tensor key; a forged file can put them elsewhere
-            raise PickleRefusedError([path])
-        data = self._body.read_tensor(node.tensor).numpy().tobytes()
-        return cloudpickle.loads(data)
-
-
-_init_lock = threading.RLock()
-
-
-@contextlib.contextmanager
-def no_weight_init() -> Iterator[None]:
-    """Turn the in-place ``torch.nn.init`` functions into no-ops (the loaded tensors overwrite them anyway).
-
-    Building a 50M-parameter PPO policy spends seconds in orthogonal initialisation whose result
-    load then throws away. Process-wide while active; a lock serialises concurrent loads.
-    """
-    init = th.nn.init
-    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
-    with _init_lock:
-        saved = {n: getattr(init, n) for n in names}
-        try:
-            for n in names:
-                setattr(init, n, _skip_init)
-            yield
-        finally:
-            for n, fn in saved.items():
-                setattr(init, n, fn)
-
-
-def _skip_init(tensor: th.Tensor, *args: Any, **kwargs: Any) -> th.Tensor:
-    return tensor
-
-
-def _build(
-    cls: type[SelfAlgo],
-    manifest: Manifest,
-    decoder: _Decoder,
-    env: GymEnv | None,
-    device: th.device | str,
-    custom_objects: Mapping[str, Any],
-    force_reset: bool,
-    kwargs: dict[str, Any],
-) -> SelfAlgo:
-    """Rebuild the model as ``BaseAlgorithm.load`` does, from decoded data."""
-    shadowing = [name for name in manifest.data if hasattr(type(inspect.getattr_static(cls, name, None)), "__get__")]
-    if shadowing:  # e.g. {"predict": ...}: instance data would replace a method or property of the class
-        raise FormatError(f"the stored attributes {shadowing[:5]} would shadow methods or properties of {cls.__qualname__}")
-    data = {name: decoder.decode(node, name) for name, node in manifest.data.items()}
-    if "policy_kwargs" in data and isinstance(data["policy_kwargs"], dict):
-        data["policy_kwargs"].pop("device", None)
-    if "policy_kwargs" in kwargs and kwargs["policy_kwargs"] != data.get("policy_kwargs"):
-        raise StateMismatchError(
-            "the policy_kwargs passed to load differ from the stored ones; to replace single entries use"
-            " custom_objects={'policy_kwargs.<key>': value}, and for live objects resources={...}"
-        )
-    for key in ("observation_space", "action_space", "policy_class"):
-        if key not in data:
-            raise FormatError(f"the file has no {key!r}; it cannot be rebuilt (was it left out with exclude=?)")
-    policy_class = data["policy_class"]
-    if not (isinstance(policy_class, type) and issubclass(policy_class, BasePolicy)):
-        raise FormatError(f"the stored policy_class {policy_class!r:.100} is not a stable_baselines3 policy class")
-    for key in ("observation_space", "action_space"):
-        if not isinstance(data[key], gym_spaces.Space):
-            raise FormatError(f"the stored {key} is a {type(data[key]).__name__}, not a gymnasium space")
-    if env is not None:
-        env = cls._wrap_env(env, data.get("verbose", 0))
-        try:
-            check_for_correct_spaces(env, data["observation_space"], data["action_space"])
-        except ValueError as e:
-            raise StateMismatchError(f"the env given to load does not fit the saved agent: {e}") from None
-        if force_reset:
-            data["_last_obs"] = None
-        data["n_envs"] = env.num_envs
-    elif "env" in data:
-        env = data["env"]
-    try:
-        model = cls(policy=data["policy_class"], env=env, device=device, _init_setup_model=False)  # type: ignore[call-arg]
-        model.__dict__.update(data)
-        model.__dict__.update(kwargs)
-        with no_weight_init():
-            model._setup_model()
-        _restore_session_state(model, data)
-    except SafeSaveError:
-        raise
-    except (RuntimeError, *_DECODE_ERRORS) as e:  # hostile or corrupted hyperparameters (n_steps=-5, net_arch=[2**31], ...)
-        raise FormatError(
-            f"the stored values cannot rebuild a {cls.__qualname__}: {type(e).__name__}: {e}"
-            " (if the file is intact, check the arguments given to load: e.g. HerReplayBuffer needs env=)"
-        ) from e
-    return model
-
-
-def _attach_vec_normalize(
-    cls: type[BaseAlgorithm], manifest: Manifest, body: _weights.Body, env: GymEnv | None
-) -> GymEnv | None:
-    """Wrap ``env`` in the stored VecNormalize; without an env, only read (and verify) its tensors."""
-    assert manifest.vec_normalize is not None
-    if env is None:
-        for key in manifest.tensors:
-            if key.startswith(VN_PREFIX):
-                body.read_tensor(key)
-        return None
-    venv = cls._wrap_env(env, verbose=0)
-    return restore_vecnormalize(manifest.vec_normalize, lambda key: body.read_tensor(VN_PREFIX + key), venv)
-
-
-#: Attributes SB3 leaves out of its save but an exact resume needs (RecurrentPPO's LSTM memory, kept
-#: in step with ``_last_obs``). Saved unless named in ``exclude``; restored after ``_setup_model``
-#: resets them, unless the load forced an env reset.
-SESSION_STATE = ("_last_lstm_states",)
-
-
-def _keep_session_state(
-    model: BaseAlgorithm, exclude: Iterable[str] | None, include: Iterable[str] | None
-) -> list[str] | None:
-    include = None if include is None else list(include)
-    extra = [n for n in SESSION_STATE if hasattr(model, n) and n not in set(exclude or ())]
-    return include if not extra else [*(include or []), *extra]
-
-
-def _restore_session_state(model: BaseAlgorithm, data: Mapping[str, Any]) -> None:
-    if data.get("_last_obs") is None:  # reset forced (or nothing to resume): keep what _setup_model built
-        return
-    for name in SESSION_STATE:
-        if data.get(name) is not None:
-            setattr(model, name, _to_device(data[name], model.device))
-
-
-def _to_device(value: Any, device: th.device) -> Any:
-    if isinstance(value, th.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        items = [_to_device(v, device) for v in value]
-        return type(value)(*items) if hasattr(type(value), "_fields") else tuple(items)
-    return value
-
-
-def _load_state(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, body: _weights.Body) -> None:
-    """Put state dicts, optimizer state and torch variables back (SB3's ``set_parameters`` + variables)."""
-    expected, _ = model._get_torch_save_params()
-    stored = [e.name for e in manifest.state_dicts]
-    if sorted(expected) != sorted(stored):
-        raise StateMismatchError(f"the model has state dicts {sorted(expected)} but the file has {sorted(stored)}")
-    for entry in manifest.state_dicts:
-        target = resolve_attr(model, entry.name)
-        if isinstance(entry, ModuleState):
-            _load_module(getattr(target, "_orig_mod", target), entry, body)
-        else:
-            state = decoder.decode(entry.state, entry.name)
-            try:
-                target.load_state_dict(state)
-            except (RuntimeError, *_DECODE_ERRORS) as e:
-                raise StateMismatchError(f"{entry.name}: the stored optimizer state does not fit the optimizer: {e}") from None
-    device = model.device
-    for name, node in manifest.torch_variables.items():
-        value = decoder.decode(node, name)
-        if value is None:
-            continue
-        if not isinstance(value, th.Tensor):
-            raise FormatError(f"torch variable {name!r} is a {type(value).__name__}, not a tensor")
-        current = resolve_attr(model, name)
-        if not isinstance(current, th.Tensor) or current.shape != value.shape:
-            raise StateMismatchError(
-                f"torch variable {name!r}: the model has {current!r:.80}, the file a tensor {list(value.shape)}"
-            )
-        current.data = value.to(device)  # keep the optimizer's reference valid (SB3 #391)
-    if getattr(model, "use_sde", False):
-        reset_noise = getattr(model.policy, "reset_noise", None)
-        if not callable(reset_noise):  # use_sde=True stored for an algorithm without gSDE (a corrupted file)
-            raise FormatError(f"the file sets use_sde=True but {type(model.policy).__name__} has no gSDE noise to reset")
-        reset_noise()
-
-
-def _fast_path_ok(module: th.nn.Module) -> bool:
-    """Direct reads into parameters are exact unless a module customises state-dict loading."""
-    base = th.nn.Module._load_from_state_dict
-    for m in module.modules():
-        if type(m)._load_from_state_dict is not base or m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks:
-            return False
-    return not module._load_state_dict_pre_hooks
-
-
-def _load_module(module: th.nn.Module, entry: ModuleState, body: _weights.Body) -> None:
-    targets = module.state_dict(keep_vars=True)
-    expected = {k for k in targets if not any(k.startswith(p) for p in entry.external_prefixes)}
-    stored = set(entry.keys) | set(entry.aliases)
-    if expected != stored:
-        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
-        raise StateMismatchError(
-            f"{entry.name}: the rebuilt model does not match the stored weights"
-            f" (missing {missing[:5]}{'...' if len(missing) > 5 else ''},"
-            f" unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''});"
-            " was the model saved with different policy_kwargs, or a resource of a different architecture given?"
-        )
-    for alias, canonical in entry.aliases.items():
-        if canonical not in entry.keys:
-            raise FormatError(f"{entry.name}: alias {alias!r} points to {canonical!r}, which is not stored")
-    try:
-        if _fast_path_ok(module):
-            for key in entry.keys:
-                body.read_into_tensor(f"{entry.name}/{key}", targets[key])
-            with th.no_grad():
-                for alias, canonical in entry.aliases.items():
-                    if targets[alias].data_ptr() != targets[canonical].data_ptr():
-                        targets[alias].copy_(targets[canonical])
-        else:
-            state = {key: body.read_tensor(f"{entry.name}/{key}") for key in entry.keys}
-            state.update({alias: state[canonical] for alias, canonical in entry.aliases.items()})
-            module.load_state_dict(state, strict=False)
-    except FormatError as e:
-        raise StateMismatchError(str(e)) from None
-    except RuntimeError as e:
-        raise StateMismatchError(f"{entry.name}: {e}") from None
-
-
-def _rebind(model: BaseAlgorithm, manifest: Manifest, bound: Mapping[str, Any]) -> None:
-    """Put resources back at module-attribute paths the constructor did not fill (identity preserved)."""
-    for ph in manifest.placeholders:
-        if ph.key not in bound:
-            continue
-        obj = bound[ph.key]
-        for path in ph.paths:
-            if _root(path) in manifest.data or "[" in path:
-                continue
-            parent_path, _, attr = path.rpartition(".")
-            if attr in _MODULE_INTERNALS:
-                raise FormatError(f"placeholder {ph.key!r}: path {path!r} names a torch internal attribute")
-            try:
-                parent = resolve_attr(model, parent_path)
-            except (AttributeError, KeyError, IndexError, TypeError):
-                raise StateMismatchError(
-                    f"placeholder {ph.key!r}: cannot rebind at {path!r}, the rebuilt model has no {parent_path!r}"
-                ) from None
-            if getattr(parent, attr, None) is not obj:
-                setattr(parent, attr, obj)
-
-
-# ============================================================================================== mixin
 class SafeSaveMixin:
     """Give an SB3 algorithm safe ``save``/``load``: ``class CustomDQN(SafeSaveMixin, DQN): ...``.
 
@@ -717,7 +56,7 @@ class SafeSaveMixin:
         specs: Mapping[str, ResourceSpec | Mapping[str, Any]] | None = None,
         optional: Iterable[str] = (),
         allow_pickle: bool = False,
-        max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+        max_object_bytes: int | None = None,
         fsync: bool = True,
         vec_normalize: VecNormalize | None = None,
     ) -> None:
@@ -737,10 +76,13 @@ class SafeSaveMixin:
         :param allow_pickle: cloudpickle values no codec can store (marked in the file; load then
             needs ``allow_pickle=True``) instead of raising ``UnsupportedObjectError``
         :param max_object_bytes: objects whose pickle would be larger become ``too_large`` placeholders
+            (None: 16 MiB)
         :param fsync: flush the file and its directory to disk before returning
         :param vec_normalize: a ``VecNormalize`` (e.g. ``self.get_vec_normalize_env()``) whose settings
             and statistics to store in the same file; ``load(path, env=venv)`` then wraps ``venv`` in it
         """
+        from sb3_safe_save._persist import save_model
+
         save_model(
             self,  # type: ignore[arg-type]
             path, exclude, include, resources=resources, specs=specs, optional=optional,
@@ -789,6 +131,8 @@ class SafeSaveMixin:
         :param kwargs: extra arguments to change the model when loading
         :return: new model instance with loaded parameters
         """
+        from sb3_safe_save._persist import load_model
+
         return load_model(  # type: ignore[type-var]
             cls,
             path, env, device, custom_objects, print_system_info, force_reset,
@@ -805,6 +149,8 @@ class SafeSaveMixin:
         :param path: path to the file (its directory is created if necessary), or a binary stream
         :param fsync: flush the file and its directory to disk before returning
         """
+        from sb3_safe_save._buffers import save_buffer
+
         buffer = getattr(self, "replay_buffer", None)
         if buffer is None:
             raise StateMismatchError(f"{type(self).__qualname__} has no replay buffer (only off-policy algorithms have one)")
@@ -831,6 +177,10 @@ class SafeSaveMixin:
         :param allow_pickle: load a legacy pickled buffer (SB3's format) with SB3's loader: runs code!
         :param verify: check every tensor's checksum while reading
         """
+        from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
+
+        from sb3_safe_save._buffers import is_pickle, load_buffer_into, refuse_pickle
+
         if is_pickle(path):
             if not allow_pickle:
                 raise refuse_pickle(path)

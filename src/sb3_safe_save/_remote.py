@@ -116,7 +116,7 @@ def file_bytes(blobs: Mapping[str, _weights.Blob], metadata: Mapping[str, str]) 
 
 @contextlib.contextmanager
 def open_read(url: str) -> Iterator[tuple[IO[bytes], int]]:
-    """Open the object ``url`` for reading (seekable), as ``_mixin._open`` does a local file.
+    """Open the object ``url`` for reading (seekable), as ``_persist._open`` does a local file.
 
     A URL without a suffix that names no object falls back to the URL with ``.safetensors``, as for paths.
 

@@ -146,7 +146,7 @@ def load_vecnormalize(path: str | os.PathLike[str] | io.BufferedIOBase, venv: Ve
     :raises FormatError: the file holds no VecNormalize state
     :raises StateMismatchError: the statistics do not fit ``venv``'s observation space
     """
-    from sb3_safe_save._mixin import _open  # local: _mixin imports this module
+    from sb3_safe_save._persist import _open  # local: _persist imports this module
 
     with _open(path) as (f, size):
         header = _weights.read_header(f, size)
