@@ -140,6 +140,28 @@ class SafeSaveMixin:
             expected_sha256=expected_sha256, strict=strict, **kwargs,
         )  # fmt: skip
 
+    def set_parameters(
+        self,
+        load_path_or_dict: str | os.PathLike[str] | io.BufferedIOBase | dict[str, Any],
+        exact_match: bool = True,
+        device: th.device | str = "auto",
+    ) -> None:
+        """Load parameters (weights and optimizer state) in place, from a file written by ``save`` or a dict.
+
+        A dict, or a stock SB3 zip, goes to SB3's own ``set_parameters`` (which reads a zip's tensors
+        with ``torch.load(weights_only=True)``).
+
+        :param load_path_or_dict: a file written by ``save``, a stock SB3 zip, or a dict of state dicts
+        :param exact_match: the file must hold exactly the model's state dicts and keys
+        :param device: used only for a stock SB3 zip (our tensors go straight into the model's memory)
+        """
+        from sb3_safe_save._persist import is_sb3_zip, load_parameters
+
+        if isinstance(load_path_or_dict, dict) or is_sb3_zip(load_path_or_dict):
+            super().set_parameters(load_path_or_dict, exact_match, device)  # type: ignore[misc]
+            return
+        load_parameters(self, load_path_or_dict, exact_match=exact_match)  # type: ignore[arg-type]
+
     def save_replay_buffer(self, path: str | os.PathLike[str] | io.BufferedIOBase, *, fsync: bool = True) -> None:
         """Save the replay buffer to a safetensors file: only the filled rows, streamed, no pickle.
 

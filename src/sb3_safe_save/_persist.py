@@ -342,6 +342,25 @@ def load_model(
     return model
 
 
+def is_sb3_zip(path: PathLike) -> bool:
+    """True if ``path`` starts like a zip file (a stock SB3 save)."""
+    if isinstance(path, (io.BufferedIOBase, io.RawIOBase)):
+        pos = path.tell()
+        start = path.read(4)
+        path.seek(pos)
+    elif isinstance(path, str) and _remote.is_url(path):
+        return False
+    else:
+        target = pathlib.Path(path)
+        if not target.exists() and target.with_suffix(".zip").exists():  # SB3 adds ".zip" to suffix-less paths
+            target = target.with_suffix(".zip")
+        if not target.is_file():
+            return False
+        with open(target, "rb") as f:
+            start = f.read(4)
+    return start == b"PK\x03\x04"
+
+
 def _sha256(f: IO[bytes]) -> str:
     import hashlib
 
@@ -592,22 +611,59 @@ def _to_device(value: Any, device: th.device) -> Any:
     return value
 
 
-def _load_state(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, body: _weights.Body) -> None:
-    """Put state dicts, optimizer state and torch variables back (SB3's ``set_parameters`` + variables)."""
+def load_parameters(model: BaseAlgorithm, path: PathLike, *, exact_match: bool = True, verify: bool = True) -> None:
+    """In place: put the stored weights and optimizer state into an existing model (SB3's ``set_parameters``).
+
+    Only state dicts are read: no attribute is decoded, nothing is imported, no resource is needed.
+
+    :param model: the model to update
+    :param path: a file written by ``save``
+    :param exact_match: the file must hold exactly the model's state dicts, each with exactly the
+        model's keys; with False, only what both have is loaded
+    :param verify: check the checksum of every tensor read
+    """
+    with _open(path) as (f, size):
+        header, manifest = _parse(f, size)
+        expected_base = base_algorithm_ref(type(model))
+        if manifest.base_algorithm != expected_base:
+            raise AlgorithmMismatchError(
+                f"this file holds a {manifest.base_algorithm} model; it cannot set the parameters of a {expected_base}"
+            )
+        body = _weights.Body(f, header, {k: m.xxh3 for k, m in manifest.tensors.items()}, verify=verify)
+        decoder = _Decoder(body, TrustList(None, None), {}, {}, manifest)
+        _load_state_dicts(model, manifest, decoder, body, exact_match=exact_match)
+
+
+def _load_state_dicts(
+    model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, body: _weights.Body, *, exact_match: bool = True
+) -> None:
+    """Put module and optimizer state dicts back, like SB3's ``set_parameters``."""
     expected, _ = model._get_torch_save_params()
     stored = [e.name for e in manifest.state_dicts]
-    if sorted(expected) != sorted(stored):
+    if exact_match and sorted(expected) != sorted(stored):
         raise StateMismatchError(f"the model has state dicts {sorted(expected)} but the file has {sorted(stored)}")
     for entry in manifest.state_dicts:
-        target = resolve_attr(model, entry.name)
+        try:
+            target = resolve_attr(model, entry.name)
+        except AttributeError:
+            raise StateMismatchError(f"the file has state dict {entry.name!r}, which the model does not have") from None
         if isinstance(entry, ModuleState):
-            _load_module(getattr(target, "_orig_mod", target), entry, body)
+            module = getattr(target, "_orig_mod", target)
+            if exact_match:
+                _load_module(module, entry, body)
+            else:
+                _load_module_partial(module, entry, body)
         else:
             state = decoder.decode(entry.state, entry.name)
             try:
                 target.load_state_dict(state)
             except (RuntimeError, *_DECODE_ERRORS) as e:
                 raise StateMismatchError(f"{entry.name}: the stored optimizer state does not fit the optimizer: {e}") from None
+
+
+def _load_state(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, body: _weights.Body) -> None:
+    """Put state dicts, optimizer state and torch variables back (SB3's ``set_parameters`` + variables)."""
+    _load_state_dicts(model, manifest, decoder, body)
     device = model.device
     for name, node in manifest.torch_variables.items():
         value = decoder.decode(node, name)
@@ -666,6 +722,17 @@ def _load_module(module: th.nn.Module, entry: ModuleState, body: _weights.Body) 
             module.load_state_dict(state, strict=False)
     except FormatError as e:
         raise StateMismatchError(str(e)) from None
+    except RuntimeError as e:
+        raise StateMismatchError(f"{entry.name}: {e}") from None
+
+
+def _load_module_partial(module: th.nn.Module, entry: ModuleState, body: _weights.Body) -> None:
+    """``exact_match=False``: load the keys both sides have, as ``load_state_dict(strict=False)`` does."""
+    targets = module.state_dict(keep_vars=True)
+    state = {key: body.read_tensor(f"{entry.name}/{key}") for key in entry.keys if key in targets}
+    state.update({a: state[c] for a, c in entry.aliases.items() if a in targets and c in state})
+    try:
+        module.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise StateMismatchError(f"{entry.name}: {e}") from None
 

@@ -106,6 +106,11 @@ def to_blob(value: th.Tensor | np.ndarray) -> Blob:
     return Blob(data=flat.numpy(), dtype=st_dtype(tensor.dtype), shape=tuple(tensor.shape))
 
 
+def _check_byteorder() -> None:
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian CI machine
+        raise FormatError("safetensors stores little-endian bytes; this big-endian machine is not supported")
+
+
 def checksum(buf: Any) -> str:
     """XXH3-128 of a buffer, as 32 hex digits (a fast corruption check, not a signature)."""
     return xxhash.xxh3_128_hexdigest(buf)
@@ -184,6 +189,7 @@ def write_stream(f: Writable, blobs: Mapping[str, Blob], metadata: Mapping[str, 
 
 
 def _write(f: Writable, header: bytes, blobs: Mapping[str, Blob]) -> None:
+    _check_byteorder()
     f.write(struct.pack("<Q", len(header)))
     f.write(header)
     for blob in blobs.values():
@@ -348,6 +354,7 @@ class Body:
     """
 
     def __init__(self, f: IO[bytes], header: Header, checksums: Mapping[str, str], *, verify: bool = True) -> None:
+        _check_byteorder()
         self._f = f
         self._header = header
         self._checksums = checksums
