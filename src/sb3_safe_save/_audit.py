@@ -61,8 +61,8 @@ from sb3_safe_save._manifest import (
     iter_nodes,
     node_refs,
 )
-from sb3_safe_save._persist import _open, _parse, base_algorithm_ref, current_versions, snapshot_model
-from sb3_safe_save._trust import TrustList, TrustSpec, ref_of
+from sb3_safe_save._persist import _open, _parse, build_manifest, snapshot_model
+from sb3_safe_save._trust import TrustList, TrustSpec
 from sb3_safe_save._walker import DEFAULT_MAX_OBJECT_BYTES
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -382,16 +382,8 @@ def _live_layout(
         model, exclude, include, resources=resources, allow_pickle=True, max_object_bytes=max_object_bytes
     )
     tensors = {k: (_st_dtype(v), tuple(int(d) for d in v.shape), _nbytes(v)) for k, v in snapshot.tensors.items()}
-    manifest = Manifest(
-        versions=current_versions(),
-        algorithm=ref_of(type(model)),
-        base_algorithm=base_algorithm_ref(type(model)),
-        data=snapshot.data,
-        state_dicts=snapshot.state_dicts,
-        torch_variables=snapshot.torch_variables,
-        placeholders=snapshot.placeholders,
-        tensors={k: TensorMeta(dtype=d, shape=list(s), xxh3=_DUMMY_XXH3) for k, (d, s, _) in tensors.items()},
-        hazards=snapshot.hazards,
+    manifest = build_manifest(
+        model, snapshot, {k: TensorMeta(dtype=d, shape=list(s), xxh3=_DUMMY_XXH3) for k, (d, s, _) in tensors.items()}
     )
     text = manifest.model_dump_json()
     metadata = {"format": "pt", META_MANIFEST: text, META_CHECKSUM: _DUMMY_XXH3}

@@ -99,7 +99,7 @@ def _arrays(buffer: ReplayBuffer, rows: int) -> dict[str, np.ndarray]:
 
 def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.BufferedIOBase, *, fsync: bool = True) -> None:
     """Write the filled part of ``buffer`` to one safetensors file (atomic for paths). See the module docstring."""
-    from sb3_safe_save._persist import current_versions  # local: _persist imports this module
+    from sb3_safe_save._persist import current_versions, tensor_metas, write_file  # local: keeps import cheap
 
     if not isinstance(buffer, ReplayBuffer):
         raise UnsupportedObjectError(
@@ -136,20 +136,11 @@ def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buffered
         handle_timeout_termination=buffer.handle_timeout_termination,
         obs_keys=list(buffer.observations) if isinstance(buffer, DictReplayBuffer) else None,
         her=her,
-        tensors={k: TensorMeta(dtype=b.dtype, shape=list(b.shape), xxh3=_weights.checksum(b.data)) for k, b in blobs.items()},
+        tensors=tensor_metas(blobs),
     )
     text = header.model_dump_json()
     metadata = {"format": "pt", META_BUFFER: text, META_BUFFER_CHECKSUM: _weights.checksum(text.encode())}
-    if isinstance(path, io.BufferedIOBase):
-        _weights.write_stream(path, blobs, metadata)
-    elif _remote.is_url(path):
-        _remote.write(path, blobs, metadata)
-    else:
-        target = pathlib.Path(_remote.local(path))
-        target = target if target.suffix else target.with_suffix(".safetensors")
-        if not target.parent.exists():
-            target.parent.mkdir(parents=True)  # as SB3's save_to_pkl does
-        _weights.write_atomic(target, blobs, metadata, fsync=fsync)
+    write_file(path, blobs, metadata, fsync=fsync, make_parents=True)  # creates folders, as SB3's save_to_pkl does
 
 
 # ---------------------------------------------------------------------------------------------- load

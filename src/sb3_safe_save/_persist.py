@@ -105,17 +105,33 @@ def save_model(
     if vec_normalize is not None:
         vn_state, arrays = export_vecnormalize(vec_normalize)
         blobs.update({VN_PREFIX + key: _weights.to_blob(value) for key, value in arrays.items()})
-    manifest = build_manifest(model, snapshot, blobs)
+    manifest = build_manifest(model, snapshot, tensor_metas(blobs))
     if vn_state is not None:
         manifest = manifest.model_copy(update={"vec_normalize": vn_state})
     text = manifest.model_dump_json()
-    metadata = {"format": "pt", META_MANIFEST: text, META_CHECKSUM: _weights.checksum(text.encode())}
+    write_file(
+        path, blobs, {"format": "pt", META_MANIFEST: text, META_CHECKSUM: _weights.checksum(text.encode())}, fsync=fsync
+    )
+
+
+def write_file(
+    path: PathLike, blobs: Mapping[str, _weights.Blob], metadata: Mapping[str, str], *, fsync: bool, make_parents: bool = False
+) -> None:
+    """Write a container to an open binary stream, a URL (one upload) or a local path (atomically).
+
+    A local path without a suffix gets ``.safetensors``; its directory must exist unless ``make_parents``.
+    """
     if isinstance(path, io.BufferedIOBase):
         _weights.write_stream(path, blobs, metadata)
     elif _remote.is_url(path):
         _remote.write(path, blobs, metadata)
     else:
-        _weights.write_atomic(_target_path(_remote.local(path)), blobs, metadata, fsync=fsync)
+        _weights.write_atomic(_target_path(_remote.local(path), make_parents=make_parents), blobs, metadata, fsync=fsync)
+
+
+def tensor_metas(blobs: Mapping[str, _weights.Blob]) -> dict[str, TensorMeta]:
+    """The manifest's record of each tensor: dtype, shape and XXH3-128 checksum."""
+    return {k: TensorMeta(dtype=b.dtype, shape=list(b.shape), xxh3=_weights.checksum(b.data)) for k, b in blobs.items()}
 
 
 def snapshot_model(
@@ -155,7 +171,7 @@ def snapshot_model(
     return snapshot
 
 
-def build_manifest(model: BaseAlgorithm, snapshot: Snapshot, blobs: Mapping[str, _weights.Blob]) -> Manifest:
+def build_manifest(model: BaseAlgorithm, snapshot: Snapshot, tensors: Mapping[str, TensorMeta]) -> Manifest:
     return Manifest(
         versions=current_versions(),
         algorithm=ref_of(type(model)),
@@ -164,18 +180,20 @@ def build_manifest(model: BaseAlgorithm, snapshot: Snapshot, blobs: Mapping[str,
         state_dicts=snapshot.state_dicts,
         torch_variables=snapshot.torch_variables,
         placeholders=snapshot.placeholders,
-        tensors={k: TensorMeta(dtype=b.dtype, shape=list(b.shape), xxh3=_weights.checksum(b.data)) for k, b in blobs.items()},
+        tensors=dict(tensors),
         hazards=snapshot.hazards,
     )
 
 
-def _target_path(path: str | os.PathLike[str]) -> pathlib.Path:
+def _target_path(path: str | os.PathLike[str], *, make_parents: bool = False) -> pathlib.Path:
     target = pathlib.Path(path)
     if target.is_dir():
         raise SaveTargetIsADirectoryError(f"{target} is a directory; give a file name such as {target / ('model' + SUFFIX)}")
     if not target.suffix:
         target = target.with_suffix(SUFFIX)
-    if not target.parent.exists():
+    if make_parents:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    elif not target.parent.exists():
         raise SaveTargetDirectoryMissingError(f"the directory {target.parent} does not exist; create it first")
     return target
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +28,7 @@ from gymnasium import spaces
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_normalize
 
-from sb3_safe_save import _remote, _weights
+from sb3_safe_save import _weights
 from sb3_safe_save._errors import FormatError, StateMismatchError
 from sb3_safe_save._manifest import (
     META_CHECKSUM,
@@ -116,21 +115,17 @@ def save_vecnormalize(
     :param path: the file to write (a path without a suffix gets ``.safetensors``), or a binary stream
     :param fsync: flush the file and its directory to disk before returning
     """
+    from sb3_safe_save._persist import tensor_metas, write_file  # local: _persist imports this module
+
     state, arrays = export_vecnormalize(venv_norm)
     blobs = {PREFIX + k: _weights.to_blob(v) for k, v in arrays.items()}
     header = VecNormalizeFile(
         state=state,
-        tensors={k: TensorMeta(dtype=b.dtype, shape=list(b.shape), xxh3=_weights.checksum(b.data)) for k, b in blobs.items()},
+        tensors=tensor_metas(blobs),
     )
     text = header.model_dump_json()
     metadata = {"format": "pt", META_VEC_NORMALIZE: text, META_VEC_NORMALIZE_CHECKSUM: _weights.checksum(text.encode())}
-    if isinstance(path, io.BufferedIOBase):
-        _weights.write_stream(path, blobs, metadata)
-    elif _remote.is_url(path):
-        _remote.write(path, blobs, metadata)
-    else:
-        target = pathlib.Path(_remote.local(path))
-        _weights.write_atomic(target if target.suffix else target.with_suffix(".safetensors"), blobs, metadata, fsync=fsync)
+    write_file(path, blobs, metadata, fsync=fsync)
 
 
 # ---------------------------------------------------------------------------------------------- load
