@@ -67,6 +67,48 @@ def expert_overhead(work: Path, reps: int) -> dict[str, Any]:
     return {"save": {k: summary(v) for k, v in times.items()}, "file_bytes": sizes}
 
 
+_BUFFER_SCRIPT = """
+import sys
+import numpy as np
+from gymnasium import spaces
+from stable_baselines3.common.buffers import ReplayBuffer
+from sb3_safe_save._buffers import save_buffer
+
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+n, path = int(sys.argv[1]), sys.argv[2]
+interpreter = status("VmRSS")
+buffer = ReplayBuffer(n, spaces.Box(0, 255, (1, 84, 84), np.uint8), spaces.Discrete(4), n_envs=1)
+rng = np.random.default_rng(0)
+NAMES = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+for name in NAMES:
+    arr = getattr(buffer, name)
+    arr[...] = rng.integers(0, 255, size=arr.shape, dtype=np.uint8) if arr.dtype == np.uint8 else rng.random(arr.shape)
+buffer.full, buffer.pos = True, 0
+arrays = sum(getattr(buffer, k).nbytes for k in NAMES)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+save_buffer(buffer, path)
+print(interpreter, arrays, status("VmHWM"))
+"""
+
+
+def buffer_save_memory(work: Path, quick: bool) -> dict[str, Any]:
+    """Peak memory of ``save_replay_buffer`` on a full image replay buffer (84x84 uint8), in a fresh process."""
+    n = 20_000 if quick else 100_000
+    path = work / "buffer.safetensors"
+    out = subprocess.run(
+        [sys.executable, "-c", _BUFFER_SCRIPT, str(n), str(path)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    path.unlink(missing_ok=True)
+    interpreter, arrays, peak = (int(x) for x in out)
+    return {"transitions": n, "interpreter_bytes": interpreter, "array_bytes": arrays, "peak_bytes": peak}
+
+
 _IMPORT_SCRIPT = """
 import time
 t0 = time.perf_counter()

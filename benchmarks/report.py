@@ -122,6 +122,16 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             ms = w["audit_model"]["median_s"] * 1e3
             detail = f"audit(model) {ms:.1f} ms (walks the live model itself)"
             out.append(_goal("audit of a live model < 50 ms (value in ms / 50)", "10k objects", ms / 50, 1.0, False, detail))
+    buf = results.get("buffer")
+    if buf:
+        used = buf["peak_bytes"] - buf["interpreter_bytes"]
+        detail = (
+            f"{buf['transitions']:,} transitions: peak {used / 2**20:,.0f} MiB over the interpreter,"
+            f" arrays {buf['array_bytes'] / 2**20:,.0f} MiB"
+        )
+        out.append(
+            _goal("replay buffer save peak <= 1.3x its arrays", "84x84 uint8", used / buf["array_bytes"], 1.3, False, detail)
+        )
     imp = results.get("import")
     if imp:
         added = imp["added_by_sb3_safe_save"]["median_s"]

@@ -145,6 +145,8 @@ def run(quick: bool) -> dict[str, Any]:
     results["walker"] = extras.walker_cost(WORK, reps=5 if quick else 15)
     results["expert"] = extras.expert_overhead(WORK, reps=7 if quick else 21)
     results["import"] = extras.import_cost(reps=3 if quick else 7)
+    log("== replay buffer save, peak memory")
+    results["buffer"] = extras.buffer_save_memory(WORK, quick)
     results["goals"] = report.goals(results)
     results["duration_s"] = time.time() - started
     shutil.rmtree(WORK, ignore_errors=True)
