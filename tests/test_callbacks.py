@@ -15,7 +15,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from _compare import assert_same_tree
-from sb3_safe_save import load_vecnormalize, read_manifest, safe
+from sb3_safe_save import SafeVecNormalize, load_vecnormalize, read_manifest, safe
 from sb3_safe_save._buffers import is_pickle
 
 
@@ -54,12 +54,25 @@ def test_checkpoint_callback_writes_our_format(tmp_path: pathlib.Path) -> None:
     assert other.replay_buffer.pos == 39  # the callback runs before the 40th transition is stored
     assert np.array_equal(other.replay_buffer.observations[:39], model.replay_buffer.observations[:39])
 
-    # VecNormalize: the callback calls VecNormalize.save itself, which the mixin cannot reach: still a pickle.
-    # The safe alternative is one bundled file (or save_vecnormalize).
+    # VecNormalize: a stock VecNormalize.save (which the callback calls itself) still pickles...
     assert is_pickle(tmp_path / "rl_model_vecnormalize_40_steps.pkl")
+    # ... the bundled file does not
     model.save(tmp_path / "agent.safetensors", vec_normalize=model.get_vec_normalize_env())
     restored = load_vecnormalize(tmp_path / "agent.safetensors", cartpole())
     assert np.array_equal(restored.obs_rms.mean, venv.obs_rms.mean)
+
+
+def test_checkpoint_callback_with_safe_vecnormalize_writes_no_pickle(tmp_path: pathlib.Path) -> None:
+    venv = SafeVecNormalize(cartpole())
+    model = safe(PPO)("MlpPolicy", venv, n_steps=16, batch_size=16, n_epochs=1, policy_kwargs=dict(net_arch=[8]), seed=0)
+    callback = CheckpointCallback(save_freq=16, save_path=str(tmp_path), save_vecnormalize=True)
+    model.learn(32, callback=callback)
+    path = tmp_path / "rl_model_vecnormalize_32_steps.pkl"  # the callback's name; safetensors inside
+    assert path.exists() and not is_pickle(path)
+    for restored in (SafeVecNormalize.load(str(path), cartpole()), load_vecnormalize(path, cartpole())):
+        assert np.array_equal(restored.obs_rms.mean, venv.obs_rms.mean)
+        assert np.array_equal(restored.obs_rms.var, venv.obs_rms.var) and restored.obs_rms.count == venv.obs_rms.count
+    assert isinstance(SafeVecNormalize.load(str(path), cartpole()), SafeVecNormalize)
 
 
 def test_eval_callback_best_model_is_our_format(tmp_path: pathlib.Path) -> None:

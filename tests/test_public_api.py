@@ -22,6 +22,7 @@ EXPECTED = {
     "ResourceSpec",
     "SafeSaveError",
     "SafeSaveMixin",
+    "SafeVecNormalize",
     "SaveTargetDirectoryMissingError",
     "SaveTargetIsADirectoryError",
     "StateMismatchError",

@@ -32,7 +32,7 @@ if _typing.TYPE_CHECKING:
     from sb3_safe_save._manifest import FORMAT_VERSION, Hazard, Manifest, Placeholder, ResourceSpec
     from sb3_safe_save._persist import load_model, read_manifest, save_model
     from sb3_safe_save._resources import LazyResource, factory, lazy, register_resource, unregister_resource
-    from sb3_safe_save._vecnormalize import load_vecnormalize, save_vecnormalize
+    from sb3_safe_save._vecnormalize import SafeVecNormalize, load_vecnormalize, save_vecnormalize
     from sb3_safe_save._weights import file_sha256
 
 # Imported on first use (PEP 562): they pull in pydantic, the codecs and the walker, which a module
@@ -55,6 +55,7 @@ _LAZY = {
     "lazy": "sb3_safe_save._resources",
     "register_resource": "sb3_safe_save._resources",
     "unregister_resource": "sb3_safe_save._resources",
+    "SafeVecNormalize": "sb3_safe_save._vecnormalize",
     "load_vecnormalize": "sb3_safe_save._vecnormalize",
     "save_vecnormalize": "sb3_safe_save._vecnormalize",
     "file_sha256": "sb3_safe_save._weights",
@@ -92,6 +93,7 @@ __all__ = [
     "ResourceSpec",
     "SafeSaveError",
     "SafeSaveMixin",
+    "SafeVecNormalize",
     "SaveTargetDirectoryMissingError",
     "SaveTargetIsADirectoryError",
     "StateMismatchError",

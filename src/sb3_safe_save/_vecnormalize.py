@@ -20,7 +20,7 @@ import io
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch as th
@@ -129,6 +129,23 @@ def save_vecnormalize(
 
 
 # ---------------------------------------------------------------------------------------------- load
+class SafeVecNormalize(VecNormalize):
+    """A ``VecNormalize`` whose ``save``/``load`` use this library's format instead of pickle.
+
+    Use it in place of ``VecNormalize``; then everything that calls ``VecNormalize.save`` — such as
+    ``CheckpointCallback(save_vecnormalize=True)`` — writes a safetensors file, whatever its name.
+    """
+
+    def save(self, save_path: str | os.PathLike[str]) -> None:
+        """Save settings and statistics (no pickle). See ``save_vecnormalize``."""
+        save_vecnormalize(self, save_path)
+
+    @staticmethod
+    def load(load_path: str | os.PathLike[str], venv: VecEnv) -> SafeVecNormalize:
+        """Wrap ``venv`` in a ``SafeVecNormalize`` with the stored settings and statistics. See ``load_vecnormalize``."""
+        return cast(SafeVecNormalize, _load(load_path, venv, cls=SafeVecNormalize, verify=True))
+
+
 def load_vecnormalize(path: str | os.PathLike[str] | io.BufferedIOBase, venv: VecEnv, *, verify: bool = True) -> VecNormalize:
     """Load a ``VecNormalize`` saved by ``save_vecnormalize`` (or bundled in a model file) around ``venv``.
 
@@ -141,13 +158,19 @@ def load_vecnormalize(path: str | os.PathLike[str] | io.BufferedIOBase, venv: Ve
     :raises FormatError: the file holds no VecNormalize state
     :raises StateMismatchError: the statistics do not fit ``venv``'s observation space
     """
+    return _load(path, venv, cls=VecNormalize, verify=verify)
+
+
+def _load(
+    path: str | os.PathLike[str] | io.BufferedIOBase, venv: VecEnv, *, cls: type[VecNormalize], verify: bool
+) -> VecNormalize:
     from sb3_safe_save._persist import _open  # local: _persist imports this module
 
     with _open(path) as (f, size):
         header = _weights.read_header(f, size)
         state, checksums = _state_from_header(header)
         body = _weights.Body(f, header, checksums, verify=verify)
-        return restore_vecnormalize(state, lambda key: body.read_tensor(PREFIX + key), venv)
+        return restore_vecnormalize(state, lambda key: body.read_tensor(PREFIX + key), venv, cls=cls)
 
 
 def _state_from_header(header: _weights.Header) -> tuple[VecNormalizeState, dict[str, str]]:
@@ -174,7 +197,9 @@ def _state_from_header(header: _weights.Header) -> tuple[VecNormalizeState, dict
     return manifest.vec_normalize, {k: m.xxh3 for k, m in manifest.tensors.items()}
 
 
-def restore_vecnormalize(state: VecNormalizeState, read: ReadTensor, venv: VecEnv) -> VecNormalize:
+def restore_vecnormalize(
+    state: VecNormalizeState, read: ReadTensor, venv: VecEnv, *, cls: type[VecNormalize] = VecNormalize
+) -> VecNormalize:
     """Wrap ``venv`` in a ``VecNormalize`` with ``state``; if ``venv`` already has one, update that one in place."""
     existing = unwrap_vec_normalize(venv)
     if existing is not None:
@@ -182,9 +207,7 @@ def restore_vecnormalize(state: VecNormalizeState, read: ReadTensor, venv: VecEn
     else:
         settings = {name: _float_in(getattr(state, name)) if name in _FLOATS else getattr(state, name) for name in _SETTINGS}
         try:
-            target = VecNormalize(
-                venv, **settings, norm_obs_keys=None if state.norm_obs_keys is None else list(state.norm_obs_keys)
-            )
+            target = cls(venv, **settings, norm_obs_keys=None if state.norm_obs_keys is None else list(state.norm_obs_keys))
         except (ValueError, KeyError, AssertionError) as e:
             raise StateMismatchError(f"the stored VecNormalize settings do not fit this env: {e}") from None
     apply_vecnormalize(target, state, read)
