@@ -174,6 +174,9 @@ def markdown(results: dict[str, Any], notes: list[str]) -> str:
     lines += ["", "## Peak memory (fresh process, MiB)", "", *_memory_table(results)]
     lines += ["", "## Method", ""] + [f"- {n}" for n in _method_notes(results)]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    analysis = HERE / "ANALYSIS.md"
+    if analysis.exists():
+        lines += ["", "## Why the misses", "", analysis.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import io
 import pathlib
-import pickle
 import tracemalloc
 from typing import Any
 
-import cloudpickle
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -20,24 +18,6 @@ from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 from sb3_safe_save import FormatError, PickleRefusedError, StateMismatchError, safe
 from sb3_safe_save._buffers import load_buffer_into, save_buffer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(before)
-
-
-@pytest.fixture
-def no_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("pickle used")
-
-    for mod, name in ((pickle, "dump"), (pickle, "dumps"), (pickle, "load"), (pickle, "loads"), (cloudpickle, "dumps")):
-        monkeypatch.setattr(mod, name, refuse)
-
 
 BUFFER_ARRAYS = (
     "observations",

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import pytest
-import torch as th
 from stable_baselines3 import DQN, PPO
 from stable_baselines3.common.callbacks import CheckpointCallback, EvalCallback
 from stable_baselines3.common.monitor import Monitor
@@ -17,14 +14,6 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 from _compare import assert_same_tree
 from sb3_safe_save import SafeVecNormalize, load_vecnormalize, read_manifest, safe
 from sb3_safe_save._buffers import is_pickle
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(before)
 
 
 def cartpole() -> DummyVecEnv:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import pickle
-from collections.abc import Iterator
 from typing import Any
 
 import cloudpickle
@@ -53,15 +52,6 @@ CASES: dict[str, tuple[type, str, str | None, dict[str, Any]]] = {
         dict(**ON, n_critic_updates=1, cg_max_steps=2, policy_kwargs=dict(net_arch=[8])),
     ),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models are slower with many threads on a shared machine."""
-    before = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(before)
 
 
 def _forbid_pickle(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import pathlib
-import pickle
 from typing import Any
 
-import cloudpickle
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch as th
 from stable_baselines3 import PPO
 from stable_baselines3.common.envs import SimpleMultiObsEnv
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
 from sb3_safe_save import FormatError, StateMismatchError, load_vecnormalize, read_manifest, safe, save_vecnormalize
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(before)
-
-
-@pytest.fixture
-def no_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("pickle used")
-
-    for mod, name in ((pickle, "dump"), (pickle, "dumps"), (pickle, "load"), (pickle, "loads"), (cloudpickle, "dumps")):
-        monkeypatch.setattr(mod, name, refuse)
 
 
 def pendulum(n: int = 2) -> DummyVecEnv:

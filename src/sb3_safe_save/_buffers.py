@@ -208,14 +208,12 @@ def load_buffer_into(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buf
 
 
 def _parse(header: _weights.Header) -> ReplayBufferFile:
-    text = header.metadata.get(META_BUFFER)
+    text = _weights.checked_metadata(header, META_BUFFER, META_BUFFER_CHECKSUM, "the replay-buffer header")
     if text is None:
         raise FormatError(
             "this file holds no replay buffer (no sb3_safe_save.replay_buffer header);"
             " write one with model.save_replay_buffer(path)"
         )
-    if _weights.checksum(text.encode()) != header.metadata.get(META_BUFFER_CHECKSUM):
-        raise FormatError("the replay-buffer header does not match its checksum: the file is corrupted")
     try:
         meta = ReplayBufferFile.model_validate_json(text)
     except ValueError as e:

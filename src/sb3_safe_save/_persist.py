@@ -271,16 +271,9 @@ def _parse(f: IO[bytes], size: int) -> tuple[_weights.Header, Manifest]:
             "If you trust it, convert it once: sb3-safe-save convert MODEL.zip OUT.safetensors --trust-pickle"
         )
     header = _weights.read_header(f, size)
-    text = header.metadata.get(META_MANIFEST)
+    text = _weights.checked_metadata(header, META_MANIFEST, META_CHECKSUM, "the manifest")
     if text is None:
         raise FormatError("this safetensors file has no sb3_safe_save manifest: it was not written by sb3_safe_save")
-    expected = header.metadata.get(META_CHECKSUM)
-    if expected is None:
-        raise FormatError(
-            "this safetensors file has an sb3_safe_save manifest but no checksum: it was not written by sb3_safe_save"
-        )
-    if _weights.checksum(text.encode()) != expected:
-        raise IntegrityError("the manifest does not match its checksum: the header is corrupted")
     manifest = parse_manifest(text)
     if set(manifest.tensors) != set(header.tensors):
         extra = sorted(set(header.tensors) ^ set(manifest.tensors))[:5]

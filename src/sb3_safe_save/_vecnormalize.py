@@ -174,10 +174,8 @@ def _load(
 
 
 def _state_from_header(header: _weights.Header) -> tuple[VecNormalizeState, dict[str, str]]:
-    text = header.metadata.get(META_VEC_NORMALIZE)
+    text = _weights.checked_metadata(header, META_VEC_NORMALIZE, META_VEC_NORMALIZE_CHECKSUM, "the VecNormalize header")
     if text is not None:
-        if _weights.checksum(text.encode()) != header.metadata.get(META_VEC_NORMALIZE_CHECKSUM):
-            raise FormatError("the VecNormalize header does not match its checksum: the file is corrupted")
         try:
             parsed = VecNormalizeFile.model_validate_json(text)
         except ValueError as e:

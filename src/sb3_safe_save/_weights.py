@@ -283,6 +283,24 @@ def read_header(f: IO[bytes], file_size: int) -> Header:
     return Header(metadata=metadata, tensors=tensors, body_start=body_start, file_size=file_size)
 
 
+def checked_metadata(header: Header, key: str, checksum_key: str, what: str) -> str | None:
+    """The ``__metadata__`` entry ``key`` after checking it against its XXH3 checksum entry (None if absent).
+
+    :param what: what the entry holds, for the messages ("the manifest", "the replay-buffer header")
+    :raises FormatError: the entry has no checksum entry (it was not written by sb3_safe_save)
+    :raises IntegrityError: the checksum does not match (the header is corrupted)
+    """
+    text = header.metadata.get(key)
+    if text is None:
+        return None
+    expected = header.metadata.get(checksum_key)
+    if expected is None:
+        raise FormatError(f"this safetensors file has {what} but no checksum for it: it was not written by sb3_safe_save")
+    if checksum(text.encode()) != expected:
+        raise IntegrityError(f"{what} does not match its checksum: the header is corrupted")
+    return text
+
+
 def _tensor_info(key: str, entry: Any, body_start: int) -> TensorInfo:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise FormatError(f"tensor {key!r}: header entry must have exactly dtype, shape and data_offsets")
