@@ -391,3 +391,22 @@ def test_deeply_nested_manifest(depth: int) -> None:
         assert len(str(e)) < 5000
     else:
         assert depth < 255 and loaded.extra is not None
+
+
+def test_a_value_replaced_by_a_dotted_custom_object_is_not_audited(tmp_path: Path) -> None:
+    """``custom_objects`` replaces a value without decoding it, so its references need no trust."""
+    model = safe(PPO)("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, policy_kwargs={"net_arch": [8]})
+    path = tmp_path / "ppo.safetensors"
+    model.save(path)
+
+    def forge(manifest: dict[str, Any]) -> None:
+        manifest["data"]["policy_kwargs"]["items"]["activation_fn"] = {"kind": "ref", "ref": "os:system"}
+
+    forged = tmp_path / "forged.safetensors"
+    forged.write_bytes(edit_manifest(path.read_bytes(), forge))
+    with pytest.raises(UntrustedTypeError) as info:
+        safe(PPO).load(forged)
+    assert info.value.refs == ["os:system"] and "policy_kwargs.activation_fn" in str(info.value)
+    loaded = safe(PPO).load(forged, custom_objects={"policy_kwargs.activation_fn": th.nn.Tanh})
+    assert loaded.policy_kwargs["activation_fn"] is th.nn.Tanh
+    assert loaded.policy_kwargs["net_arch"] == [8]

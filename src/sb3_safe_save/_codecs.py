@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import enum
-import keyword
 import math
 import re
 import types
@@ -45,6 +44,7 @@ from sb3_safe_save._manifest import (
     TensorNode,
     TorchDtypeNode,
     TupleNode,
+    child_path,
 )
 from sb3_safe_save._trust import ref_of, resolves_to
 
@@ -75,13 +75,6 @@ class Decoder(Protocol):
     def placeholder(self, key: str, path: str) -> Any: ...
 
     def unpickle(self, node: PickleNode, path: str) -> Any: ...
-
-
-def child_path(path: str, key: object) -> str:
-    """``a.b`` for identifier keys, ``a[3]`` / ``a[some key]`` otherwise."""
-    if isinstance(key, str) and key.isidentifier() and not keyword.iskeyword(key):
-        return f"{path}.{key}"
-    return f"{path}[{key}]"
 
 
 # --------------------------------------------------------------------------------- safe dtype tables

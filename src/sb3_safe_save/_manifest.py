@@ -20,6 +20,7 @@ every older version (see ``_load_manifest``), and add a golden file for the new 
 from __future__ import annotations
 
 import json
+import keyword
 import re
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Final, Literal, Union
@@ -452,6 +453,39 @@ def iter_children(node: Node) -> Iterable[Node]:
     """The direct child nodes of ``node`` (for generic walks over the tree)."""
     children = _CHILDREN.get(type(node))
     return () if children is None else children(node)
+
+
+def child_path(path: str, key: object) -> str:
+    """The path of a child: ``a.b`` for identifier keys, ``a[3]`` / ``a[some key]`` otherwise (codecs use it too)."""
+    if isinstance(key, str) and key.isidentifier() and not keyword.iskeyword(key):
+        return f"{path}.{key}"
+    return f"{path}[{key}]"
+
+
+_NAMED_CHILDREN: dict[type, Callable[[Any], Iterable[tuple[object, Node]]]] = {
+    ListNode: lambda n: enumerate(n.items),
+    TupleNode: lambda n: enumerate(n.items),
+    DequeNode: lambda n: enumerate(n.items),
+    DictNode: lambda n: n.items.items(),
+    SpaceNode: lambda n: n.args.items(),
+    ObjectNode: lambda n: n.state.items(),
+    NamedTupleNode: lambda n: n.fields.items(),
+}
+
+
+def iter_paths(node: Node, path: str, skip: Callable[[str], bool] = lambda _: False) -> list[tuple[str, Node]]:
+    """``(path, node)`` for the tree below (and including) ``node``, leaving out subtrees whose path ``skip`` accepts."""
+    out: list[tuple[str, Node]] = []
+    stack: list[tuple[str, Node]] = [(path, node)]
+    while stack:
+        p, n = stack.pop()
+        if skip(p):
+            continue
+        out.append((p, n))
+        children = _NAMED_CHILDREN.get(type(n))
+        if children is not None:
+            stack.extend((child_path(p, k), c) for k, c in children(n))
+    return out
 
 
 def iter_nodes(node: Node) -> list[Node]:

@@ -64,7 +64,7 @@ from sb3_safe_save._manifest import (
     ResourceSpec,
     TensorMeta,
     Versions,
-    iter_nodes,
+    iter_paths,
     node_refs,
     parse_manifest,
 )
@@ -394,16 +394,13 @@ def _references(manifest: Manifest, custom_objects: Mapping[str, Any]) -> tuple[
     """Every import reference (with where it is used) and every pickled value the load would decode."""
     refs: dict[str, list[str]] = {}
     pickles: list[str] = []
+    replaced = custom_objects.__contains__  # a replaced value (and all below it) is never decoded
     for top, root in _walk_data(manifest):
-        if top in custom_objects:
-            continue
-        for node in iter_nodes(root):
+        for path, node in iter_paths(root, top, skip=replaced):
             for ref in node_refs(node):
-                refs.setdefault(ref, []).append(top)
+                refs.setdefault(ref, []).append(path)
             if isinstance(node, PickleNode):
-                path = node.tensor.removesuffix("#pickle")
-                if not any(path == c or path.startswith(c + ".") or path.startswith(c + "[") for c in custom_objects):
-                    pickles.append(path)
+                pickles.append(path)
     return refs, pickles
 
 
