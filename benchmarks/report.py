@@ -277,7 +277,12 @@ def notes(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def write(results: dict[str, Any], extra_notes: list[str] | None = None) -> None:
-    (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (HERE / "RESULTS.md").write_text(markdown(results, notes(results) + list(extra_notes or [])))
-    plot(results, HERE / "plot.png")
+def write(results: dict[str, Any], extra_notes: list[str] | None = None) -> list[Path]:
+    """Write results.json, RESULTS.md and plot.png; a quick run writes ``*-quick`` files (git-ignored) instead,
+    so it never overwrites the committed full results."""
+    tag = "-quick" if results["quick"] else ""
+    paths = [HERE / f"results{tag}.json", HERE / f"RESULTS{tag}.md", HERE / f"plot{tag}.png"]
+    paths[0].write_text(json.dumps(results, indent=1) + "\n")
+    paths[1].write_text(markdown(results, notes(results) + list(extra_notes or [])))
+    plot(results, paths[2])
+    return paths
