@@ -122,8 +122,9 @@ def test_declared_resource_via_class_attribute(tmp_path: pathlib.Path) -> None:
     assert loaded.policy.q_net.vlm_model is expert
 
 
-def test_declared_object_absent_from_model_makes_no_placeholder() -> None:
-    snap = snapshot_model(_dqn(), resources={"unused": UnpicklableExpert()})
+def test_declared_object_absent_from_model_makes_no_placeholder_and_is_warned_about() -> None:
+    with pytest.warns(UserWarning, match=r"resources/specs/optional given for \['unused'\], which match no resource"):
+        snap = snapshot_model(_dqn(), resources={"unused": UnpicklableExpert()})
     assert snap.placeholders == []
 
 

@@ -160,10 +160,10 @@ def snapshot_model(
         trusted=TrustList(None, home_module=cls.__module__),
     )
     snapshot = walker.walk(model, exclude, _keep_session_state(model, exclude, include))
-    unused = (set(specs or {}) | optional) - {p.key for p in snapshot.placeholders}
+    unused = (set(resources or {}) | set(specs or {}) | optional) - {p.key for p in snapshot.placeholders}
     if unused:
         warnings.warn(
-            f"specs/optional given for {sorted(unused)}, which match no resource in the model"
+            f"resources/specs/optional given for {sorted(unused)}, which match no resource in the model"
             f" (its resources are {[p.key for p in snapshot.placeholders]})",
             UserWarning,
             stacklevel=4,

@@ -32,7 +32,6 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.utils import get_device
 
 from sb3_safe_save._codecs import NotEncodable, codec_for
 from sb3_safe_save._errors import UnsupportedObjectError
@@ -511,7 +510,3 @@ def _hazards(model: BaseAlgorithm, placeholders: list[Placeholder]) -> list[Haza
                 )
             )
     return hazards
-
-
-def model_device(model: BaseAlgorithm) -> th.device:
-    return get_device(getattr(model, "device", "cpu"))
