@@ -129,11 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # ============================================================================================ inspect
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from sb3_safe_save._persist import _open, _parse, _sha256
+    from sb3_safe_save._persist import _open, _parse
+    from sb3_safe_save._weights import sha256_of
 
     with _open(args.path) as (f, size):  # a path or a URL (s3://...)
         header, manifest = _parse(f, size)
-        sha = None if args.no_sha256 else _sha256(f)
+        sha = None if args.no_sha256 else sha256_of(f)
     tensors = sorted(header.tensors.items(), key=lambda kv: kv[1].start)
     if args.format == "json":
         doc = {

@@ -438,23 +438,6 @@ def _short(e: Exception, limit: int = 2000) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-_CHILDREN: dict[type, Callable[[Any], Iterable[Node]]] = {
-    ListNode: lambda n: n.items,
-    TupleNode: lambda n: n.items,
-    DequeNode: lambda n: n.items,
-    DictNode: lambda n: n.items.values(),
-    SpaceNode: lambda n: n.args.values(),
-    ObjectNode: lambda n: n.state.values(),
-    NamedTupleNode: lambda n: n.fields.values(),
-}
-
-
-def iter_children(node: Node) -> Iterable[Node]:
-    """The direct child nodes of ``node`` (for generic walks over the tree)."""
-    children = _CHILDREN.get(type(node))
-    return () if children is None else children(node)
-
-
 def child_path(path: str, key: object) -> str:
     """The path of a child: ``a.b`` for identifier keys, ``a[3]`` / ``a[some key]`` otherwise (codecs use it too)."""
     if isinstance(key, str) and key.isidentifier() and not keyword.iskeyword(key):
@@ -495,9 +478,9 @@ def iter_nodes(node: Node) -> list[Node]:
     while stack:
         n = stack.pop()
         out.append(n)
-        children = _CHILDREN.get(type(n))
+        children = _NAMED_CHILDREN.get(type(n))
         if children is not None:
-            stack.extend(children(n))
+            stack.extend(c for _, c in children(n))
     return out
 
 

@@ -310,7 +310,7 @@ def load_model(
         # ---- phase 1: parse
         header, manifest = _parse(f, size)
         if expected_sha256 is not None:
-            found = _sha256(f)
+            found = _weights.sha256_of(f)
             if found != expected_sha256.lower():
                 raise IntegrityError(f"SHA-256 mismatch: expected {expected_sha256}, the file has {found}")
         if print_system_info:
@@ -370,15 +370,6 @@ def is_sb3_zip(path: PathLike) -> bool:
         with open(target, "rb") as f:
             start = f.read(4)
     return start == b"PK\x03\x04"
-
-
-def _sha256(f: IO[bytes]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for chunk in _weights.iter_chunks(f):
-        h.update(chunk)
-    return h.hexdigest()
 
 
 def _walk_data(manifest: Manifest) -> Iterator[tuple[str, Node]]:

@@ -441,8 +441,13 @@ def iter_chunks(f: IO[bytes], size: int = 1 << 22) -> Iterator[bytes]:
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a whole file, as hex: the hash to publish next to a model and pin at load."""
-    h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        for chunk in iter_chunks(f):
-            h.update(chunk)
+        return sha256_of(f)
+
+
+def sha256_of(f: IO[bytes]) -> str:
+    """SHA-256 of an open file's whole content, read from the start in chunks."""
+    h = hashlib.sha256()
+    for chunk in iter_chunks(f):
+        h.update(chunk)
     return h.hexdigest()
