@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml constraints.txt tests/resource_plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[contrib,remote]" \
-		pytest pytest-timeout hypothesis mypy ruff matplotlib "moto[server]"
+		pytest pytest-timeout pytest-xdist hypothesis mypy ruff matplotlib "moto[server]" \
+		transformers rl_zoo3 huggingface_hub
 	$(PY) -m pip install -q -c constraints.txt --no-deps -e tests/resource_plugin
 	touch $(STAMP)
 
