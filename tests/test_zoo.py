@@ -1,0 +1,244 @@
+"""rl-zoo3's own train/enjoy loops through ``python -m sb3_safe_save.zoo``: every artifact in our format, configs safe."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import yaml
+from stable_baselines3 import PPO, SAC
+from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from sb3_safe_save import FormatError, PickleRefusedError, UntrustedTypeError, load_vecnormalize, read_manifest, safe
+
+pytest.importorskip("rl_zoo3")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_gymnasium_time_limit() -> Iterator[None]:
+    """Importing rl_zoo3 replaces gymnasium's TimeLimit process-wide; put it back for the other test modules."""
+    import gymnasium.envs.registration
+    import gymnasium.wrappers
+    import gymnasium.wrappers.common
+
+    places = [(gymnasium.wrappers, "TimeLimit"), (gymnasium.wrappers.common, "TimeLimit")]
+    places.append((gymnasium.envs.registration, "TimeLimit"))
+    saved = [(obj, name, getattr(obj, name)) for obj, name in places]
+    yield
+    for obj, name, value in saved:
+        setattr(obj, name, value)
+
+
+def zoo(*args: str) -> None:
+    from sb3_safe_save.zoo import main
+
+    assert main(list(args)) == 0
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def no_pickles_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.suffix in (".pkl", ".zip")]
+
+
+PPO_ARGS = ["--algo", "ppo", "--env", "CartPole-v1", "--seed", "0", "--verbose", "0"]
+PPO_ARGS += ["-params", "n_envs:1", "n_steps:64", "batch_size:64", "n_epochs:1", "policy_kwargs:dict(net_arch=[8])"]
+
+
+def test_ppo_cartpole_train_enjoy_continue(tmp_path: Path, no_pickle: None, capsys: pytest.CaptureFixture[str]) -> None:
+    logs = tmp_path / "logs"
+    zoo("train", *PPO_ARGS, "-n", "128", "-f", str(logs), "--eval-freq", "64", "--eval-episodes", "1", "--save-freq", "64")
+    run = logs / "ppo" / "CartPole-v1_1"
+    assert files_under(run) == [
+        "0.monitor.csv",
+        "CartPole-v1.safetensors",
+        "CartPole-v1/args.yml",
+        "CartPole-v1/command.txt",
+        "CartPole-v1/config.yml",
+        "best_model.safetensors",
+        "evaluations.npz",
+        "rl_model_128_steps.safetensors",
+        "rl_model_64_steps.safetensors",
+    ]
+    assert no_pickles_under(tmp_path) == []
+
+    # the final model loads anywhere: rl-zoo3's lin_0.001 schedule is SB3's LinearSchedule, stored as data
+    agent = safe(PPO).load(run / "CartPole-v1.safetensors")
+    assert agent.num_timesteps == 128
+    assert isinstance(agent.learning_rate, LinearSchedule)
+    assert agent.learning_rate(0.25) == pytest.approx(0.25 * 0.001)
+    assert agent.clip_range(0.5) == pytest.approx(0.5 * 0.2)
+    assert safe(PPO).load(run / "rl_model_64_steps.safetensors").num_timesteps == 64
+    assert read_manifest(run / "best_model.safetensors").base_algorithm.endswith(":PPO")
+    config = yaml.safe_load((run / "CartPole-v1" / "config.yml").read_text())  # plain YAML, no Python tags
+    assert config["learning_rate"] == "lin_0.001"
+    assert config["n_steps"] == 64
+
+    capsys.readouterr()
+    zoo("enjoy", "--algo", "ppo", "--env", "CartPole-v1", "-f", str(logs), "--no-render", "-n", "30", "--load-best")
+    assert f"Loading {run / 'best_model.safetensors'}" in capsys.readouterr().out
+
+    zoo("train", *PPO_ARGS, "-n", "64", "-f", str(logs), "--eval-freq", "-1", "-i", str(run / "CartPole-v1.safetensors"))
+    run2 = logs / "ppo" / "CartPole-v1_2"
+    args = yaml.safe_load((run2 / "CartPole-v1" / "args.yml").read_text())
+    assert args["trained_agent"] == str(run / "CartPole-v1.safetensors")
+    # 2 updates in the first run (2 rollouts x 1 epoch), 1 more here: training went on from the saved agent
+    assert agent._n_updates == 2
+    assert safe(PPO).load(run2 / "CartPole-v1.safetensors")._n_updates == 3
+    assert no_pickles_under(tmp_path) == []
+
+
+VECNORMALIZE = "vecnormalize.safetensors"
+SAC_ARGS = ["--algo", "sac", "--env", "Pendulum-v1", "--seed", "0", "--verbose", "0", "--save-replay-buffer"]
+SAC_ARGS += ["-params", "normalize:True", "learning_starts:64", "buffer_size:1000", "batch_size:16"]
+SAC_ARGS += ["policy_kwargs:dict(net_arch=[8])"]
+
+
+def test_sac_pendulum_normalize_train_enjoy_continue(
+    tmp_path: Path, no_pickle: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logs = tmp_path / "logs"
+    zoo("train", *SAC_ARGS, "-n", "128", "-f", str(logs), "--eval-freq", "64", "--eval-episodes", "1", "--save-freq", "64")
+    run = logs / "sac" / "Pendulum-v1_1"
+    assert files_under(run) == [
+        "0.monitor.csv",
+        "Pendulum-v1.safetensors",
+        "Pendulum-v1/args.yml",
+        "Pendulum-v1/command.txt",
+        "Pendulum-v1/config.yml",
+        "Pendulum-v1/vecnormalize.safetensors",
+        "best_model.safetensors",
+        "evaluations.npz",
+        "replay_buffer.safetensors",
+        "rl_model_128_steps.safetensors",
+        "rl_model_64_steps.safetensors",
+    ]
+    assert no_pickles_under(tmp_path) == []
+    stats = load_vecnormalize(run / "Pendulum-v1" / VECNORMALIZE, DummyVecEnv([lambda: gym.make("Pendulum-v1")]))
+    assert 128 < stats.obs_rms.count < 130  # the training env's statistics: one update per step (and the first reset)
+
+    # enjoy wraps its env in the stored statistics, frozen
+    import sb3_safe_save._vecnormalize as vecnormalize_module
+
+    restored: list[Any] = []
+    original = vecnormalize_module.load_vecnormalize
+
+    def spy(path: Any, venv: Any, **kwargs: Any) -> Any:
+        restored.append(original(path, venv, **kwargs))
+        return restored[-1]
+
+    with monkeypatch.context() as m:
+        m.setattr(vecnormalize_module, "load_vecnormalize", spy)
+        capsys.readouterr()
+        zoo("enjoy", "--algo", "sac", "--env", "Pendulum-v1", "-f", str(logs), "--no-render", "-n", "20")
+    assert f"Loading {run / 'Pendulum-v1.safetensors'}" in capsys.readouterr().out
+    assert len(restored) == 1
+    assert restored[0].training is False and restored[0].norm_reward is False
+    np.testing.assert_array_equal(restored[0].obs_rms.mean, stats.obs_rms.mean)
+
+    zoo("train", *SAC_ARGS, "-n", "64", "-f", str(logs), "--eval-freq", "-1", "-i", str(run / "Pendulum-v1.safetensors"))
+    run2 = logs / "sac" / "Pendulum-v1_2"
+    agent = safe(SAC).load(run2 / "Pendulum-v1.safetensors")
+    agent.load_replay_buffer(run2 / "replay_buffer.safetensors")
+    assert agent.replay_buffer is not None and agent.replay_buffer.pos == 128 + 64  # the saved buffer, then 64 more rows
+    stats2 = load_vecnormalize(run2 / "Pendulum-v1" / VECNORMALIZE, DummyVecEnv([lambda: gym.make("Pendulum-v1")]))
+    assert stats2.obs_rms.count > 128 + 64  # the statistics went on too
+    assert no_pickles_under(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------ safe configs
+def test_normalize_is_parsed_not_evaluated(tmp_path: Path) -> None:
+    from sb3_safe_save._zoo import parse_normalize
+
+    assert parse_normalize(True) == (True, {})
+    assert parse_normalize(False) == (False, {})
+    assert parse_normalize("dict(norm_obs=True, norm_reward=False)") == (True, {"norm_obs": True, "norm_reward": False})
+    assert parse_normalize("{'norm_obs': False, 'clip_obs': 5.0}") == (True, {"norm_obs": False, "clip_obs": 5.0})
+    assert parse_normalize({"norm_reward": False}) == (True, {"norm_reward": False})
+    marker = tmp_path / "ran"
+    for hostile in (f"__import__('pathlib').Path({str(marker)!r}).touch()", "dict(norm_obs=open('x'))", "dict(**x)"):
+        with pytest.raises(FormatError, match="without eval"):
+            parse_normalize(hostile)
+    assert not marker.exists()
+
+
+def test_stock_configs_read_safely(tmp_path: Path) -> None:
+    from sb3_safe_save._zoo import load_config
+
+    # what stock rl-zoo3 writes: an OrderedDict (and tuples) with Python tags
+    stock = yaml.dump(collections.OrderedDict([("normalize", "dict(norm_obs=True)"), ("train_freq", (1, "episode"))]))
+    assert "!!python/object/apply:collections.OrderedDict" in stock
+    assert load_config(stock) == {"normalize": "dict(norm_obs=True)", "train_freq": (1, "episode")}
+    marker = tmp_path / "ran"
+    hostile = f"normalize: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path [{str(marker)!r}]]"
+    with pytest.raises(FormatError, match="YAML tag that constructs Python objects"):
+        load_config(hostile, "config.yml")
+    assert not marker.exists()
+
+
+def test_enjoy_refuses_untrusted_wrappers_in_a_saved_config(tmp_path: Path) -> None:
+    from sb3_safe_save._zoo import get_saved_hyperparams
+
+    (tmp_path / "config.yml").write_text("env_wrapper:\n- rl_zoo3.wrappers.TimeFeatureWrapper\n- evil.module.Wrapper\n")
+    with pytest.raises(UntrustedTypeError, match="--trust") as info:
+        get_saved_hyperparams(str(tmp_path))
+    assert info.value.refs == ["evil.module.Wrapper"]
+    hyperparams, _ = get_saved_hyperparams(str(tmp_path), trusted=["evil.*"])
+    assert hyperparams["env_wrapper"] == ["rl_zoo3.wrappers.TimeFeatureWrapper", "evil.module.Wrapper"]
+    assert hyperparams["normalize"] is False
+
+
+def test_enjoy_refuses_a_stock_zip_with_the_way_out(tmp_path: Path) -> None:
+    from sb3_safe_save._zoo import get_model_path
+
+    run = tmp_path / "ppo" / "CartPole-v1_1"
+    run.mkdir(parents=True)
+    (run / "CartPole-v1.zip").write_bytes(b"PK")
+    with pytest.raises(PickleRefusedError, match=r"sb3-safe-save convert .*--trust-pickle"):
+        get_model_path(1, str(tmp_path), "ppo", "CartPole-v1")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "-i", "agent.zip"], "-i agent.zip: no such file"),
+        (["train", "--optimize-hyperparameters"], "hyperparameter optimization is not supported"),
+        (["fly"], "unknown command 'fly'"),
+    ],
+)
+def test_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from sb3_safe_save.zoo import main
+
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_continue_training_needs_our_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sb3_safe_save.zoo import main
+
+    stock = tmp_path / "CartPole-v1.zip"
+    stock.write_bytes(b"PK")
+    assert main(["train", f"--trained-agent={stock}"]) == 2
+    assert "convert a trusted stock zip once: sb3-safe-save convert" in capsys.readouterr().err
+
+
+def test_other_rl_zoo3_versions_are_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    from sb3_safe_save._zoo import ZooUsageError, check_version
+    from sb3_safe_save.zoo import main
+
+    check_version("2.9.2")
+    with pytest.raises(ZooUsageError, match=r"supports rl_zoo3 2\.9\.x, but rl_zoo3 2\.10\.0 is installed"):
+        check_version("2.10.0")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.8.1")
+    assert main(["train"]) == 2
+    assert "rl_zoo3 2.8.1 is installed" in capsys.readouterr().err
