@@ -60,7 +60,8 @@ def main() -> None:
 
     print("5. load with the expert rebound, and check it is the same agent:")
     loaded = CustomDQN.load(path, env=gym.make("CartPole-v1"), resources={"vlm_model": expert})
-    assert loaded.policy.q_net.vlm_model is expert, "the expert is the very same object"
+    # the Q-network holds the expert through external(): unwrap() gives back the very same object
+    assert sss.unwrap(loaded.policy.q_net.vlm_model) is expert, "the expert is the very same object"
     for a, b in zip(model.policy.state_dict().values(), loaded.policy.state_dict().values(), strict=True):
         assert th.equal(a, b)
     opt_a, opt_b = model.policy.optimizer.state_dict()["state"], loaded.policy.optimizer.state_dict()["state"]

@@ -6,6 +6,10 @@ Two stand-in experts, both deterministic so predictions can be compared exactly:
 * ``UnpicklableExpert``: refuses pickling the way vLLM's ``LLM`` does;
 * ``ModuleExpert``: an ``nn.Module`` with real weights (or ``meta`` weights for a huge one).
 
+The Q-network holds the expert through ``sb3_safe_save.external()``, the recommended way: a plain
+``self.vlm_model = vlm_model`` would register an ``nn.Module`` expert as a submodule of both ``q_net``
+and ``q_net_target``, put its weights in the optimizer, and let DQN's target update zero them.
+
 The classes are importable (``lang_dqn``), which is what a fresh process needs to load the agent.
 """
 
@@ -19,7 +23,7 @@ import torch as th
 from stable_baselines3 import DQN
 from stable_baselines3.dqn.policies import DQNPolicy, QNetwork
 
-from sb3_safe_save import SafeSaveMixin
+from sb3_safe_save import SafeSaveMixin, external
 
 
 class UnpicklableExpert:
@@ -70,12 +74,10 @@ class LangQNetwork(QNetwork):
         vlm_model = kwargs.pop("vlm_model", None)
         vlm_model_name = kwargs.pop("vlm_model_name", None)
         super().__init__(*args, **kwargs)
-        if isinstance(vlm_model, th.nn.Module) and next(vlm_model.parameters()).is_meta:
-            # SB3 calls .to(device) on the Q-network, which cannot move meta tensors: keep a weightless
-            # giant unregistered (a real multi-GPU expert would be kept out of the policy's .to() too).
-            object.__setattr__(self, "vlm_model", vlm_model)
-        else:
-            self.vlm_model = vlm_model
+        # external(): the expert is consulted, not trained. Not a submodule, so it stays out of parameters(),
+        # state_dict(), the optimizer, .to() (a weightless meta giant is fine), .train()/.eval() and SB3's
+        # target update; self.vlm_model.action_logprobs(...) and self.vlm_model(...) reach the expert.
+        self.vlm_model = external(vlm_model)
         self.vlm_model_name = vlm_model_name
         self.use_expert = False
 

@@ -16,6 +16,7 @@ from stable_baselines3 import DQN, PPO
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 import sb3_safe_save
+from _naive import make_naive_model
 from lang_dqn import CustomDQNPolicy, ModuleExpert, UnpicklableExpert, make_model
 from sb3_safe_save import AuditReport, Finding, _persist, _weights, assert_save_budget, audit, safe
 from sb3_safe_save._audit import format_size, parse_size
@@ -195,7 +196,7 @@ def test_seven_billion_parameter_expert_on_meta_is_a_placeholder_with_its_size()
     report = audit(model, max_bytes="1 MB")
     placeholder = _codes(report)["placeholder"]
     assert placeholder.key == "vlm_model" and placeholder.type == "lang_dqn.ModuleExpert"
-    assert placeholder.reason == "external_module" and placeholder.severity == "info"
+    assert placeholder.reason == "external" and placeholder.severity == "info"  # lang_dqn holds it through external()
     assert placeholder.size_bytes == 4 * n_params  # about 28 GB kept out
     assert "policy.q_net.vlm_model" in placeholder.paths and "policy_kwargs.vlm_model" in placeholder.paths
     assert report.kept_out_bytes == 4 * n_params
@@ -203,7 +204,7 @@ def test_seven_billion_parameter_expert_on_meta_is_a_placeholder_with_its_size()
 
 
 def test_core_scenario_shows_shared_with_target_and_external_in_optimizer() -> None:
-    model = make_model(ModuleExpert(), net_arch=[8])
+    model = make_naive_model(ModuleExpert(), net_arch=[8])  # self.vlm_model = vlm_model: registered
     report = audit(model)
     codes = _codes(report)
     shared = codes["shared_with_target"]
@@ -298,7 +299,7 @@ def test_the_saving_class_module_is_trusted_as_load_would() -> None:
     report = audit(model)
     assert "untrusted_reference" not in _codes(report)
     placeholder = _codes(report)["placeholder"]
-    assert placeholder.reason == "unpicklable" and placeholder.type == "lang_dqn.UnpicklableExpert"
+    assert placeholder.reason == "external" and placeholder.type == "lang_dqn.UnpicklableExpert"
     assert report.ok  # info only
 
 
@@ -341,7 +342,7 @@ def test_json_is_stable(trained_dqn: Any) -> None:
 
 
 def test_renderings(trained_dqn: Any) -> None:
-    report = audit(make_model(ModuleExpert(), net_arch=[8]), max_bytes="5 MB")
+    report = audit(make_naive_model(ModuleExpert(), net_arch=[8]), max_bytes="5 MB")
     text = report.table()
     assert "\x1b[" not in text and "shared_with_target" in text and "Largest tensors" in text
     assert "\x1b[31m" in report.table(color=True)

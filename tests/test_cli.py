@@ -14,8 +14,9 @@ import pytest
 from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3
 
 from _compare import assert_same_model
+from _naive import make_naive_model
 from lang_dqn import ModuleExpert, UnpicklableExpert, make_model
-from sb3_safe_save import file_sha256, read_manifest, safe
+from sb3_safe_save import HazardWarning, file_sha256, read_manifest, safe
 from sb3_safe_save._cli import _color, main
 
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
@@ -23,18 +24,22 @@ EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A clean PPO file, the lang_dqn scenario file (hazards), a stock SB3 zip and a file that is not ours."""
+    """A clean PPO file, the lang_dqn scenario with a naively registered expert (hazards), a stock SB3 zip and a file
+    that is not ours."""
     root = tmp_path_factory.mktemp("cli")
     ppo = safe(PPO)("MlpPolicy", "CartPole-v1", policy_kwargs={"net_arch": [8]}, n_steps=16, batch_size=16, n_epochs=1, seed=0)
     ppo.learn(16)
     ppo.save(root / "ppo.safetensors")
     PPO.save(ppo, root / "ppo.zip")  # the stock SB3 save
-    make_model(ModuleExpert(), net_arch=[8]).save(root / "lang.safetensors")
+    with pytest.warns(HazardWarning, match="shared_with_target"):
+        make_naive_model(ModuleExpert(), net_arch=[8]).save(root / "lang.safetensors")
+    make_model(ModuleExpert(), net_arch=[8]).save(root / "guarded.safetensors")  # the expert held through external()
     (root / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     return {
         "ppo": root / "ppo.safetensors",
         "zip": root / "ppo.zip",
         "lang": root / "lang.safetensors",
+        "guarded": root / "guarded.safetensors",
         "junk": root / "junk.safetensors",
     }
 
@@ -209,9 +214,9 @@ def test_export_leaves_placeholders_out_and_lists_them(
     files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "lang.zip"
-    assert main(["export", str(files["lang"]), str(out)]) == 2  # the custom policy must be trusted
+    assert main(["export", str(files["guarded"]), str(out)]) == 2  # the custom policy must be trusted
     assert "--trust lang_dqn.CustomDQNPolicy" in capsys.readouterr().err
-    assert main(["export", str(files["lang"]), str(out), "--trust", "lang_dqn.*"]) == 0
+    assert main(["export", str(files["guarded"]), str(out), "--trust", "lang_dqn.*"]) == 0
     err = capsys.readouterr().err
     assert "left out placeholder 'vlm_model'" in err and "lang_dqn.ModuleExpert" in err
     with warnings.catch_warnings():

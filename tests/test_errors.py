@@ -85,7 +85,7 @@ def test_missing_resource_is_reported_before_any_model_is_built(
     expert = UnpicklableExpert()
     loaded = CustomDQN.load(expert_file, resources={"vlm_model": expert})
     assert built.count("algorithm") == 1 and built.count("policy") == 1
-    assert loaded.policy.q_net.vlm_model is expert
+    assert sb3_safe_save.unwrap(loaded.policy.q_net.vlm_model) is expert
 
 
 def test_missing_resource_via_read_manifest_is_inspectable(expert_file: pathlib.Path) -> None:

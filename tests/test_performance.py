@@ -22,7 +22,7 @@ from stable_baselines3 import DQN, PPO, SAC
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from _compare import assert_same_model
-from sb3_safe_save import file_sha256, safe
+from sb3_safe_save import file_sha256, safe, unwrap
 
 INIT_FUNCTIONS = (
     "orthogonal_",
@@ -108,7 +108,7 @@ def test_core_scenario_load_runs_no_weight_init(tmp_path: pathlib.Path, init_cal
     loaded = type(model).load(tmp_path / "dqn.safetensors", resources={"vlm_model": expert})
 
     assert dict(init_calls) == {}
-    assert loaded.policy.q_net.vlm_model is expert
+    assert unwrap(loaded.policy.q_net.vlm_model) is expert
     assert_same_model(model, loaded)
 
 

@@ -8,9 +8,11 @@ EXPECTED = {
     "FORMAT_VERSION",
     "AlgorithmMismatchError",
     "AuditReport",
+    "External",
     "Finding",
     "FormatError",
     "Hazard",
+    "HazardWarning",
     "IntegrityError",
     "LazyResource",
     "Manifest",
@@ -33,6 +35,7 @@ EXPECTED = {
     "__version__",
     "assert_save_budget",
     "audit",
+    "external",
     "factory",
     "file_sha256",
     "lazy",
@@ -45,6 +48,7 @@ EXPECTED = {
     "save_vecnormalize",
     "trust",
     "unregister_resource",
+    "unwrap",
 }
 
 

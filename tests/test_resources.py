@@ -30,6 +30,7 @@ from sb3_safe_save import (
     read_manifest,
     register_resource,
     unregister_resource,
+    unwrap,
 )
 from sb3_safe_save._resources import Unbound, fingerprint_of
 
@@ -74,7 +75,7 @@ def actions(model: Any, obs: np.ndarray, use_expert: bool = True) -> np.ndarray:
 
 
 def expert_of(model: Any) -> Any:
-    return model.policy.q_net.vlm_model
+    return unwrap(model.policy.q_net.vlm_model)  # lang_dqn holds it through external()
 
 
 class Counter:
@@ -178,6 +179,7 @@ SCRIPT = r"""
 import json, sys
 import numpy as np
 from lang_dqn import CustomDQN, UnpicklableExpert
+from sb3_safe_save import unwrap
 
 route, path, obs_path = sys.argv[1:4]
 built = []
@@ -190,14 +192,14 @@ if route == "registry":
 
     register_resource("vlm_model", rebuild)
 model = CustomDQN.load(path)
-expert = model.policy.q_net.vlm_model
+expert = unwrap(model.policy.q_net.vlm_model)
 model.policy.set_use_expert(True)
 actions = model.predict(np.load(obs_path), deterministic=True)[0]
 print(json.dumps({
     "actions": actions.tolist(),
     "type": type(expert).__name__,
     "name": expert.name,
-    "shared": expert is model.policy.q_net_target.vlm_model is model.policy_kwargs["vlm_model"],
+    "shared": expert is unwrap(model.policy.q_net_target.vlm_model) and expert is model.policy_kwargs["vlm_model"],
     "registry_calls": built,
     "plugin_imported": "sb3_safe_save_test_plugin" in sys.modules,
 }))
@@ -225,7 +227,7 @@ def test_fresh_process_rebuilds_expert_without_resources(
     assert (ph.spec is not None) == (route == "spec")
     np.save(tmp_path / "obs.npy", obs)
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "examples"), str(ROOT / "tests")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "examples"), str(ROOT / "tests"), str(ROOT / "src")])}
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, route, str(path), str(tmp_path / "obs.npy")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
@@ -314,7 +316,7 @@ def test_lazy_resource_is_built_once_on_first_use_across_threads(
     loaded = CustomDQN.load(path, resources={"vlm_model": lazy(build)})
     proxy = expert_of(loaded)
     assert isinstance(proxy, LazyResource) and not proxy.is_built and build.calls == 0
-    assert proxy is loaded.policy.q_net_target.vlm_model is loaded.policy_kwargs["vlm_model"]
+    assert proxy is unwrap(loaded.policy.q_net_target.vlm_model) and proxy is loaded.policy_kwargs["vlm_model"]
     actions(loaded, obs, use_expert=False)  # not using the expert does not build it
     assert build.calls == 0 and "not built yet" in repr(proxy)
 

@@ -13,7 +13,8 @@ from stable_baselines3 import DQN
 
 import sb3_safe_save
 from _compare import assert_same_tree
-from lang_dqn import CustomDQN, CustomDQNPolicy, ModuleExpert, UnpicklableExpert, make_model
+from _naive import NaiveDQNPolicy, make_naive_model
+from lang_dqn import CustomDQN, ModuleExpert, UnpicklableExpert, make_model
 from sb3_safe_save import MissingResourceError, SafeSaveMixin, UnsupportedObjectError, safe
 from sb3_safe_save._persist import snapshot_model
 from sb3_safe_save._walker import DEFAULT_MAX_OBJECT_BYTES, Walker, probe_pickle
@@ -106,10 +107,11 @@ class DeclaringDQN(SafeSaveMixin, DQN):
 
 def test_declared_resource_via_class_attribute(tmp_path: pathlib.Path) -> None:
     expert = ModuleExpert()
-    model = DeclaringDQN(
-        CustomDQNPolicy, "CartPole-v1", policy_kwargs={"vlm_model": expert, "net_arch": [8]}, device="cpu"
+    model = DeclaringDQN(  # registered naively: its weights are in the state dict, under two prefixes
+        NaiveDQNPolicy, "CartPole-v1", policy_kwargs={"vlm_model": expert, "net_arch": [8]}, device="cpu"
     )  # fmt: skip
-    model.save(tmp_path / "m")
+    with pytest.warns(sb3_safe_save.HazardWarning, match="shared_with_target"):
+        model.save(tmp_path / "m")
     manifest = sb3_safe_save.read_manifest(tmp_path / "m.safetensors")
     (ph,) = manifest.placeholders
     assert ph.key == "expert" and ph.reason == "declared"
@@ -118,7 +120,7 @@ def test_declared_resource_via_class_attribute(tmp_path: pathlib.Path) -> None:
     (entry,) = [e for e in manifest.state_dicts if e.name == "policy"]
     assert set(entry.external_prefixes) == {"q_net.vlm_model.", "q_net_target.vlm_model."}
     assert not any("vlm_model" in k for k in manifest.tensors)
-    loaded = DeclaringDQN.load(tmp_path / "m.safetensors", resources={"expert": expert}, trusted=[CustomDQNPolicy])
+    loaded = DeclaringDQN.load(tmp_path / "m.safetensors", resources={"expert": expert}, trusted=[NaiveDQNPolicy])
     assert loaded.policy.q_net.vlm_model is expert
 
 
@@ -290,7 +292,7 @@ def test_optimizer_holding_expert_params_roundtrip(tmp_path: pathlib.Path) -> No
     expert = ModuleExpert(width=8)
     for p in expert.parameters():
         p.requires_grad_(True)
-    model = make_model(expert, net_arch=[8])
+    model = make_naive_model(expert, net_arch=[8])  # registered: its parameters are in the optimizer
     model.learn(60)
     q_net = model.policy.q_net
     obs = th.randn(5, 4)
@@ -303,13 +305,16 @@ def test_optimizer_holding_expert_params_roundtrip(tmp_path: pathlib.Path) -> No
     n_all = len(original["param_groups"][0]["params"])
     assert len(original["state"]) == n_all
 
-    model.save(tmp_path / "m")
+    with pytest.warns(sb3_safe_save.HazardWarning, match="shared_with_target"):
+        model.save(tmp_path / "m")
     manifest = sb3_safe_save.read_manifest(tmp_path / "m.safetensors")
     (opt_entry,) = [e for e in manifest.state_dicts if e.name == "policy.optimizer"]
     assert opt_entry.dropped == list(range(n_all - n_expert, n_all))
     assert "external_in_optimizer" in {h.code for h in manifest.hazards}
 
-    loaded = CustomDQN.load(tmp_path / "m.safetensors", resources={"vlm_model": expert}, device="cpu")
+    loaded = CustomDQN.load(
+        tmp_path / "m.safetensors", resources={"vlm_model": expert}, device="cpu", trusted=[NaiveDQNPolicy]
+    )
     restored = loaded.policy.optimizer.state_dict()
     assert_same_tree(original["param_groups"], restored["param_groups"], "param_groups")
     assert set(restored["state"]) == set(range(n_all - n_expert))

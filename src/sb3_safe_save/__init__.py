@@ -9,6 +9,7 @@ import typing as _typing
 from sb3_safe_save._errors import (
     AlgorithmMismatchError,
     FormatError,
+    HazardWarning,
     IntegrityError,
     MissingResourceError,
     PickleRefusedError,
@@ -23,6 +24,7 @@ from sb3_safe_save._errors import (
     UnsupportedVersionError,
     UntrustedTypeError,
 )
+from sb3_safe_save._external import External, external, unwrap
 from sb3_safe_save._mixin import SafeSaveMixin, safe
 from sb3_safe_save._trust import trust
 from sb3_safe_save._version import __version__
@@ -79,9 +81,11 @@ __all__ = [
     "FORMAT_VERSION",
     "AlgorithmMismatchError",
     "AuditReport",
+    "External",
     "Finding",
     "FormatError",
     "Hazard",
+    "HazardWarning",
     "IntegrityError",
     "LazyResource",
     "Manifest",
@@ -104,6 +108,7 @@ __all__ = [
     "__version__",
     "assert_save_budget",
     "audit",
+    "external",
     "factory",
     "file_sha256",
     "lazy",
@@ -116,4 +121,5 @@ __all__ = [
     "save_vecnormalize",
     "trust",
     "unregister_resource",
+    "unwrap",
 ]

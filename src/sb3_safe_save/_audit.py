@@ -19,9 +19,13 @@ finding ``code``           severity
 ``pickle``                 ``error``: a cloudpickled value (loading it runs code; saving it needs
                            ``allow_pickle=True``). ``warning`` with ``allow_pickle=True``.
 ``untrusted_reference``    ``warning``: a class or function ``load`` refuses unless it is trusted.
-``shared_with_target``     as recorded by the walker (``error`` when DQN-style hard updates, ``tau=1.0``,
-``external_in_optimizer``  would act on an external module; otherwise ``warning``).
-``reinitialised_on_build``
+``shared_with_target``     ``error`` (``warning`` if ``tau`` is 0): the online and target networks hold
+                           parameters with the same storage, which target updates zero (``tau=1.0``) or
+                           shrink (``tau<1``) in place.
+``reinitialised_on_build`` ``error``: a resource module is registered where ``ortho_init`` re-initialises.
+``external_in_optimizer``  ``warning``: a resource's parameters are in an optimizer's param groups.
+                           All three are facts about the live model found at save (``external()`` avoids
+                           them) and recorded in the file; ``save`` warns ``HazardWarning`` for the errors.
 ``over_budget``            ``error``: the total size is above ``max_bytes``.
 =========================  ===========================================================================
 

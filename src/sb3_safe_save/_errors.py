@@ -19,6 +19,8 @@ it, so code that already catches ``ValueError``/``TypeError``/``LookupError`` ke
     │                                        save: the target path is a directory, or its directory is missing
     ├── RemoteStorageUnavailableError (ImportError)  a URL path (s3://...) without fsspec or its backend installed
     └── UnresolvedResourceError (RuntimeError)  use: an optional resource that was left unbound was used
+
+One warning class: ``HazardWarning`` (a ``UserWarning``), warned by ``save`` for error-level hazards.
 """
 
 from __future__ import annotations
@@ -161,4 +163,13 @@ class RemoteStorageUnavailableError(SafeSaveError, ImportError):
     """Raised for a URL path (``s3://``, ``gs://``, ...) when fsspec or the backend it needs is not installed.
 
     Install the extra: ``pip install "sb3-safe-save[remote]"`` (fsspec and s3fs).
+    """
+
+
+class HazardWarning(UserWarning):
+    """Warned by ``save`` (once per model) for an error-level hazard: a resource that training is damaging.
+
+    E.g. an ``nn.Module`` expert registered in both ``q_net`` and ``q_net_target``, which SB3's target
+    update zeroes. The message names the fix, ``sb3_safe_save.external()``. Not an error: the save
+    succeeds. Make it one with ``warnings.simplefilter("error", HazardWarning)``.
     """

@@ -265,7 +265,7 @@ class ResourceSpec(_Model):
         return v
 
 
-Reason = Literal["unpicklable", "too_large", "external_module", "declared"]
+Reason = Literal["unpicklable", "too_large", "external_module", "declared", "external"]
 
 
 class Placeholder(_Model):
@@ -279,8 +279,10 @@ class Placeholder(_Model):
     hint: dict[str, Scalar] = Field(default_factory=dict)
     optional: bool = False
     spec: ResourceSpec | None = None
+    #: the paths (a subset of ``paths``) that held it through ``external()``: load puts a wrapper back there
+    external_paths: list[str] = Field(default_factory=list, max_length=10_000)
 
-    @field_validator("paths")
+    @field_validator("paths", "external_paths")
     @classmethod
     def _check_paths(cls, v: list[str]) -> list[str]:
         return [check_path(p) for p in v]

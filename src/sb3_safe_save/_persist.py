@@ -25,6 +25,7 @@ import pathlib
 import platform
 import threading
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any, TypeVar
 
@@ -44,6 +45,7 @@ from sb3_safe_save._codecs import BY_KIND
 from sb3_safe_save._errors import (
     AlgorithmMismatchError,
     FormatError,
+    HazardWarning,
     IntegrityError,
     PickleRefusedError,
     SafeSaveError,
@@ -52,6 +54,7 @@ from sb3_safe_save._errors import (
     StateMismatchError,
     UntrustedTypeError,
 )
+from sb3_safe_save._external import external, unwrap
 from sb3_safe_save._manifest import (
     META_CHECKSUM,
     META_MANIFEST,
@@ -105,6 +108,7 @@ def save_model(
     if vec_normalize is not None:
         vn_state, arrays = export_vecnormalize(vec_normalize)
         blobs.update({VN_PREFIX + key: _weights.to_blob(value) for key, value in arrays.items()})
+    _warn_hazards(model, snapshot)
     manifest = build_manifest(model, snapshot, tensor_metas(blobs))
     if vn_state is not None:
         manifest = manifest.model_copy(update={"vec_normalize": vn_state})
@@ -112,6 +116,24 @@ def save_model(
     write_file(
         path, blobs, {"format": "pt", META_MANIFEST: text, META_CHECKSUM: _weights.checksum(text.encode())}, fsync=fsync
     )
+
+
+_warned: weakref.WeakKeyDictionary[BaseAlgorithm, set[tuple[str, tuple[str, ...]]]] = weakref.WeakKeyDictionary()
+_warned_lock = threading.Lock()
+
+
+def _warn_hazards(model: BaseAlgorithm, snapshot: Snapshot) -> None:
+    """``HazardWarning`` for each error-level hazard, once per model (not at every checkpoint of it)."""
+    for hazard in snapshot.hazards:
+        if hazard.severity != "error":
+            continue
+        ident = (hazard.code, tuple(hazard.paths))
+        with _warned_lock:
+            seen = _warned.setdefault(model, set())
+            if ident in seen:
+                continue
+            seen.add(ident)
+        warnings.warn(f"{hazard.code}: {hazard.message}", HazardWarning, stacklevel=4)
 
 
 def write_file(
@@ -346,7 +368,7 @@ def load_model(
         decoder = _Decoder(body, trust, bound, custom_objects, manifest, allow_pickle=allow_pickle)
         model = _build(cls, manifest, decoder, env, device, custom_objects, force_reset, kwargs)
         _load_state(model, manifest, decoder, body)
-        _rebind(model, manifest, bound)
+        _rebind(model, manifest, decoder)
         unread = set(header.tensors) - body.read_keys - _skipped_tensors(manifest, custom_objects)
         if unread:
             raise FormatError(f"the file holds tensors the manifest never uses: {sorted(unread)[:5]}")
@@ -435,10 +457,11 @@ class _Decoder:
         self._allow_pickle = allow_pickle
         self._body = body
         self._trust = trust
-        self._bound = bound
+        self.bound = bound
         self._overrides = overrides
         self._manifest = manifest
         self._imported: dict[str, Any] = {}
+        self._wrappers: dict[str, Any] = {}
 
     def decode(self, node: Node, path: str) -> Any:
         if path in self._overrides:
@@ -467,10 +490,19 @@ class _Decoder:
         return self._imported[ref]
 
     def placeholder(self, key: str, path: str) -> Any:
-        self._manifest.placeholder(key)
-        if key not in self._bound:
+        ph = self._manifest.placeholder(key)
+        if key not in self.bound:
             raise FormatError(f"{path}: placeholder {key!r} was not resolved")
-        return self._bound[key]
+        return self.bound_at(ph, path)
+
+    def bound_at(self, ph: Placeholder, path: str) -> Any:
+        """The resource for ``path``: wrapped in ``external()`` where it was wrapped at save (one wrapper per key)."""
+        obj = self.bound[ph.key]
+        if path not in ph.external_paths:
+            return unwrap(obj)
+        if ph.key not in self._wrappers:
+            self._wrappers[ph.key] = external(obj)
+        return self._wrappers[ph.key]
 
     def unpickle(self, node: PickleNode, path: str) -> Any:
         if not self._allow_pickle:  # phase 2 names pickles by tensor key; a forged file can put them elsewhere
@@ -736,12 +768,14 @@ def _load_module_partial(module: th.nn.Module, entry: ModuleState, body: _weight
         raise StateMismatchError(f"{entry.name}: {e}") from None
 
 
-def _rebind(model: BaseAlgorithm, manifest: Manifest, bound: Mapping[str, Any]) -> None:
-    """Put resources back at module-attribute paths the constructor did not fill (identity preserved)."""
+def _rebind(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder) -> None:
+    """Put resources back at module-attribute paths the constructor did not fill (identity preserved).
+
+    A path the constructor filled with the same object, wrapped or not, is left as the constructor made it.
+    """
     for ph in manifest.placeholders:
-        if ph.key not in bound:
+        if ph.key not in decoder.bound:
             continue
-        obj = bound[ph.key]
         for path in ph.paths:
             if _root(path) in manifest.data or "[" in path:
                 continue
@@ -754,5 +788,5 @@ def _rebind(model: BaseAlgorithm, manifest: Manifest, bound: Mapping[str, Any]) 
                 raise StateMismatchError(
                     f"placeholder {ph.key!r}: cannot rebind at {path!r}, the rebuilt model has no {parent_path!r}"
                 ) from None
-            if getattr(parent, attr, None) is not obj:
-                setattr(parent, attr, obj)
+            if unwrap(getattr(parent, attr, None)) is not unwrap(decoder.bound[ph.key]):
+                setattr(parent, attr, decoder.bound_at(ph, path))

@@ -2,8 +2,9 @@
 
 Resolution order for each placeholder (first match wins; documented in the README):
 
-1. ``resources=`` given to ``load`` — keyed by the placeholder's key. A value is used as is, unless
-   it is wrapped: ``factory(fn)`` calls ``fn(placeholder)``, ``lazy(fn)`` binds a proxy that calls
+1. ``resources=`` given to ``load`` — keyed by the placeholder's key. A value (the object or its
+   ``external()`` wrapper: each path gets what it held at save) is used as is, unless it is marked:
+   ``factory(fn)`` calls ``fn(placeholder)``, ``lazy(fn)`` binds a proxy that calls
    ``fn(placeholder)`` on first use;
 2. factories registered in this process with ``register_resource(key_or_type, factory)``;
 3. entry points in the group ``sb3_safe_save.resources`` (name = key or qualified type name);
@@ -26,6 +27,7 @@ from importlib import metadata
 from typing import Any
 
 from sb3_safe_save._errors import MissingResourceError, ResourceMismatchError, UnresolvedResourceError
+from sb3_safe_save._external import unwrap
 from sb3_safe_save._manifest import Placeholder
 from sb3_safe_save._trust import TrustList, import_ref
 
@@ -229,7 +231,7 @@ def resolve(
             elif isinstance(value, factory):
                 build = value.fn
             else:
-                check(value)
+                check(unwrap(value))  # the object or its external() wrapper
                 bound[ph.key] = value
                 continue
         elif ph.key in registry or ph.type in registry:
@@ -272,5 +274,5 @@ def _build(fn: Factory, ph: Placeholder, check: Callable[[Any], None], wrap_lazy
     if wrap_lazy:
         return LazyResource(lambda: fn(ph), ph, check)
     value = fn(ph)
-    check(value)
+    check(unwrap(value))
     return value

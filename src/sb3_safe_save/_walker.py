@@ -9,9 +9,11 @@ It visits what SB3's own ``save`` would write, in the same way SB3 chooses it:
 3. the optimizers and torch variables named there.
 
 Each leaf is JSON, a tensor/array (written to the body), a codec node, or a **placeholder**: an
-external ``nn.Module`` (it came from outside, e.g. through ``policy_kwargs``), an object that cannot
-be pickled, an object larger than ``max_object_bytes``, or a resource the user declared. Placeholders
-are deduplicated by identity: one object found at three paths is one placeholder with three paths.
+object held through ``external()`` (anywhere in the model: the object itself is a placeholder at every
+path, wrapped or not), an external ``nn.Module`` (it came from outside, e.g. through ``policy_kwargs``),
+an object that cannot be pickled, an object larger than ``max_object_bytes``, or a resource the user
+declared. Placeholders are deduplicated by identity (of the object behind a wrapper): one object found at
+three paths is one placeholder with three paths.
 The parameters of an external module are never read: the walk costs O(objects), not O(bytes).
 
 Values that fit none of these are collected and reported together (``UnsupportedObjectError``), unless
@@ -35,6 +37,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 
 from sb3_safe_save._codecs import NotEncodable, codec_for
 from sb3_safe_save._errors import UnsupportedObjectError
+from sb3_safe_save._external import External, unwrap
 from sb3_safe_save._manifest import (
     Hazard,
     ModuleState,
@@ -80,6 +83,7 @@ class _Found:
     detail: str = ""
     optional: bool = False
     spec: ResourceSpec | None = None
+    external_paths: list[str] = field(default_factory=list)
 
 
 def excluded_names(model: BaseAlgorithm, exclude: Any, include: Any) -> tuple[set[str], list[str], list[str]]:
@@ -137,16 +141,14 @@ class Walker:
         self._active: set[int] = set()
         self.tensors: dict[str, th.Tensor | np.ndarray] = {}
         self.problems: list[tuple[str, str, str]] = []
+        self._wrapped: set[int] = set()  # ids of the objects behind external() wrappers in the module trees
         for key, obj in (declared or {}).items():
-            self._found[id(obj)] = _Found(key=key, obj=obj, reason="declared")
+            self._found[id(unwrap(obj))] = _Found(key=key, obj=unwrap(obj), reason="declared")
             self._keys.add(key)
 
     # ---------------------------------------------------------------------------- whole model
     def walk(self, model: BaseAlgorithm, exclude: Any = None, include: Any = None) -> Snapshot:
         excluded, state_names, var_names = excluded_names(model, exclude, include)
-        data = {k: v for k, v in model.__dict__.items() if k not in excluded}
-        nodes = {name: self.encode(value, name) for name, value in data.items()}
-
         modules: list[tuple[str, th.nn.Module]] = []
         optimizers: list[tuple[str, th.optim.Optimizer]] = []
         for name in state_names:
@@ -155,6 +157,14 @@ class Walker:
                 optimizers.append((name, obj))
             else:
                 modules.append((name, getattr(obj, "_orig_mod", obj)))
+        for _, module in modules:  # before the data: a wrapped object in policy_kwargs is the same placeholder
+            for m in module.modules():
+                for attr, value in m.__dict__.items():
+                    if attr not in _MODULE_INTERNALS:
+                        _find_wrapped(value, self._wrapped, 0)
+
+        data = {k: v for k, v in model.__dict__.items() if k not in excluded}
+        nodes = {name: self.encode(value, name) for name, value in data.items()}
 
         external_prefixes: dict[str, list[str]] = {}
         for name, module in modules:
@@ -175,7 +185,8 @@ class Walker:
                         code="external_in_optimizer",
                         severity="warning",
                         message=f"optimizer {name!r} holds {len(entry.dropped)} parameters of external resources;"
-                        " their optimizer state is not saved and they may be updated by training",
+                        " their optimizer state is not saved and they may be updated by training (a module that"
+                        " holds a resource through sb3_safe_save.external() keeps it out of parameters())",
                         paths=[name],
                     )
                 )
@@ -183,7 +194,7 @@ class Walker:
         if self.problems:
             raise UnsupportedObjectError(self.problems)
         placeholders = [self._placeholder(f) for f in self._found.values() if f.paths]
-        hazards.extend(_hazards(model, placeholders))
+        hazards.extend(_hazards(model, list(self._found.values())))
         return Snapshot(nodes, entries, torch_variables, placeholders, self.tensors, hazards)
 
     # ---------------------------------------------------------------------------- Encoder protocol
@@ -192,6 +203,8 @@ class Walker:
             return value  # type: ignore[no-any-return]
         if type(value) is float and math.isfinite(value):
             return value
+        if type(value) is External:
+            return self._external(value, path)
         found = self._found.get(id(value))
         if found is not None:
             found.paths.append(path)
@@ -199,6 +212,8 @@ class Walker:
         origin = standin_placeholder(value)
         if origin is not None:  # a lazy/unbound resource of a loaded model: the same placeholder again, not built
             return self._new_placeholder(value, path, origin.reason, key=origin.key)
+        if id(value) in self._wrapped:  # held through external() in a module: a resource here too
+            return self._new_placeholder(value, path, "external")
         if isinstance(value, th.nn.Module):
             return self._new_placeholder(value, path, "external_module")
         if id(value) in self._active or path.count(".") + path.count("[") > _MAX_DEPTH:
@@ -241,6 +256,18 @@ class Walker:
         payload = np.frombuffer(cloudpickle.dumps(value), dtype=np.uint8)
         return PickleNode(tensor=self.add_tensor(path + "#pickle", payload), type=_type_name(value))
 
+    def _external(self, wrapper: External[Any], path: str) -> PlaceholderNode:
+        obj = unwrap(wrapper)
+        found = self._found.get(id(obj))
+        if found is None:
+            origin = standin_placeholder(obj)  # external(lazy stand-in) of a loaded model: keep its key
+            self._new_placeholder(obj, path, "external", key=None if origin is None else origin.key)
+            found = self._found[id(obj)]
+        else:
+            found.paths.append(path)
+        found.external_paths.append(path)
+        return PlaceholderNode(key=found.key)
+
     def _new_placeholder(
         self, value: Any, path: str, reason: str, detail: str = "", key: str | None = None
     ) -> PlaceholderNode:
@@ -255,7 +282,13 @@ class Walker:
         if origin is not None:  # never touch a stand-in: that would build a lazy one or raise for an unbound one
             optional = origin.optional or f.key in self._optional
             spec = self._specs.get(f.key) or origin.spec
-            return Placeholder(**{**dict(origin), "key": f.key, "paths": f.paths, "optional": optional, "spec": spec})
+            return Placeholder(
+                **{
+                    **dict(origin),
+                    **{"key": f.key, "paths": f.paths, "optional": optional, "spec": spec},
+                    "external_paths": f.external_paths,
+                }
+            )
         hint: dict[str, Any] = {}
         size = None
         if isinstance(obj, th.nn.Module):
@@ -287,6 +320,7 @@ class Walker:
             hint=hint,
             optional=f.key in self._optional,
             spec=spec,
+            external_paths=f.external_paths,
         )
 
     def _walk_module_tree(self, root: th.nn.Module, name: str) -> list[str]:
@@ -296,8 +330,11 @@ class Walker:
         while stack:
             module, path, rel = stack.pop()
             found = self._found.get(id(module)) if rel else None
-            if found is not None:
-                found.paths.append(path)
+            if found is not None or (rel and id(module) in self._wrapped):
+                if found is None:  # registered here, held through external() elsewhere
+                    self._new_placeholder(module, path, "external")
+                else:
+                    found.paths.append(path)
                 prefixes.append(rel + ".")
                 continue
             for attr, value in module.__dict__.items():
@@ -312,6 +349,9 @@ class Walker:
         """Plain module attributes are rebuilt by the constructor; only live resources need recording."""
         if value is None or type(value) in (bool, int, float, str):
             return
+        if type(value) is External:
+            self._external(value, path)
+            return
         found = self._found.get(id(value))
         if found is not None:
             found.paths.append(path)
@@ -319,6 +359,9 @@ class Walker:
         origin = standin_placeholder(value)
         if origin is not None:
             self._new_placeholder(value, path, origin.reason, key=origin.key)
+            return
+        if id(value) in self._wrapped:
+            self._new_placeholder(value, path, "external")
             return
         if isinstance(value, _SKIP_IN_MODULES) or (callable(value) and codec_for(value) is not None):
             return
@@ -458,6 +501,15 @@ def _own_spec(obj: Any) -> ResourceSpec | None:
     return spec if isinstance(spec, ResourceSpec) else ResourceSpec.model_validate(spec)
 
 
+def _find_wrapped(value: Any, out: set[int], depth: int) -> None:
+    """Collect the ids of objects behind ``external()`` wrappers in a module attribute (and its containers)."""
+    if type(value) is External:
+        out.add(id(unwrap(value)))
+    elif isinstance(value, (list, tuple, dict)) and depth < 4:
+        for v in value.values() if isinstance(value, dict) else value:
+            _find_wrapped(v, out, depth + 1)
+
+
 _TARGET_PAIRS = (
     ("q_net", "q_net_target"),
     ("critic", "critic_target"),
@@ -474,39 +526,104 @@ _ORTHO_INIT_ROOTS = (
 )
 
 
-def _hazards(model: BaseAlgorithm, placeholders: list[Placeholder]) -> list[Hazard]:
-    hazards: list[Hazard] = []
+def _hazards(model: BaseAlgorithm, resources: list[_Found]) -> list[Hazard]:
+    """Hazards from facts about the live model, not from the paths a resource was found at.
+
+    * ``shared_with_target``: the online and target networks hold parameters with the same storage
+      (whatever they are), so SB3's target update (``polyak_update``) writes into them in place;
+    * ``reinitialised_on_build``: a resource module is registered (in ``named_modules()``) under a part
+      of the policy that ``ortho_init`` re-initialises.
+
+    A resource kept out of registration (``external()``, a list, ``object.__setattr__``, only in
+    ``policy_kwargs``) is in neither, so it is never reported. ``external_in_optimizer`` (its
+    parameters are in an optimizer's param groups) is found while the optimizers are walked.
+    """
     policy = getattr(model, "policy", None)
-    for ph in placeholders:
-        parts = [p.split(".") for p in ph.paths if p.startswith("policy.")]
-        roots = {p[1] for p in parts if len(p) > 2}
-        for online, target in _TARGET_PAIRS:
-            # only modules have parameters that polyak/hard target updates touch
-            if ph.reason == "external_module" and online in roots and target in roots:
-                tau = getattr(model, "tau", None)
-                zeroes = tau == 1.0
-                hazards.append(
-                    Hazard(
-                        code="shared_with_target",
-                        severity="error" if zeroes else "warning",
-                        message=f"resource {ph.key!r} is shared by policy.{online} and policy.{target}:"
-                        f" target updates (polyak, tau={tau}) act on the same tensors"
-                        + (" and with tau=1.0 they zero them" if zeroes else ""),
-                        paths=ph.paths,
-                    )
-                )
-        if (
-            ph.reason == "external_module"
-            and getattr(policy, "ortho_init", False)
-            and any(p[1] in _ORTHO_INIT_ROOTS for p in parts if len(p) > 2)
-        ):
+    if not isinstance(policy, th.nn.Module):
+        return []
+    keys = {id(f.obj): f.key for f in resources if isinstance(f.obj, th.nn.Module)}
+    hazards: list[Hazard] = []
+    for online, target in _TARGET_PAIRS:
+        a, b = getattr(policy, online, None), getattr(policy, target, None)
+        if not isinstance(a, th.nn.Module) or not isinstance(b, th.nn.Module) or a is b:
+            continue
+        keys_a = {_storage_key(p) for p in a.parameters()}
+        keys_b = {_storage_key(p) for p in b.parameters()}
+        shared = keys_a & keys_b
+        if not shared:
+            continue
+        covered_a = _covering(a, shared)
+        covered_b = _covering(b, shared)
+        paths = [_join(f"policy.{online}", n) for n, _ in covered_a] + [_join(f"policy.{target}", n) for n, _ in covered_b]
+        named = ", ".join(
+            _join(f"policy.{online}", n) + (f" (resource {keys[id(m)]!r})" if m is not None and id(m) in keys else "")
+            for n, m in covered_a
+        )
+        attr = (covered_a[0][0].rpartition(".")[2] or "expert") if covered_a else "expert"
+        tau = getattr(model, "tau", None)
+        if isinstance(tau, (int, float)) and tau >= 1:
+            effect, severity = "with tau=1.0 (a hard update) it zeroes them at the first target update", "error"
+        elif isinstance(tau, (int, float)) and tau > 0:
+            effect = f"with tau={tau} it shrinks them by a factor 1 - tau**2 = {1 - tau * tau:.6g} at every target update"
+            severity = "error"
+        else:
+            effect, severity = f"tau={tau}", "warning"
+        hazards.append(
+            Hazard(
+                code="shared_with_target",
+                severity=severity,  # type: ignore[arg-type]
+                message=f"{named} is registered in both policy.{online} and policy.{target} ({len(shared)} parameter"
+                f" tensors shared): SB3's target update (polyak_update) writes into those tensors in place, and {effect}."
+                f" Keep the resource out of the module system: self.{attr} = sb3_safe_save.external({attr})",
+                paths=paths,
+            )
+        )
+    if getattr(policy, "ortho_init", False):
+        where: dict[int, list[str]] = {}
+        for root in _ORTHO_INIT_ROOTS:
+            module = getattr(policy, root, None)
+            if isinstance(module, th.nn.Module):
+                for name, sub in module.named_modules():
+                    if id(sub) in keys:
+                        where.setdefault(id(sub), []).append(_join(f"policy.{root}", name))
+        for ident, paths in where.items():
+            attr = paths[0].rpartition(".")[2]
             hazards.append(
                 Hazard(
                     code="reinitialised_on_build",
                     severity="error",
-                    message=f"resource {ph.key!r} sits inside a policy built with ortho_init=True: constructing the policy"
-                    " re-initialises its Linear/Conv weights (pass ortho_init=False or keep it outside the extractor)",
-                    paths=ph.paths,
+                    message=f"resource {keys[ident]!r} is registered inside a policy built with ortho_init=True:"
+                    " constructing the policy re-initialises its Linear/Conv weights. Keep it out of the module"
+                    f" system (self.{attr} = sb3_safe_save.external({attr})) or pass ortho_init=False",
+                    paths=paths,
                 )
             )
     return hazards
+
+
+def _storage_key(t: th.Tensor) -> tuple[Any, ...]:
+    """Tensors with the same key share memory (meta and empty tensors have none: their identity)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return ("id", id(t))
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def _covering(root: th.nn.Module, shared: set[tuple[Any, ...]]) -> list[tuple[str, th.nn.Module | None]]:
+    """The outermost submodules whose parameters are all ``shared``, plus any other shared parameter by name."""
+    chosen: list[tuple[str, th.nn.Module | None]] = []
+    done: set[int] = set()
+    for name, module in root.named_modules():
+        if any(c == "" or name.startswith(c + ".") for c, _ in chosen):
+            continue
+        params = list(module.parameters())
+        if params and all(_storage_key(p) in shared for p in params):
+            chosen.append((name, module))
+            done.update(id(p) for p in params)
+    for name, p in root.named_parameters():
+        if id(p) not in done and _storage_key(p) in shared:
+            chosen.append((name, None))
+    return chosen
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if name else prefix
