@@ -27,6 +27,8 @@ finding ``code``           severity
                            All three are facts about the live model found at save (``external()`` avoids
                            them) and recorded in the file; ``save`` warns ``HazardWarning`` for the errors.
 ``over_budget``            ``error``: the total size is above ``max_bytes``.
+``schedule``               ``info``: a schedule function stored as the knots of a piecewise-linear function
+                           that reproduced it at every checked progress value (no code is stored).
 =========================  ===========================================================================
 
 ``report.ok`` is False when the total is over budget, or when any finding's severity is at or above
@@ -60,9 +62,11 @@ from sb3_safe_save._manifest import (
     Node,
     OptimizerState,
     PickleNode,
+    ScheduleNode,
     TensorMeta,
     TensorNode,
     iter_nodes,
+    iter_paths,
     node_refs,
 )
 from sb3_safe_save._persist import _open, _parse, build_manifest, snapshot_model
@@ -79,6 +83,7 @@ FindingCode = Literal[
     "external_in_optimizer",
     "reinitialised_on_build",
     "over_budget",
+    "schedule",
 ]
 ComponentKind = Literal["state_dict", "optimizer", "data", "torch_variables", "pickle", "header", "other"]
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "error": 2}
@@ -99,7 +104,7 @@ class Finding(_Frozen):
     :param paths: the attribute paths concerned
     :param key: the placeholder key (``placeholder`` findings)
     :param type: the type of the value (``placeholder``/``pickle``) or the reference (``untrusted_reference``)
-    :param reason: why a placeholder was made (``external_module``, ``unpicklable``, ``too_large``, ``declared``)
+    :param reason: why a placeholder was made (``external_module``, ``unpicklable``, ``too_large``, ``declared``, ``schedule``)
     :param size_bytes: bytes kept out of the file (placeholder, estimated) or stored (pickle)
     """
 
@@ -529,7 +534,8 @@ def _findings(
                 code="placeholder",
                 severity="info" if allowed else "error",
                 message=f"placeholder {ph.key!r}: a {ph.type} ({ph.reason}{est}) is left out;"
-                f" load needs resources={{{ph.key!r}: ...}}" + ("" if allowed else " (not in the allowed placeholders)"),
+                + (f" {ph.hint.get('detail')}" if ph.reason == "schedule" else f" load needs resources={{{ph.key!r}: ...}}")
+                + ("" if allowed else " (not in the allowed placeholders)"),
                 paths=list(ph.paths),
                 key=ph.key,
                 type=ph.type,
@@ -571,6 +577,20 @@ def _findings(
         )
     for hz in manifest.hazards:
         findings.append(Finding(code=hz.code, severity=hz.severity, message=hz.message, paths=list(hz.paths)))
+    for name, root in manifest.data.items():
+        for path, node in iter_paths(root, name):
+            if isinstance(node, ScheduleNode) and node.schedule == "piecewise_linear":
+                findings.append(
+                    Finding(
+                        code="schedule",
+                        severity="info",
+                        message=f"{path}: the schedule function {node.source} is stored as {len(node.knots)} knots of a"
+                        f" piecewise-linear function that reproduced it at {node.checked_points} progress values"
+                        f" (largest deviation {node.max_error:g}); no code is stored",
+                        paths=[path],
+                        type=node.source,
+                    )
+                )
     return findings
 
 

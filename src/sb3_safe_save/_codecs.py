@@ -12,16 +12,21 @@ treats the value as it treats any value without a codec (placeholder, explicit p
 
 from __future__ import annotations
 
+import bisect
 import collections
 import enum
+import itertools
 import math
 import re
 import types
+import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common import utils as sb3_utils
 
 from sb3_safe_save._errors import FormatError
 from sb3_safe_save._manifest import (
@@ -40,6 +45,7 @@ from sb3_safe_save._manifest import (
     PickleNode,
     PlaceholderNode,
     RefNode,
+    ScheduleNode,
     SpaceNode,
     TensorNode,
     TorchDtypeNode,
@@ -496,6 +502,191 @@ class ObjectCodec(Codec):
         return obj
 
 
+# ---------------------------------------------------------------------------------------- schedules
+def _inner_code(fn: Callable[..., Any], name: str) -> types.CodeType | None:
+    """The code object of the function ``fn`` defines as ``name`` (read from its constants, never called)."""
+    return next((c for c in fn.__code__.co_consts if isinstance(c, types.CodeType) and c.co_name == name), None)
+
+
+#: SB3's schedule closures (before SB3 2.7 every default model holds them), by the code object of the
+#: function they return: schedule kind -> (code, the closure's free variables in ``args`` order).
+#: Only these exact code objects are stored as their cell values; any other closure is not.
+_SB3_CLOSURES: dict[str, tuple[types.CodeType | None, tuple[str, ...]]] = {
+    "constant": (_inner_code(sb3_utils.constant_fn, "func"), ("val",)),
+    "linear": (_inner_code(sb3_utils.get_linear_fn, "func"), ("start", "end", "end_fraction")),
+    "float": (_inner_code(sb3_utils.get_schedule_fn, "<lambda>"), ("value_schedule",)),
+}
+_BY_CODE = {code: (kind, names) for kind, (code, names) in _SB3_CLOSURES.items() if code is not None}
+
+#: Attribute names that hold schedules: only a callable found under one of these is ever called (sampled) at save.
+SCHEDULE_NAMES = frozenset(
+    {"learning_rate", "lr_schedule", "clip_range", "clip_range_vf", "exploration_schedule", "value_schedule",
+     "delta_std", "delta_std_schedule"}
+)  # fmt: skip
+#: ``sample_schedule``'s grid: progress_remaining = i / GRID for i in [-GRID, GRID], the midpoints of
+#: every cell, and these points outside it. Training queries 1 - num_timesteps / total_timesteps:
+#: within (0, 1] while it runs, below 0 for the last rollout when n_steps * n_envs overshoots the total.
+GRID = 1000
+_OUTSIDE = (-1000.0, -10.0, -2.0, -1.5, 1.5, 2.0)
+#: Largest accepted deviation of the rebuilt schedule from the original, relative to its largest sampled value.
+SAMPLE_RTOL = 1e-12
+
+
+class PiecewiseLinearSchedule:
+    """A schedule rebuilt from ``knots``: linear between them, extended linearly beyond the ends.
+
+    It returns the stored value exactly at every knot. Loading a ``piecewise_linear`` schedule gives one;
+    saving it again stores the same knots.
+
+    :param knots: ``(progress_remaining, value)`` pairs, progress strictly increasing, at least two
+    :param source: the name of the function it was sampled from (for ``repr`` only)
+    """
+
+    def __init__(
+        self, knots: list[tuple[float, float]], source: str | None = None, checked_points: int = 0, max_error: float = 0.0
+    ) -> None:
+        self.knots = [(float(x), float(y)) for x, y in knots]
+        self.source = source
+        self.checked_points = checked_points
+        self.max_error = max_error
+        self._xs = [x for x, _ in self.knots]
+
+    def __call__(self, progress_remaining: float) -> float:
+        p = float(progress_remaining)
+        i = min(max(bisect.bisect_right(self._xs, p) - 1, 0), len(self.knots) - 2)
+        (x0, y0), (x1, y1) = self.knots[i], self.knots[i + 1]
+        if p == x0:
+            return y0
+        if p == x1:
+            return y1
+        return y0 + (p - x0) * (y1 - y0) / (x1 - x0)
+
+    def __repr__(self) -> str:
+        return f"PiecewiseLinearSchedule({len(self.knots)} knots, sampled from {self.source})"
+
+
+def _value(fn: Callable[[float], Any], p: float) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. SB3's deprecation warnings from a wrapped schedule
+        y = float(fn(p))
+    if not math.isfinite(y):
+        raise ValueError(f"it returns {y} at progress_remaining={p}")
+    return y
+
+
+def sample_schedule(fn: Callable[[float], Any], source: str) -> ScheduleNode:
+    """Store a schedule function as the knots of a piecewise-linear function that reproduces it.
+
+    ``fn`` is sampled at progress_remaining = i/GRID for i in [-GRID, GRID]. Samples that lie on the line
+    through their neighbours are dropped (0 and 1 are always kept, so ``lambda p: p * lr`` is rebuilt
+    bit for bit); the result is then compared with ``fn`` at every sample, at the midpoint of every
+    cell and at points outside [-1, 1]. It is accepted only if it deviates nowhere by more than
+    ``SAMPLE_RTOL`` times the largest sampled magnitude: constant, linear and piecewise-linear
+    schedules whose kinks lie on the grid (rl-zoo3's ``linear_schedule``, ``lambda p: p * 3e-4``) pass;
+    curves (cosine, exponential) and steps or kinks off the grid do not, and raise ``NotEncodable``.
+    Between checked points nothing is evaluated: a function that is linear at 6000 points and
+    something else in between is not told apart.
+
+    :param fn: the schedule, called with floats only
+    :param source: what to call it in the manifest
+    :return: a ``piecewise_linear`` node
+    """
+    xs = [i / GRID for i in range(-GRID, GRID + 1)]
+    try:
+        ys = [_value(fn, x) for x in xs]
+        checks = [(x, _value(fn, x)) for x in [*((a + b) / 2 for a, b in itertools.pairwise(xs)), *_OUTSIDE]]
+    except Exception as e:  # a schedule that fails on some progress value cannot be sampled
+        raise NotEncodable(f"sampling the schedule failed: {type(e).__name__}: {e}") from None
+    keep = {i for i in range(len(xs)) if xs[i] in (0.0, 1.0) or not _collinear(xs, ys, i)}
+    scale = max(abs(y) for y in ys)
+    tol = SAMPLE_RTOL * scale
+    # fewest knots first: the kinks (extended beyond them), the kinks and the ends, every sample
+    for indices in (sorted(keep), sorted(keep | {0, len(xs) - 1}), range(len(xs))):
+        rebuilt = PiecewiseLinearSchedule([(xs[i], ys[i]) for i in indices])
+        error = max(abs(rebuilt(x) - y) for x, y in [*zip(xs, ys, strict=True), *checks])
+        if error <= tol:
+            return ScheduleNode(
+                schedule="piecewise_linear", knots=rebuilt.knots, source=source[:500], checked_points=len(xs) + len(checks),
+                max_error=error,
+            )  # fmt: skip
+    bad = [(x, y) for x, y in checks if abs(rebuilt(x) - y) > tol]
+    x, y = next((c for c in bad if -1 <= c[0] <= 1), bad[0])
+    raise NotEncodable(
+        f"the schedule is not piecewise linear on a 1/{GRID} grid: at progress_remaining={x:g} it returns"
+        f" {y:.6g}, interpolating its samples gives {rebuilt(x):.6g}"
+    )
+
+
+def _collinear(xs: list[float], ys: list[float], i: int) -> bool:
+    """True if sample ``i`` lies on the line through its two nearest neighbours (to rounding)."""
+    j, k = (i + 1, i + 2) if i == 0 else (i - 2, i - 1) if i == len(xs) - 1 else (i - 1, i + 1)
+    (x0, y0), (x, y), (x1, y1) = (xs[j], ys[j]), (xs[i], ys[i]), (xs[k], ys[k])
+    expected = y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+    return abs(expected - y) <= SAMPLE_RTOL * max(abs(y0), abs(y), abs(y1))
+
+
+class ScheduleCodec(Codec):
+    """Functions: SB3's own schedule closures as their parameters; other module-level functions as references.
+
+    Also ``PiecewiseLinearSchedule`` (a sampled schedule, loaded back), stored as the same knots.
+    Sampling other schedule functions is the walker's decision (it calls user code): see ``sample_schedule``.
+    """
+
+    kind = "schedule"
+
+    def handles(self, value: Any) -> bool:
+        return isinstance(value, (types.FunctionType, PiecewiseLinearSchedule))
+
+    def encode(self, value: Any, path: str, enc: Encoder) -> Node:
+        if isinstance(value, PiecewiseLinearSchedule):
+            return ScheduleNode(
+                schedule="piecewise_linear", knots=value.knots, source=value.source, checked_points=value.checked_points,
+                max_error=value.max_error,
+            )  # fmt: skip
+        sb3 = _BY_CODE.get(value.__code__)
+        if sb3 is None:
+            return RefNode(ref=_ref(value))
+        kind, names = sb3
+        cells = dict(zip(value.__code__.co_freevars, value.__closure__ or (), strict=True))
+        if set(cells) != set(names):
+            raise NotEncodable(f"an SB3 {kind} schedule with free variables {sorted(cells)}, expected {sorted(names)}")
+        return ScheduleNode(
+            schedule=kind,  # type: ignore[arg-type]
+            args={n: enc.encode(cells[n].cell_contents, child_path(path, n)) for n in names},
+        )
+
+    def decode(self, node: ScheduleNode, path: str, dec: Decoder) -> Any:
+        if node.schedule == "piecewise_linear":
+            xs = [x for x, _ in node.knots]
+            if len(xs) < 2 or any(not math.isfinite(v) for k in node.knots for v in k) or xs != sorted(set(xs)):
+                raise FormatError(f"{path}: a piecewise_linear schedule needs at least two finite knots in increasing order")
+            return PiecewiseLinearSchedule(list(node.knots), node.source, node.checked_points, node.max_error)
+        names = _SB3_CLOSURES[node.schedule][1]
+        if set(node.args) != set(names) or node.knots:
+            raise FormatError(f"{path}: a {node.schedule} schedule takes {list(names)}, the file gives {sorted(node.args)}")
+        args = [dec.decode(node.args[n], child_path(path, n)) for n in names]
+        if node.schedule == "float":
+            if not callable(args[0]):
+                raise FormatError(f"{path}: the schedule wrapped by a float schedule is a {type(args[0]).__name__}")
+        elif not all(isinstance(a, (int, float, np.integer, np.floating)) and not isinstance(a, bool) for a in args):
+            raise FormatError(f"{path}: a {node.schedule} schedule takes numbers, the file gives {args!r:.200}")
+        return _sb3_schedule(node.schedule, args)
+
+
+def _sb3_schedule(kind: str, args: list[Any]) -> Any:
+    """The schedule as the installed SB3 builds it: its classes from 2.7 on, its closures before."""
+    classes = {"constant": "ConstantSchedule", "linear": "LinearSchedule", "float": "FloatSchedule"}
+    cls = getattr(sb3_utils, classes[kind], None)
+    if cls is not None:
+        return cls(*args)
+    functions: dict[str, Callable[..., Any]] = {
+        "constant": sb3_utils.constant_fn,
+        "linear": sb3_utils.get_linear_fn,
+        "float": sb3_utils.get_schedule_fn,
+    }
+    return functions[kind](*args)
+
+
 def _same_as_object(cls: type, name: str) -> bool:
     """True if ``cls`` inherits ``name`` from ``object`` unchanged (default pickling behaviour)."""
     ours: Any = getattr(cls, name, None)
@@ -553,6 +744,7 @@ CODECS: tuple[Codec, ...] = (
     TorchDeviceCodec(),
     TorchDtypeCodec(),
     SpaceCodec(),
+    ScheduleCodec(),
     RefCodec(),
     ObjectCodec(),
     PlaceholderCodec(),

@@ -201,6 +201,31 @@ class PlaceholderNode(_Model):
     key: str = Field(max_length=200)
 
 
+MAX_KNOTS = 10_000
+
+
+class ScheduleNode(_Model):
+    """A schedule (learning rate, clip range, exploration rate...) stored as data, never as code.
+
+    * ``constant`` (``args``: ``val``), ``linear`` (``start``, ``end``, ``end_fraction``) and ``float``
+      (``value_schedule``, the wrapped schedule) are SB3's own schedules: before SB3 2.7 the closures of
+      ``constant_fn``, ``get_linear_fn`` and ``get_schedule_fn``, recognised by their code object. They are
+      rebuilt with the installed SB3's schedule classes (or, before 2.7, its functions); nothing is imported.
+    * ``piecewise_linear`` is any other schedule function, sampled at save and kept only if the
+      interpolation through ``knots`` (``[progress_remaining, value]`` pairs, extended linearly beyond
+      the ends) reproduced it at every checked point (``_codecs.sample_schedule`` says which).
+      ``source`` names the sampled function, for people; it is never imported.
+    """
+
+    kind: Literal["schedule"] = "schedule"
+    schedule: Literal["constant", "linear", "float", "piecewise_linear"]
+    args: dict[str, Node] = Field(default_factory=dict, max_length=8)
+    knots: list[tuple[StrictFloat, StrictFloat]] = Field(default_factory=list, max_length=MAX_KNOTS)
+    source: str | None = Field(default=None, max_length=500)
+    checked_points: int = Field(default=0, ge=0)
+    max_error: StrictFloat = 0.0
+
+
 class PickleNode(_Model):
     """An explicitly allowed cloudpickle fallback; its bytes are the uint8 tensor ``tensor``."""
 
@@ -227,7 +252,8 @@ TaggedNode = Annotated[
     | EnumNode
     | NamedTupleNode
     | PlaceholderNode
-    | PickleNode,
+    | PickleNode
+    | ScheduleNode,
     Field(discriminator="kind"),
 ]
 Node = Union[Scalar, TaggedNode]  # noqa: UP007 - a runtime alias pydantic reads
@@ -265,7 +291,7 @@ class ResourceSpec(_Model):
         return v
 
 
-Reason = Literal["unpicklable", "too_large", "external_module", "declared", "external"]
+Reason = Literal["unpicklable", "too_large", "external_module", "declared", "external", "schedule"]
 
 
 class Placeholder(_Model):
@@ -455,6 +481,7 @@ _NAMED_CHILDREN: dict[type, Callable[[Any], Iterable[tuple[object, Node]]]] = {
     SpaceNode: lambda n: n.args.items(),
     ObjectNode: lambda n: n.state.items(),
     NamedTupleNode: lambda n: n.fields.items(),
+    ScheduleNode: lambda n: n.args.items(),
 }
 
 

@@ -35,7 +35,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
 
-from sb3_safe_save._codecs import NotEncodable, codec_for
+from sb3_safe_save._codecs import SCHEDULE_NAMES, NotEncodable, codec_for, sample_schedule
 from sb3_safe_save._errors import UnsupportedObjectError
 from sb3_safe_save._external import External, unwrap
 from sb3_safe_save._manifest import (
@@ -243,6 +243,13 @@ class Walker:
 
     # ---------------------------------------------------------------------------- helpers
     def _fallback(self, value: Any, path: str, detail: str) -> Node:
+        if is_schedule(value, path):
+            try:
+                return sample_schedule(value, _type_name(value) if not hasattr(value, "__qualname__") else _fn_name(value))
+            except NotEncodable as e:
+                if not self.allow_pickle:  # exact or not at all: the user supplies it again at load
+                    return self._new_placeholder(value, path, "schedule", detail=f"{e}; {_SCHEDULE_HELP}")
+                detail = str(e)
         error, size = probe_pickle(value, self.max_object_bytes)
         if error is not None:
             return self._new_placeholder(value, path, "unpicklable", detail=error)
@@ -470,6 +477,19 @@ def _tensors_of(module: th.nn.Module) -> tuple[list[th.Tensor], list[th.Tensor]]
             if b is not None:
                 buffers.setdefault(id(b), b)
     return list(params.values()), list(buffers.values())
+
+
+_SCHEDULE_HELP = "load needs it again: custom_objects={attribute: schedule} for each path, or resources={key: schedule}"
+
+
+def is_schedule(value: Any, path: str) -> bool:
+    """A callable (not a class) under one of SB3's schedule attribute names: the only values sampled at save."""
+    last = re.findall(r"[^.\[\]]+", path)[-1]
+    return last in SCHEDULE_NAMES and callable(value) and not isinstance(value, type)
+
+
+def _fn_name(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', None)}.{fn.__qualname__}"
 
 
 def _type_name(obj: Any) -> str:
