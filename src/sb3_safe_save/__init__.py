@@ -31,6 +31,7 @@ from sb3_safe_save._version import __version__
 
 if _typing.TYPE_CHECKING:
     from sb3_safe_save._audit import AuditReport, Finding, assert_save_budget, audit
+    from sb3_safe_save._hub import load_from_hub, package_for_hub, push_to_hub
     from sb3_safe_save._manifest import FORMAT_VERSION, Hazard, Manifest, Placeholder, ResourceSpec
     from sb3_safe_save._persist import load_model, read_manifest, save_model
     from sb3_safe_save._resources import LazyResource, factory, lazy, register_resource, unregister_resource
@@ -44,6 +45,9 @@ _LAZY = {
     "Finding": "sb3_safe_save._audit",
     "assert_save_budget": "sb3_safe_save._audit",
     "audit": "sb3_safe_save._audit",
+    "load_from_hub": "sb3_safe_save._hub",
+    "package_for_hub": "sb3_safe_save._hub",
+    "push_to_hub": "sb3_safe_save._hub",
     "FORMAT_VERSION": "sb3_safe_save._manifest",
     "Hazard": "sb3_safe_save._manifest",
     "Manifest": "sb3_safe_save._manifest",
@@ -112,8 +116,11 @@ __all__ = [
     "factory",
     "file_sha256",
     "lazy",
+    "load_from_hub",
     "load_model",
     "load_vecnormalize",
+    "package_for_hub",
+    "push_to_hub",
     "read_manifest",
     "register_resource",
     "safe",
