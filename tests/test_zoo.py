@@ -82,10 +82,6 @@ def test_ppo_cartpole_train_enjoy_continue(tmp_path: Path, no_pickle: None, caps
     assert config["learning_rate"] == "lin_0.001"
     assert config["n_steps"] == 64
 
-    capsys.readouterr()
-    zoo("enjoy", "--algo", "ppo", "--env", "CartPole-v1", "-f", str(logs), "--no-render", "-n", "30", "--load-best")
-    assert f"Loading {run / 'best_model.safetensors'}" in capsys.readouterr().out
-
     zoo("train", *PPO_ARGS, "-n", "64", "-f", str(logs), "--eval-freq", "-1", "-i", str(run / "CartPole-v1.safetensors"))
     run2 = logs / "ppo" / "CartPole-v1_2"
     args = yaml.safe_load((run2 / "CartPole-v1" / "args.yml").read_text())
@@ -94,6 +90,13 @@ def test_ppo_cartpole_train_enjoy_continue(tmp_path: Path, no_pickle: None, caps
     assert agent._n_updates == 2
     assert safe(PPO).load(run2 / "CartPole-v1.safetensors")._n_updates == 3
     assert no_pickles_under(tmp_path) == []
+
+    capsys.readouterr()
+    enjoy = ["enjoy", "--algo", "ppo", "--env", "CartPole-v1", "-f", str(logs), "--no-render", "-n", "30"]
+    zoo(*enjoy)  # the latest run: the continued one
+    assert f"Loading {run2 / 'CartPole-v1.safetensors'}" in capsys.readouterr().out
+    zoo(*enjoy, "--exp-id", "1", "--load-best")
+    assert f"Loading {run / 'best_model.safetensors'}" in capsys.readouterr().out
 
 
 VECNORMALIZE = "vecnormalize.safetensors"
@@ -144,8 +147,10 @@ def test_sac_pendulum_normalize_train_enjoy_continue(
     assert restored[0].training is False and restored[0].norm_reward is False
     np.testing.assert_array_equal(restored[0].obs_rms.mean, stats.obs_rms.mean)
 
-    zoo("train", *SAC_ARGS, "-n", "64", "-f", str(logs), "--eval-freq", "-1", "-i", str(run / "Pendulum-v1.safetensors"))
+    resume = ["-i", str(run / "Pendulum-v1.safetensors"), "--trust", "rl_zoo3.wrappers.*"]  # --trust: our option, taken out
+    zoo("train", *SAC_ARGS, "-n", "64", "-f", str(logs), "--eval-freq", "-1", *resume)
     run2 = logs / "sac" / "Pendulum-v1_2"
+    assert "trust" not in yaml.safe_load((run2 / "Pendulum-v1" / "args.yml").read_text())
     agent = safe(SAC).load(run2 / "Pendulum-v1.safetensors")
     agent.load_replay_buffer(run2 / "replay_buffer.safetensors")
     assert agent.replay_buffer is not None and agent.replay_buffer.pos == 128 + 64  # the saved buffer, then 64 more rows
