@@ -14,7 +14,16 @@ import torch as th
 import yaml
 from stable_baselines3 import PPO
 
-from sb3_safe_save import FormatError, IntegrityError, file_sha256, load_from_hub, package_for_hub, push_to_hub, safe
+from sb3_safe_save import (
+    FormatError,
+    IntegrityError,
+    file_sha256,
+    load_from_hub,
+    package_for_hub,
+    push_to_hub,
+    read_manifest,
+    safe,
+)
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
@@ -84,9 +93,12 @@ def test_card_lists_the_live_resources_an_agent_needs(tmp_path: Path) -> None:
     assert "- this agent needs a live `vlm_model` at load: `resources={'vlm_model': obj}`" in card
     assert "| `vlm_model` | `lang_dqn.UnpicklableExpert` |" in card
     assert "resources={...})" in card  # the usage snippet says it too
+    (placeholder,) = read_manifest(folder / "customdqn-CartPole-v1.safetensors").placeholders
+    assert f"| {placeholder.reason} |" in card
     config = json.loads((folder / "config.json").read_text())
     assert [p["key"] for p in config["placeholders"]] == ["vlm_model"]
-    assert config["placeholders"][0]["reason"] == "unpicklable"
+    assert config["placeholders"][0]["reason"] == placeholder.reason
+    assert config["placeholders"][0]["paths"] == placeholder.paths
 
 
 def test_package_a_saved_file_and_refuse_bad_names(model: Any, tmp_path: Path) -> None:
