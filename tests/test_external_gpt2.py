@@ -52,6 +52,8 @@ def _policy_tensor_bytes(model: Any) -> int:
 def test_naive_registration_zeroes_the_expert_and_is_reported(tmp_path: pathlib.Path) -> None:
     expert = tiny_gpt2(EXPERT_SEED)
     n_tensors = len(expert.state_dict())
+    nonzero = [k for k, v in expert.state_dict().items() if bool(v.any())]
+    assert len(nonzero) == 16  # its weights and embeddings (GPT-2 initialises biases to zero)
     model = make_gpt2_model(expert, naive=True)
     # the facts behind the hazard: registered in both networks, its parameters in Adam
     assert dict(model.policy.q_net.named_modules())["vlm_model"] is expert

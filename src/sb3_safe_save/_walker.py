@@ -289,13 +289,8 @@ class Walker:
         if origin is not None:  # never touch a stand-in: that would build a lazy one or raise for an unbound one
             optional = origin.optional or f.key in self._optional
             spec = self._specs.get(f.key) or origin.spec
-            return Placeholder(
-                **{
-                    **dict(origin),
-                    **{"key": f.key, "paths": f.paths, "optional": optional, "spec": spec},
-                    "external_paths": f.external_paths,
-                }
-            )
+            fields = {"key": f.key, "paths": f.paths, "optional": optional, "spec": spec, "external_paths": f.external_paths}
+            return Placeholder(**{**dict(origin), **fields})
         hint: dict[str, Any] = {}
         size = None
         if isinstance(obj, th.nn.Module):
@@ -577,8 +572,8 @@ def _hazards(model: BaseAlgorithm, resources: list[_Found]) -> list[Hazard]:
         paths = [_join(f"policy.{online}", n) for n, _ in covered_a] + [_join(f"policy.{target}", n) for n, _ in covered_b]
         named = ", ".join(
             _join(f"policy.{online}", n) + (f" (resource {keys[id(m)]!r})" if m is not None and id(m) in keys else "")
-            for n, m in covered_a
-        )
+            for n, m in covered_a[:3]
+        ) + (f" and {len(covered_a) - 3} more" if len(covered_a) > 3 else "")
         attr = (covered_a[0][0].rpartition(".")[2] or "expert") if covered_a else "expert"
         tau = getattr(model, "tau", None)
         if isinstance(tau, (int, float)) and tau >= 1:
