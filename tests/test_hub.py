@@ -113,6 +113,29 @@ def test_package_a_saved_file_and_refuse_bad_names(model: Any, tmp_path: Path) -
         package_for_hub(PPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32), tmp_path / "repo4")
 
 
+def test_package_an_rl_zoo3_run_with_its_other_files(model: Any, tmp_path: Path) -> None:
+    run = tmp_path / "logs" / "ppo" / "CartPole-v1_1"
+    (run / "CartPole-v1").mkdir(parents=True)
+    model.save(run / "CartPole-v1.safetensors")
+    (run / "CartPole-v1" / "config.yml").write_text("n_steps: 32\n")
+    extra = [run / "CartPole-v1" / "config.yml"]
+    folder = package_for_hub(run / "CartPole-v1.safetensors", tmp_path / "repo", env_id="CartPole-v1", extra_files=extra)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+        "config.yml",
+        "ppo-CartPole-v1.safetensors",
+    ]
+    sha256 = file_sha256(folder / "config.yml")
+    assert f"| `config.yml` | `{sha256}` |" in (folder / "README.md").read_text()
+    assert json.loads((folder / "config.json").read_text())["extra_files"] == {"config.yml": sha256}
+    (run / "CartPole-v1" / "vecnormalize.pkl").write_bytes(b"\x80")
+    with pytest.raises(ValueError, match="pickles"):
+        package_for_hub(model, tmp_path / "repo2", extra_files=[run / "CartPole-v1" / "vecnormalize.pkl"])
+    with pytest.raises(ValueError, match=r"already has a file named 'config\.json'"):
+        package_for_hub(model, tmp_path / "repo3", extra_files=[folder / "config.json"])
+
+
 def test_push_is_one_upload_folder_call(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, dict[str, Any]]] = []
 

@@ -31,6 +31,7 @@ SUFFIX = ".safetensors"
 LIBRARY_NAME = "stable-baselines3"
 BASE_TAGS = ("deep-reinforcement-learning", "reinforcement-learning", "stable-baselines3", "sb3-safe-save", "safetensors")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".zip", ".pt", ".pth", ".bin", ".joblib", ".npy", ".npz"})
 _NOT_HYPERPARAMETERS = frozenset({"verbose", "seed", "start_time", "tensorboard_log", "num_timesteps"})
 
 
@@ -63,6 +64,7 @@ def package_for_hub(
     tags: Iterable[str] = (),
     save_kwargs: Mapping[str, Any] | None = None,
     repo_id: str | None = None,
+    extra_files: Iterable[str | os.PathLike[str]] = (),
 ) -> Path:
     """Write a Hub repo folder: the agent file, ``README.md`` (a model card from the manifest) and ``config.json``.
 
@@ -74,6 +76,8 @@ def package_for_hub(
     :param tags: extra model card tags
     :param save_kwargs: more keyword arguments for ``model.save`` (``resources=``, ``specs=``, ``optional=``, ...)
     :param repo_id: the repo the folder is for, shown in the card's usage snippet
+    :param extra_files: more files to ship next to the agent (e.g. an rl-zoo3 run's ``vecnormalize.safetensors``
+        and ``config.yml``), listed in the card with their SHA-256; pickle formats (``.pkl``, ``.zip``, ...) are refused
     :return: the folder
     """
     from sb3_safe_save._mixin import SafeSaveMixin
@@ -106,14 +110,36 @@ def package_for_hub(
         saver.save(target, vec_normalize=vec_normalize, **dict(save_kwargs or {}))
     elif source is not None:
         shutil.copyfile(source, target)
+    extras = _copy_extra_files(extra_files, out, reserved={name, "README.md", "config.json"})
     manifest = read_manifest(target)
     sha256 = file_sha256(target)
     size = target.stat().st_size
     card_tags = [env_id, *BASE_TAGS, *(t for t in tags if t not in BASE_TAGS)]
-    (out / "README.md").write_text(model_card(manifest, env_id, name, sha256, size, card_tags, repo_id), encoding="utf-8")
-    config = hub_config(manifest, env_id, name, sha256, size)
+    (out / "README.md").write_text(
+        model_card(manifest, env_id, name, sha256, size, card_tags, repo_id, extras), encoding="utf-8"
+    )
+    config = hub_config(manifest, env_id, name, sha256, size) | {"extra_files": extras}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
+
+
+def _copy_extra_files(files: Iterable[str | os.PathLike[str]], out: Path, reserved: set[str]) -> dict[str, str]:
+    """Copy ``files`` into ``out``; return name -> SHA-256."""
+    from sb3_safe_save._weights import file_sha256
+
+    extras: dict[str, str] = {}
+    for item in files:
+        src = Path(item)
+        if src.suffix.lower() in _PICKLE_SUFFIXES:
+            raise ValueError(
+                f"{src}: {src.suffix} files are (or hold) pickles, which whoever downloads them would have to trust;"
+                " ship the safetensors files sb3_safe_save writes instead (vecnormalize.safetensors, ...)"
+            )
+        if src.name in reserved or src.name in extras:
+            raise ValueError(f"{src}: the repo folder already has a file named {src.name!r}")
+        shutil.copyfile(src, out / src.name)
+        extras[src.name] = file_sha256(out / src.name)
+    return extras
 
 
 def _parameters(manifest: Manifest) -> tuple[int, int]:
@@ -166,7 +192,14 @@ def _yaml_list(name: str, items: Iterable[str]) -> str:
 
 
 def model_card(
-    manifest: Manifest, env_id: str, filename: str, sha256: str, size: int, tags: list[str], repo_id: str | None = None
+    manifest: Manifest,
+    env_id: str,
+    filename: str,
+    sha256: str,
+    size: int,
+    tags: list[str],
+    repo_id: str | None = None,
+    extras: Mapping[str, str] | None = None,
 ) -> str:
     """A model card (``README.md`` with Hub metadata) generated from the manifest."""
     algo = manifest.algorithm.rpartition(":")[2]
@@ -214,6 +247,9 @@ def model_card(
             rebuilt = " (or rebuilt by its trusted spec factory)" if p.spec is not None and p.spec.factory else ""
             need = "may use" if p.optional else "needs"
             lines.append(f"- this agent {need} a live `{p.key}` at load{rebuilt}: `resources={{{p.key!r}: obj}}`")
+    if extras:
+        lines += ["", "## Other files", "", "| file | SHA-256 |", "|---|---|"]
+        lines += [f"| `{n}` | `{h}` |" for n, h in extras.items()]
     resources = "" if not manifest.placeholders else ", resources={...}"
     lines += [
         "",
@@ -241,6 +277,7 @@ def push_to_hub(
     vec_normalize: VecNormalize | None = None,
     tags: Iterable[str] = (),
     save_kwargs: Mapping[str, Any] | None = None,
+    extra_files: Iterable[str | os.PathLike[str]] = (),
     commit_message: str = "Upload agent (sb3_safe_save format)",
     token: str | None = None,
     private: bool | None = None,
@@ -256,6 +293,7 @@ def push_to_hub(
     :param vec_normalize: a ``VecNormalize`` whose statistics go into the agent file
     :param tags: extra model card tags
     :param save_kwargs: more keyword arguments for ``model.save``
+    :param extra_files: more files to ship next to the agent (no pickle formats)
     :param commit_message: the commit message
     :param token: a Hub token (default: the logged-in one)
     :param private: create the repo private (only when it is created)
@@ -268,7 +306,7 @@ def push_to_hub(
     with tempfile.TemporaryDirectory(prefix="sb3_safe_save-hub-") as tmp:
         folder = package_for_hub(
             model, tmp, env_id=env_id, filename=filename, vec_normalize=vec_normalize, tags=tags,
-            save_kwargs=save_kwargs, repo_id=repo_id,
+            save_kwargs=save_kwargs, repo_id=repo_id, extra_files=extra_files,
         )  # fmt: skip
         if create_repo:
             api.create_repo(repo_id, private=private, exist_ok=True)

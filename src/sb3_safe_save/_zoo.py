@@ -425,7 +425,7 @@ class SafeExperimentManager(ExperimentManager):
 
         print(f"Saving to {self.save_path}")
         model.save(os.path.join(self.save_path, f"{self.env_name}{SUFFIX}"))
-        if hasattr(model, "save_replay_buffer") and self.save_replay_buffer:
+        if self.save_replay_buffer and getattr(model, "replay_buffer", None) is not None:  # the mixin gives PPO the method too
             print("Saving replay buffer")
             model.save_replay_buffer(os.path.join(self.save_path, REPLAY_BUFFER))
         if self.normalize:
