@@ -249,3 +249,87 @@ def test_other_rl_zoo3_versions_are_refused(monkeypatch: pytest.MonkeyPatch, cap
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.8.1")
     assert main(["train"]) == 2
     assert "rl_zoo3 2.8.1 is installed" in capsys.readouterr().err
+
+
+def test_model_paths_name_our_files(tmp_path: Path) -> None:
+    from sb3_safe_save._zoo import get_model_path
+
+    run = tmp_path / "ppo" / "CartPole-v1_2"
+    run.mkdir(parents=True)
+    for name in ("CartPole-v1", "best_model", "rl_model_64_steps", "rl_model_128_steps", "rl_model_1024_steps"):
+        (run / f"{name}.safetensors").touch()
+    assert get_model_path(0, str(tmp_path), "ppo", "CartPole-v1")[1:] == (str(run / "CartPole-v1.safetensors"), str(run))
+    assert get_model_path(2, str(tmp_path), "ppo", "CartPole-v1", load_best=True)[1] == str(run / "best_model.safetensors")
+    assert get_model_path(2, str(tmp_path), "ppo", "CartPole-v1", load_checkpoint="64")[1] == str(
+        run / "rl_model_64_steps.safetensors"
+    )
+    last = get_model_path(2, str(tmp_path), "ppo", "CartPole-v1", load_last_checkpoint=True)
+    assert last[0] == "checkpoint-1024-ppo-CartPole-v1" and last[1] == str(run / "rl_model_1024_steps.safetensors")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-i", "a.safetensors", "--algo", "sac"],
+        ["-ia.safetensors", "--algo", "sac"],
+        ["--trained-agent", "a.safetensors", "--algo", "sac"],
+        ["--trained-agent=a.safetensors", "--algo", "sac"],
+        ["--trained", "a.safetensors", "--algo", "sac"],
+    ],
+)
+def test_trained_agent_is_taken_out_of_rl_zoo3s_args(argv: list[str]) -> None:
+    from sb3_safe_save._zoo import _split_args
+
+    assert _split_args([*argv, "--trust", "pkg.*", "--trust=x.Y"], take_agent=True) == (
+        ["--algo", "sac"],
+        "a.safetensors",
+        ["pkg.*", "x.Y"],
+    )
+    assert _split_args(["--track", "--truncate-last-trajectory", "1"], take_agent=True) == (
+        ["--track", "--truncate-last-trajectory", "1"],
+        "",
+        [],
+    )
+
+
+def test_configs_are_written_as_plain_yaml() -> None:
+    import io
+
+    import torch as th
+
+    from sb3_safe_save._zoo import dump_config, load_config
+
+    out = io.StringIO()
+    config = collections.OrderedDict(
+        [("policy_kwargs", {"activation_fn": th.nn.ReLU, "net_arch": [8]}), ("train_freq", (1, "episode")), ("gamma", 0.9)]
+    )
+    dump_config(config, out)
+    text = out.getvalue()
+    assert "!!" not in text
+    assert yaml.safe_load(text) == {
+        "policy_kwargs": {"activation_fn": "torch.nn.modules.activation.ReLU", "net_arch": [8]},
+        "train_freq": [1, "episode"],
+        "gamma": 0.9,
+    }
+    assert list(load_config(text)) == ["policy_kwargs", "train_freq", "gamma"]  # the order rl-zoo3 sorted them in
+
+
+def test_checkpoints_of_vecnormalize_and_replay_buffer_are_ours(tmp_path: Path, no_pickle: None) -> None:
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from sb3_safe_save._zoo import SafeCheckpointCallback
+
+    env = VecNormalize(DummyVecEnv([lambda: gym.make("Pendulum-v1")]))
+    model = safe(SAC)("MlpPolicy", env, buffer_size=100, learning_starts=100, policy_kwargs={"net_arch": [8]})
+    callback = SafeCheckpointCallback(4, str(tmp_path), "rl_model", save_replay_buffer=True, save_vecnormalize=True)
+    model.learn(4, callback=callback)
+    assert files_under(tmp_path) == [
+        "rl_model_4_steps.safetensors",
+        "rl_model_replay_buffer_4_steps.safetensors",
+        "rl_model_vecnormalize_4_steps.safetensors",
+    ]
+    stats = load_vecnormalize(
+        tmp_path / "rl_model_vecnormalize_4_steps.safetensors", DummyVecEnv([lambda: gym.make("Pendulum-v1")])
+    )
+    np.testing.assert_array_equal(stats.obs_rms.mean, env.obs_rms.mean)
+    assert callback.save_vecnormalize is True  # put back after each step
