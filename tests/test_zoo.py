@@ -333,3 +333,12 @@ def test_checkpoints_of_vecnormalize_and_replay_buffer_are_ours(tmp_path: Path, 
     )
     np.testing.assert_array_equal(stats.obs_rms.mean, env.obs_rms.mean)
     assert callback.save_vecnormalize is True  # put back after each step
+
+
+def test_python_dash_m_entry_point() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sb3_safe_save.zoo"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "usage: python -m sb3_safe_save.zoo {train,enjoy}" in done.stderr
