@@ -111,7 +111,14 @@ class CustomDQNPolicy(DQNPolicy):
 
 
 class CustomDQN(SafeSaveMixin, DQN):
-    """The user's DQN, with safe save/load from the mixin."""
+    """The user's DQN, with safe save/load from the mixin.
+
+    ``safe_save_trusted`` names, exactly, what files loaded with this class may reference beyond the
+    default list: the resource factory below (CustomDQNPolicy is trusted already: it is a class defined
+    in this module, the module of CustomDQN).
+    """
+
+    safe_save_trusted = ("lang_dqn:build_expert",)  # a factory is called only when trusted by exact name
 
 
 def make_model(expert: Any, net_arch: list[int] | None = None, seed: int = 0, **kwargs: Any) -> CustomDQN:
@@ -128,7 +135,7 @@ def build_expert(kind: str = "unpicklable", **kwargs: Any) -> UnpicklableExpert 
     """A module-level factory a ``ResourceSpec`` can name, so load rebuilds the expert by itself.
 
     ``ResourceSpec(factory="lang_dqn:build_expert", kwargs={"kind": "unpicklable", "name": "stub-llm-7b", "seed": 0})``:
-    loading with ``CustomDQN`` trusts it (it lives in the module that defines ``CustomDQN``).
+    loading with ``CustomDQN`` may call it, because ``CustomDQN.safe_save_trusted`` names it.
 
     :param kind: ``"unpicklable"`` (``UnpicklableExpert``) or ``"module"`` (``ModuleExpert``, seeded by ``seed=``)
     :param kwargs: the expert's constructor arguments (JSON values only: they are stored in the file)

@@ -97,15 +97,21 @@ def test_audit_exit_codes(files: dict[str, Path], capsys: pytest.CaptureFixture[
 
 def test_audit_fail_on_and_placeholder_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "unpicklable.safetensors"
-    # only an info (the placeholder): CustomDQN's own module is trusted, and a non-module expert has no
-    # parameters for target updates to touch, so no hazard either
+    # audited as CustomDQN.load decides (--algo): only an info (the placeholder), as CustomDQN's own module
+    # is trusted, and a non-module expert has no parameters for target updates to touch, so no hazard either
     make_model(UnpicklableExpert(), net_arch=[8]).save(path)
-    assert main(["audit", str(path)]) == 0
-    assert main(["audit", str(path), "--fail-on", "warning"]) == 0
-    assert main(["audit", str(path), "--fail-on", "info"]) == 1
+    algo = ["--algo", "lang_dqn:CustomDQN"]
+    assert main(["audit", str(path), *algo]) == 0
+    assert main(["audit", str(path), "--fail-on", "warning", *algo]) == 0
+    assert main(["audit", str(path), "--fail-on", "info", *algo]) == 1
     assert main(["audit", str(path), "--fail-on", "info", "--trust", "lang_dqn.*"]) == 1
-    assert main(["audit", str(path), "--no-placeholders"]) == 1
-    assert main(["audit", str(path), "--no-placeholders", "--allow-placeholder", "vlm_model"]) == 0
+    assert main(["audit", str(path), "--no-placeholders", *algo]) == 1
+    assert main(["audit", str(path), "--no-placeholders", "--allow-placeholder", "vlm_model", *algo]) == 0
+    # without --algo the audit decides as a plain DQN load, never trusting the file's own word
+    # ("algorithm": "lang_dqn:CustomDQN"): the policy class from lang_dqn is untrusted
+    assert main(["audit", str(path)]) == 0
+    assert main(["audit", str(path), "--fail-on", "warning"]) == 1
+    assert main(["audit", str(path), "--fail-on", "warning", "--trust", "lang_dqn:CustomDQNPolicy"]) == 0
     capsys.readouterr()
 
 

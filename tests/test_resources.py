@@ -62,6 +62,10 @@ class SpecDQN(CustomDQN):
     safe_save_specs = {"vlm_model": {"factory": "lang_dqn:build_expert", "kwargs": {"name": "from-class", "seed": 0}}}
 
 
+class UndeclaredSpecDQN(SpecDQN):
+    safe_save_trusted = ()  # not even what CustomDQN trusts
+
+
 class OptionalDQN(CustomDQN):
     safe_save_optional = ("vlm_model",)
 
@@ -217,7 +221,7 @@ def test_fresh_process_rebuilds_expert_without_resources(
     elif route == "entry_point":  # the installed test plugin provides the entry point "plugin_expert"
         trained.save(path, resources={"plugin_expert": expert_of(trained)})
         key = "plugin_expert"
-    else:  # lang_dqn:build_expert is trusted: it lives in the module that defines CustomDQN
+    else:  # lang_dqn:build_expert is trusted: CustomDQN.safe_save_trusted names it
         trained.save(
             path, specs={"vlm_model": SPEC.model_copy(update={"fingerprint": {"type": "lang_dqn.UnpicklableExpert"}})}
         )
@@ -263,7 +267,7 @@ def test_same_process_without_any_route_is_missing(trained: Any, tmp_path: pathl
 def test_resolution_order(trained: Any, registry: Any, tmp_path: pathlib.Path) -> None:
     """resources= > register_resource (key, then type) > entry point > trusted spec factory."""
     path = tmp_path / "agent.safetensors"
-    # key "plugin_expert" has an entry point; the spec is trusted (CustomDQN's module)
+    # key "plugin_expert" has an entry point; the spec is trusted (CustomDQN.safe_save_trusted)
     spec = {"factory": "lang_dqn:build_expert", "kwargs": {"name": "from-spec", "seed": 0}}
     trained.save(path, resources={"plugin_expert": expert_of(trained)}, specs={"plugin_expert": spec})
 
@@ -450,9 +454,11 @@ def test_three_ways_to_attach_a_spec(tmp_path: pathlib.Path) -> None:
     declared.save(tmp_path / "b")
     spec = read_manifest(tmp_path / "b.safetensors").placeholders[0].spec
     assert spec is not None and spec.factory == "lang_dqn:build_expert" and spec.kwargs["name"] == "from-class"
-    with pytest.raises(MissingResourceError, match="trusted="):  # SpecDQN's home module is this test module
-        SpecDQN.load(tmp_path / "b", trusted=POLICY)
-    assert expert_of(SpecDQN.load(tmp_path / "b", trusted=[*POLICY, "lang_dqn:build_expert"])).name == "from-class"
+    with pytest.raises(MissingResourceError, match="trusted="):  # a factory needs exact trust: no inherited declaration
+        UndeclaredSpecDQN.load(tmp_path / "b", trusted=POLICY)
+    loaded = UndeclaredSpecDQN.load(tmp_path / "b", trusted=[*POLICY, "lang_dqn:build_expert"])
+    assert expert_of(loaded).name == "from-class"
+    assert expert_of(SpecDQN.load(tmp_path / "b", trusted=POLICY)).name == "from-class"  # CustomDQN.safe_save_trusted
     declared.save(tmp_path / "b2", specs={"vlm_model": SPEC})
     assert read_manifest(tmp_path / "b2.safetensors").placeholders[0].spec == SPEC
 

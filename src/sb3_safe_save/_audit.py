@@ -19,6 +19,12 @@ finding ``code``           severity
 ``pickle``                 ``error``: a cloudpickled value (loading it runs code; saving it needs
                            ``allow_pickle=True``). ``warning`` with ``allow_pickle=True``.
 ``untrusted_reference``    ``warning``: a class or function ``load`` refuses unless it is trusted.
+``refused_reference``      ``error``: a reference ``load`` refuses whatever is trusted (a class of the
+                           wrong kind for where it sits, or not defined where it says).
+``refused_attribute``      ``error``: a stored attribute or placeholder path ``load`` refuses (an attribute
+                           SB3's ``save`` never writes, such as ``env``; a rebind path through a class).
+``spec_factory``           ``info``: a placeholder's ``ResourceSpec.factory`` that ``load`` may call
+                           (trusted exactly); ``warning`` when untrusted (``load`` never calls it).
 ``shared_with_target``     ``error`` (``warning`` if ``tau`` is 0): the online and target networks hold
                            parameters with the same storage, which target updates zero (``tau=1.0``) or
                            shrink (``tau<1``) in place.
@@ -53,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from sb3_safe_save import _weights
+from sb3_safe_save._errors import SafeSaveError
 from sb3_safe_save._manifest import (
     META_CHECKSUM,
     META_MANIFEST,
@@ -67,10 +74,19 @@ from sb3_safe_save._manifest import (
     TensorNode,
     iter_nodes,
     iter_paths,
-    node_refs,
 )
-from sb3_safe_save._persist import _open, _parse, build_manifest, snapshot_model
-from sb3_safe_save._trust import TrustList, TrustSpec
+from sb3_safe_save._persist import (
+    _open,
+    _parse,
+    _root,
+    base_algorithm_ref,
+    build_manifest,
+    rebind_problem,
+    references,
+    refused_data_keys,
+    snapshot_model,
+)
+from sb3_safe_save._trust import Refusal, TrustList, TrustSpec
 from sb3_safe_save._walker import DEFAULT_MAX_OBJECT_BYTES
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -79,6 +95,9 @@ FindingCode = Literal[
     "placeholder",
     "pickle",
     "untrusted_reference",
+    "refused_reference",
+    "refused_attribute",
+    "spec_factory",
     "shared_with_target",
     "external_in_optimizer",
     "reinitialised_on_build",
@@ -260,7 +279,9 @@ class _Layout:
         tensors: Mapping[str, tuple[str, tuple[int, ...], int]],
         header_bytes: int,
         manifest_bytes: int,
+        algo: type | None = None,
     ) -> None:
+        self.algo = algo  # the class whose load decisions the audit makes (the live model's class)
         self.manifest = manifest
         self.tensors = tensors  # key -> (dtype, shape, nbytes)
         self.header_bytes = header_bytes
@@ -280,6 +301,7 @@ def audit(
     resources: Mapping[str, Any] | None = None,
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
     top: int = 10,
+    algo: type | None = None,
 ) -> AuditReport:
     """Report what a save writes: sizes per component, largest tensors and attributes, findings, a verdict.
 
@@ -298,7 +320,10 @@ def audit(
     :param allow_placeholders: True, False, or the placeholder keys that are expected; other
         placeholders become ``error`` findings
     :param allow_pickle: pickled values are ``warning`` instead of ``error`` findings
-    :param trusted: classes or ``"module.Name"`` strings that are not reported as untrusted references
+    :param trusted: classes or ``"module.Name"`` strings, as ``load(..., trusted=)``: the audit makes the
+        decisions ``load`` makes with them, on the model's class (a live model), ``algo``, or the
+        file's SB3 base algorithm (never on what the file says its algorithm is)
+    :param algo: (file) audit as ``algo.load(path)`` would decide (its module and ``safe_save_trusted``)
     :param exclude: (live model) as in ``save``
     :param include: (live model) as in ``save``
     :param resources: (live model) resource key -> live object to leave out, as in ``save``
@@ -316,7 +341,7 @@ def audit(
         layout = _live_layout(model_or_path, exclude, include, resources, max_object_bytes)
         source, kind = f"<live {type(model_or_path).__name__} model>", "model"
     else:
-        layout = _file_layout(model_or_path)
+        layout = _file_layout(model_or_path, algo)
         source, kind = os.fspath(model_or_path), "file"
     return _analyse(
         layout, source, kind, budget=budget, fail_on=fail_on, allow_placeholders=allow_placeholders,
@@ -400,14 +425,19 @@ def _live_layout(
     # zero-stride stand-ins: right nbytes, no memory; _header_bytes only reads dtype, shape and nbytes
     blobs = {k: _weights.Blob(data=np.broadcast_to(zero, (n,)), dtype=d, shape=s) for k, (d, s, n) in tensors.items()}
     header = _weights._header_bytes(blobs, metadata)
-    return _Layout(manifest, tensors, 8 + len(header), len(text.encode()))
+    return _Layout(manifest, tensors, 8 + len(header), len(text.encode()), type(model))
 
 
-def _file_layout(path: str | os.PathLike[str]) -> _Layout:
+def _file_layout(path: str | os.PathLike[str], algo: type | None) -> _Layout:
     with _open(path) as (f, size):
         header, manifest = _parse(f, size)
     tensors = {k: (info.dtype, info.shape, info.nbytes) for k, info in header.tensors.items()}
-    return _Layout(manifest, tensors, header.body_start, len(header.metadata[META_MANIFEST].encode()))
+    if algo is None:  # as a plain safe(Base).load would decide; the file's own "algorithm" is never trusted
+        try:
+            algo = TrustList(None).resolve(manifest.base_algorithm, "base_algorithm", "algorithm")
+        except SafeSaveError:
+            algo = None  # no SB3 class loads it: reported as a refused reference
+    return _Layout(manifest, tensors, header.body_start, len(header.metadata[META_MANIFEST].encode()), algo)
 
 
 # ------------------------------------------------------------------------------------------ analysis
@@ -472,7 +502,8 @@ def _analyse(
     tensor_bytes = sum(size.values())
     total = layout.header_bytes + tensor_bytes
 
-    findings = _findings(manifest, scans, size, allow_placeholders, allow_pickle, trusted)
+    findings = _findings(manifest, scans, size, allow_placeholders, allow_pickle)
+    findings += _reference_findings(manifest, TrustList(trusted, layout.algo), layout.algo)
     over = budget is not None and total > budget
     if over:
         assert budget is not None
@@ -523,7 +554,6 @@ def _findings(
     size: Mapping[str, int],
     allow_placeholders: bool | Collection[str],
     allow_pickle: bool,
-    trusted: TrustSpec | None,
 ) -> list[Finding]:
     findings: list[Finding] = []
     for ph in manifest.placeholders:
@@ -543,11 +573,8 @@ def _findings(
                 size_bytes=ph.size_bytes,
             )
         )
-    refs: dict[str, list[str]] = {}
-    for top, nodes in scans:
+    for _, nodes in scans:
         for node in nodes:
-            for ref in node_refs(node):
-                refs.setdefault(ref, []).append(top)
             if isinstance(node, PickleNode):
                 path = node.tensor.removesuffix("#pickle")
                 findings.append(
@@ -561,20 +588,6 @@ def _findings(
                         size_bytes=size.get(node.tensor),
                     )
                 )
-    # as ``load`` would see it when called on the saving class: its own module is trusted
-    home = manifest.algorithm.partition(":")[0]
-    for ref in TrustList(trusted, home).untrusted(refs):
-        where = sorted(set(refs[ref]))
-        findings.append(
-            Finding(
-                code="untrusted_reference",
-                severity="warning",
-                message=f"{ref} (used by {', '.join(where[:3])}) is not trusted by default;"
-                f" load needs trusted=[{ref.replace(':', '.')!r}]",
-                paths=where,
-                type=ref,
-            )
-        )
     for hz in manifest.hazards:
         findings.append(Finding(code=hz.code, severity=hz.severity, message=hz.message, paths=list(hz.paths)))
     for name, root in manifest.data.items():
@@ -591,6 +604,117 @@ def _findings(
                         type=node.source,
                     )
                 )
+    return findings
+
+
+def _attribute_findings(manifest: Manifest, algo: type | None) -> list[Finding]:
+    """What ``load`` refuses about the file's algorithm, stored attributes and rebind paths."""
+    findings: list[Finding] = []
+    if algo is None:
+        findings.append(
+            Finding(
+                code="refused_reference",
+                severity="error",
+                message=f"base algorithm {manifest.base_algorithm} is not a stable_baselines3/sb3_contrib algorithm:"
+                " no algorithm class loads this file",
+                paths=["base_algorithm"],
+                type=manifest.base_algorithm,
+            )
+        )
+    else:
+        expected = base_algorithm_ref(algo)
+        if manifest.base_algorithm != expected:
+            findings.append(
+                Finding(
+                    code="refused_reference",
+                    severity="error",
+                    message=f"the file holds a {manifest.base_algorithm} model; {algo.__qualname__}.load refuses it",
+                    paths=["base_algorithm"],
+                    type=manifest.base_algorithm,
+                )
+            )
+        for name, why in refused_data_keys(algo, manifest).items():
+            findings.append(
+                Finding(
+                    code="refused_attribute",
+                    severity="error",
+                    message=f"the file sets {name!r}, which load refuses: {why}",
+                    paths=[name],
+                )
+            )
+    for ph in manifest.placeholders:
+        for path in ph.paths:
+            problem = rebind_problem(path) if _root(path) not in manifest.data and "[" not in path else None
+            if problem is not None:
+                findings.append(
+                    Finding(
+                        code="refused_attribute",
+                        severity="error",
+                        message=f"placeholder {ph.key!r} at {path!r}: load refuses to rebind there: {problem}",
+                        paths=[path],
+                        key=ph.key,
+                    )
+                )
+    return findings
+
+
+def _reference_findings(manifest: Manifest, trust: TrustList, algo: type | None) -> list[Finding]:
+    """What ``load`` decides about the file's references and spec factories, with the same ``TrustList``."""
+    findings = _attribute_findings(manifest, algo)
+    refs, _ = references(manifest)
+    refused = {r.ref: r for r in trust.refusals(refs)}
+    for ref, uses in sorted(refs.items()):
+        if ref not in refused and trust.why(ref, uses[0][1]) != "default":  # load imports it: decide as load does
+            for path, kind in uses:
+                try:
+                    trust.resolve(ref, path, kind)
+                except SafeSaveError as e:
+                    refused[ref] = Refusal(ref, [path], str(e).partition(": ")[2] or str(e), trustable=False)
+                    break
+    for r in refused.values():
+        where = sorted(set(r.paths))
+        if r.trustable:
+            findings.append(
+                Finding(
+                    code="untrusted_reference",
+                    severity="warning",
+                    message=f"{r.ref} (used by {', '.join(where[:3])}) is not trusted;"
+                    f" load needs trusted=[{r.ref!r}] (or safe_save_trusted on the algorithm class)",
+                    paths=where,
+                    type=r.ref,
+                )
+            )
+        else:
+            findings.append(
+                Finding(
+                    code="refused_reference",
+                    severity="error",
+                    message=f"{r.ref} (used by {', '.join(where[:3])}) is refused by load: {r.reason}",
+                    paths=where,
+                    type=r.ref,
+                )
+            )
+    for ph in manifest.placeholders:
+        if ph.spec is None or ph.spec.factory is None:
+            continue
+        ref = ph.spec.factory
+        called = trust.why(ref, "factory") is not None
+        findings.append(
+            Finding(
+                code="spec_factory",
+                severity="info" if called else "warning",
+                message=f"placeholder {ph.key!r} names the factory {ref}"
+                + (
+                    f"; load calls it as {ref}(**{dict(ph.spec.kwargs)!r:.200}) unless resources= supplies the object"
+                    if called
+                    else f"; load never calls it unless trusted exactly (trusted=[{ref!r}]);"
+                    f" else pass resources={{{ph.key!r}: ...}}"
+                ),
+                paths=list(ph.paths),
+                key=ph.key,
+                type=ref,
+            )
+        )
     return findings
 
 

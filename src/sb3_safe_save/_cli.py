@@ -83,7 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-placeholders", action="store_true", help="placeholders are errors, not info")
     p.add_argument("--allow-placeholder", action="append", default=[], metavar="KEY", help="with --no-placeholders: allow KEY")
     p.add_argument("--allow-pickle", action="store_true", help="pickled values are warnings, not errors")
-    p.add_argument("--trust", action="append", default=[], metavar="REF", help="do not report REF ('pkg.mod.Name', 'pkg.*')")
+    p.add_argument("--trust", action="append", default=[], metavar="REF", help="trust REF as load(trusted=[...]) would")
+    p.add_argument(
+        "--algo",
+        default=None,
+        metavar="ALGO",
+        help="decide as ALGO.load would ('mypackage.module:MyAlgo': imports it; default: the file's SB3 base algorithm)",
+    )
     p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("convert", help="import a stock SB3 zip (unpickles it: needs --trust-pickle)")
@@ -196,6 +202,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     allow: bool | list[str] = args.allow_placeholder if args.no_placeholders else True
     reports: list[AuditReport] = []
     errors: dict[str, str] = {}
+    algo = _algo_from_name(args.algo) if args.algo else None
     for path in args.paths:
         try:
             reports.append(
@@ -206,6 +213,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                     allow_placeholders=allow,
                     allow_pickle=args.allow_pickle,
                     trusted=args.trust or None,
+                    algo=algo,
                 )
             )
         except (SafeSaveError, OSError) as e:
@@ -337,16 +345,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     from sb3_safe_save._errors import PickleRefusedError, UntrustedTypeError
     from sb3_safe_save._persist import load_model, read_manifest
-    from sb3_safe_save._trust import import_ref
 
     if not str(args.out).endswith(".zip"):
         raise _UsageError(f"{args.out}: the output of export must end in .zip (stock SB3 would add the suffix)")
     manifest = read_manifest(args.path)
-    if TrustList(None, None).why(manifest.base_algorithm) != "default":
+    if TrustList(None).why(manifest.base_algorithm, "algorithm") != "default":
         raise _UsageError(
-            f"{args.path}: base algorithm {manifest.base_algorithm} is not a stable_baselines3/sb3_contrib class"
+            f"{args.path}: base algorithm {manifest.base_algorithm} is not a stable_baselines3/sb3_contrib algorithm"
         )
-    base = import_ref(manifest.base_algorithm, default_trust=True)
+    base = TrustList(None).resolve(manifest.base_algorithm, "base_algorithm", "algorithm")
     trusted = args.trust or None
     # placeholders stay empty (None): the zip is written without them, and they are listed below
     left_out = {p.key: None for p in manifest.placeholders}
@@ -392,7 +399,7 @@ def _optimizers_without_left_out(path: str, trusted: list[str] | None) -> dict[s
         if not entries:
             return overrides
         body = _weights.Body(f, header, {k: m.xxh3 for k, m in manifest.tensors.items()})
-        decoder = _Decoder(body, TrustList(trusted, None), {}, {}, manifest)
+        decoder = _Decoder(body, TrustList(trusted), {}, {}, manifest)
         for entry in entries:
             state = decoder.decode(entry.state, entry.name)
             dropped = set(entry.dropped)

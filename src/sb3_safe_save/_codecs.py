@@ -52,7 +52,7 @@ from sb3_safe_save._manifest import (
     TupleNode,
     child_path,
 )
-from sb3_safe_save._trust import ref_of, resolves_to
+from sb3_safe_save._trust import RefKind, plain_class, ref_of, resolves_to
 
 
 class NotEncodable(Exception):
@@ -76,7 +76,7 @@ class Decoder(Protocol):
 
     def tensor(self, key: str) -> th.Tensor: ...
 
-    def resolve(self, ref: str) -> Any: ...
+    def resolve(self, ref: str, path: str, kind: RefKind) -> Any: ...
 
     def placeholder(self, key: str, path: str) -> Any: ...
 
@@ -152,7 +152,7 @@ class EnumCodec(Codec):
         return EnumNode(cls=ref, value=value.value)
 
     def decode(self, node: EnumNode, path: str, dec: Decoder) -> Any:
-        cls = dec.resolve(node.cls)
+        cls = dec.resolve(node.cls, path, "enum")
         if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
             raise FormatError(f"{path}: {node.cls} is not an Enum")
         return cls(node.value)
@@ -172,7 +172,7 @@ class NamedTupleCodec(Codec):
         return NamedTupleNode(cls=ref, fields=fields)
 
     def decode(self, node: NamedTupleNode, path: str, dec: Decoder) -> Any:
-        cls = dec.resolve(node.cls)
+        cls = dec.resolve(node.cls, path, "namedtuple")
         if not (isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields")):
             raise FormatError(f"{path}: {node.cls} is not a named tuple class")
         if set(node.fields) != set(cls._fields):
@@ -340,9 +340,16 @@ class TorchDeviceCodec(Codec):
 
     def decode(self, node: DeviceNode, path: str, dec: Decoder) -> th.device:
         try:
-            return th.device(node.value)
+            device = th.device(node.value)
         except (RuntimeError, ValueError):
             raise FormatError(f"{path}: {node.value!r} is not a torch device") from None
+        if device.type not in DEVICE_TYPES:  # "meta" builds a model that loads and then cannot run
+            raise FormatError(f"{path}: device {node.value!r} is not allowed in a file (types: {sorted(DEVICE_TYPES)})")
+        return device
+
+
+#: Device types a file may name (a stored device never decides where the model runs: ``load(device=)`` does).
+DEVICE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu"})
 
 
 class TorchDtypeCodec(Codec):
@@ -457,7 +464,7 @@ class RefCodec(Codec):
         return RefNode(ref=_ref(value))
 
     def decode(self, node: RefNode, path: str, dec: Decoder) -> Any:
-        return dec.resolve(node.ref)
+        return dec.resolve(node.ref, path, "ref")
 
 
 class ObjectCodec(Codec):
@@ -470,15 +477,7 @@ class ObjectCodec(Codec):
     kind = "object"
 
     def handles(self, value: Any) -> bool:
-        cls = type(value)
-        return (
-            hasattr(value, "__dict__")
-            and not any(k.__dict__.get("__slots__") for k in cls.__mro__)  # abc.ABC's empty __slots__ is fine
-            and _same_as_object(cls, "__reduce_ex__")
-            and _same_as_object(cls, "__reduce__")
-            and _same_as_object(cls, "__getstate__")
-            and not hasattr(cls, "__setstate__")
-        )
+        return hasattr(value, "__dict__") and plain_class(type(value))
 
     def encode(self, value: Any, path: str, enc: Encoder) -> Node:
         cls = type(value)
@@ -491,14 +490,13 @@ class ObjectCodec(Codec):
         return ObjectNode(cls=_ref(cls), state={k: enc.encode(v, child_path(path, k)) for k, v in state.items()})
 
     def decode(self, node: ObjectNode, path: str, dec: Decoder) -> Any:
-        cls = dec.resolve(node.cls)
-        if not isinstance(cls, type):
-            raise FormatError(f"{path}: {node.cls} is not a class")
+        cls = dec.resolve(node.cls, path, "object")  # a trusted plain class: no constructor, no custom __dict__
+        bad = [k for k in node.state if not k.isidentifier() or k.startswith("__")]
+        if bad:
+            raise FormatError(f"{path}: attribute names {bad[:5]} are not allowed")
+        state = {k: dec.decode(v, child_path(path, k)) for k, v in node.state.items()}
         obj: Any = object.__new__(cls)
-        for k, v in node.state.items():
-            if not k.isidentifier() or k.startswith("__"):
-                raise FormatError(f"{path}: attribute name {k!r} is not allowed")
-            obj.__dict__[k] = dec.decode(v, child_path(path, k))
+        object.__getattribute__(obj, "__dict__").update(state)
         return obj
 
 
@@ -685,13 +683,6 @@ def _sb3_schedule(kind: str, args: list[Any]) -> Any:
         "float": sb3_utils.get_schedule_fn,
     }
     return functions[kind](*args)
-
-
-def _same_as_object(cls: type, name: str) -> bool:
-    """True if ``cls`` inherits ``name`` from ``object`` unchanged (default pickling behaviour)."""
-    ours: Any = getattr(cls, name, None)
-    base: Any = getattr(object, name, None)
-    return ours is base
 
 
 class PlaceholderCodec(Codec):

@@ -75,20 +75,34 @@ class UntrustedTypeError(SafeSaveError, TypeError):
 
     Nothing referenced by the file has been imported when this is raised.
 
-    :param refs: the untrusted ``"module.Qualname"`` references, sorted
+    :param refs: the untrusted ``"module:Qualname"`` references, sorted
+    :param where: reference -> the attribute paths that use it
+    :param algo: the class ``load`` was called on (the message then shows its name in the fix)
     """
 
-    def __init__(self, refs: Sequence[str], where: dict[str, list[str]] | None = None) -> None:
+    def __init__(self, refs: Sequence[str], where: dict[str, list[str]] | None = None, algo: type | None = None) -> None:
         self.refs = sorted(refs)
         where = where or {}
         lines = [f"{ref}  (used at {', '.join(where.get(ref, [])[:3]) or 'manifest'})" for ref in self.refs]
+        name = algo.__qualname__ if algo is not None else "Algo"
+        base = next((k.__name__ for k in (algo.__mro__ if algo is not None else ()) if k.__module__.startswith(_SB3)), "Algo")
+        classes = ", ".join(r.rpartition(":")[2].rpartition(".")[2] for r in self.refs)
+        if name == base:  # safe(DQN) or a stock class: a trusting subclass comes from safe()
+            declare = f"\n  safe({base}, trusted=[{classes}]).load(path)"
+        else:
+            declare = f"\n  class {name}(SafeSaveMixin, {base}):\n      safe_save_trusted = ({classes},)"
         super().__init__(
             "The file references types that are not trusted; nothing was imported:"
             + _bullets(lines)
-            + "\nIf you trust this file, pass them explicitly:"
-            + f"\n  Algo.load(path, trusted={self.refs!r})"
-            + "\nor register them once with sb3_safe_save.trust(...)."
+            + "\nIf you trust them, name them exactly (class objects or 'module:QualName' strings), either per load:"
+            + f"\n  {name}.load(path, trusted={self.refs!r})"
+            + "\nor once, on the algorithm class (next to safe_save_resources):"
+            + declare
+            + "\nor process-wide with sb3_safe_save.trust(...)."
         )
+
+
+_SB3 = ("stable_baselines3.", "sb3_contrib.")
 
 
 class PickleRefusedError(SafeSaveError, ValueError):

@@ -40,11 +40,15 @@ class SafeSaveMixin:
         e.g. ``{"vlm_model": "policy_kwargs.vlm_model"}`` (the walker also finds them by itself)
     :cvar safe_save_specs: resource key -> ``ResourceSpec`` telling load how to rebuild it
     :cvar safe_save_optional: resource keys that may stay unbound at load
+    :cvar safe_save_trusted: classes (or ``"module:QualName"`` strings, or resource factories) that
+        files loaded with this class may reference, beyond the default list and the classes defined in
+        this class's own module, e.g. ``(CustomDQNPolicy,)`` for a policy that lives in another module
     """
 
     safe_save_resources: ClassVar[Mapping[str, str]] = {}
     safe_save_specs: ClassVar[Mapping[str, ResourceSpec | Mapping[str, Any]]] = {}
     safe_save_optional: ClassVar[Sequence[str]] = ()
+    safe_save_trusted: ClassVar[Sequence[type | str | Any]] = ()
 
     def save(
         self,
@@ -218,21 +222,35 @@ class SafeSaveMixin:
 
 
 _safe_lock = threading.Lock()
-_safe_cache: dict[type, type] = {}
+_safe_cache: dict[tuple[type, frozenset[str]], type] = {}
 
 
-def safe(algo: type[SelfAlgo]) -> type[SelfAlgo]:
+def safe(algo: type[SelfAlgo], *, trusted: Iterable[type | str | Any] = ()) -> type[SelfAlgo]:
     """Return a (cached) subclass of ``algo`` with safe ``save``/``load``: ``safe(PPO)("MlpPolicy", env)``.
 
     :param algo: any ``BaseAlgorithm`` subclass (SB3, sb3-contrib or your own)
+    :param trusted: classes (or ``"module:QualName"`` strings) that files loaded with the returned
+        class may reference, e.g. ``safe(DQN, trusted=[CustomDQNPolicy])``; it becomes the class's
+        ``safe_save_trusted`` (added to what ``algo`` already declares)
+    :return: the subclass; the same class for the same ``algo`` and ``trusted``
     """
+    from sb3_safe_save._trust import declared_trust, ref_of
+
     if not (isinstance(algo, type) and issubclass(algo, BaseAlgorithm)):
         raise TypeError(f"safe() takes a stable_baselines3 algorithm class, got {algo!r}")
-    if issubclass(algo, SafeSaveMixin):
+    if isinstance(trusted, (str, type, bool)):
+        raise TypeError(f"safe(..., trusted=) takes a list of classes or 'module:QualName' strings, got {trusted!r}")
+    items = tuple(trusted)
+    names = frozenset(i if isinstance(i, str) else ref_of(i) for i in items)
+    if issubclass(algo, SafeSaveMixin) and not names:
         return algo
     with _safe_lock:
-        if algo not in _safe_cache:
-            _safe_cache[algo] = type(
-                algo.__name__, (SafeSaveMixin, algo), {"__module__": algo.__module__, "__qualname__": algo.__qualname__}
-            )
-        return _safe_cache[algo]
+        key = (algo, names)
+        if key not in _safe_cache:
+            namespace: dict[str, Any] = {"__module__": algo.__module__, "__qualname__": algo.__qualname__}
+            if names:
+                namespace["safe_save_trusted"] = (*getattr(algo, "safe_save_trusted", ()), *items)
+            bases = (algo,) if issubclass(algo, SafeSaveMixin) else (SafeSaveMixin, algo)
+            _safe_cache[key] = type(algo.__name__, bases, namespace)
+            declared_trust(_safe_cache[key])  # refuse malformed entries now, not at the first load
+        return _safe_cache[key]

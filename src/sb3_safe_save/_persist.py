@@ -24,6 +24,7 @@ import os
 import pathlib
 import platform
 import threading
+import types
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -72,7 +73,7 @@ from sb3_safe_save._manifest import (
     parse_manifest,
 )
 from sb3_safe_save._resources import resolve
-from sb3_safe_save._trust import TrustList, TrustSpec, import_ref, ref_of
+from sb3_safe_save._trust import RefKind, TrustList, TrustSpec, ref_of
 from sb3_safe_save._vecnormalize import PREFIX as VN_PREFIX
 from sb3_safe_save._vecnormalize import export_vecnormalize, restore_vecnormalize
 from sb3_safe_save._version import __version__
@@ -179,7 +180,7 @@ def snapshot_model(
         declared=declared,
         specs={k: v if isinstance(v, ResourceSpec) else ResourceSpec.model_validate(v) for k, v in all_specs.items()},
         optional=optional | frozenset(getattr(cls, "safe_save_optional", ())),
-        trusted=TrustList(None, home_module=cls.__module__),
+        trusted=TrustList(None, home=cls),
     )
     snapshot = walker.walk(model, exclude, _keep_session_state(model, exclude, include))
     unused = (set(resources or {}) | set(specs or {}) | optional) - {p.key for p in snapshot.placeholders}
@@ -351,11 +352,18 @@ def load_model(
                 f"this file holds a {manifest.algorithm} (a {manifest.base_algorithm}) model, but it is being loaded with"
                 f" {cls.__qualname__} (a {expected_base}); load it with the matching algorithm class"
             )
-        trust = TrustList(trusted, home_module=cls.__module__)
-        refs, pickles = _references(manifest, custom_objects)
-        untrusted = trust.untrusted(refs)
-        if untrusted:
-            raise UntrustedTypeError(untrusted, {r: refs[r] for r in untrusted})
+        trust = TrustList(trusted, home=cls)
+        refs, pickles = references(manifest, custom_objects)
+        check_references(trust, refs, cls)
+        check_data_keys(cls, manifest)
+        bad_paths = [
+            (ph.key, p, rebind_problem(p))
+            for ph in manifest.placeholders
+            for p in ph.paths
+            if _root(p) not in manifest.data and "[" not in p and rebind_problem(p)
+        ]
+        if bad_paths:
+            raise FormatError("; ".join(f"placeholder {k!r}: cannot rebind at {p!r}: {why}" for k, p, why in bad_paths[:5]))
         if pickles and not allow_pickle:
             raise PickleRefusedError(pickles)
         covered = frozenset(p.key for p in manifest.placeholders if _covered(p, manifest, custom_objects))
@@ -403,18 +411,37 @@ def _walk_data(manifest: Manifest) -> Iterator[tuple[str, Node]]:
     yield from manifest.torch_variables.items()
 
 
-def _references(manifest: Manifest, custom_objects: Mapping[str, Any]) -> tuple[dict[str, list[str]], list[str]]:
-    """Every import reference (with where it is used) and every pickled value the load would decode."""
-    refs: dict[str, list[str]] = {}
+_REF_KINDS: dict[str, RefKind] = {"ref": "ref", "object": "object", "enum": "enum", "namedtuple": "namedtuple"}
+
+
+def references(
+    manifest: Manifest, custom_objects: Mapping[str, Any] | None = None
+) -> tuple[dict[str, list[tuple[str, RefKind]]], list[str]]:
+    """Every import reference with where and how it is used, and every pickled value, that a load would decode."""
+    refs: dict[str, list[tuple[str, RefKind]]] = {}
     pickles: list[str] = []
-    replaced = custom_objects.__contains__  # a replaced value (and all below it) is never decoded
+    replaced = (custom_objects or {}).__contains__  # a replaced value (and all below it) is never decoded
     for top, root in _walk_data(manifest):
         for path, node in iter_paths(root, top, skip=replaced):
             for ref in node_refs(node):
-                refs.setdefault(ref, []).append(path)
+                refs.setdefault(ref, []).append((path, _REF_KINDS[getattr(node, "kind", "ref")]))
             if isinstance(node, PickleNode):
                 pickles.append(path)
     return refs, pickles
+
+
+def check_references(trust: TrustList, refs: Mapping[str, list[tuple[str, RefKind]]], cls: type | None) -> None:
+    """Phase 2: refuse every reference the trust list refuses (all at once), importing nothing.
+
+    :raises UntrustedTypeError: references nobody trusted (with the ``trusted=``/``safe_save_trusted`` fix)
+    :raises FormatError: trusted classes used where SB3 expects another kind of class
+    """
+    refusals = trust.refusals(refs)
+    untrusted = [r for r in refusals if r.trustable]
+    if untrusted:
+        raise UntrustedTypeError([r.ref for r in untrusted], {r.ref: r.paths for r in untrusted}, algo=cls)
+    if refusals:
+        raise FormatError("; ".join(f"{', '.join(r.paths[:3])}: {r.ref} is refused: {r.reason}" for r in refusals[:5]))
 
 
 def _covered(ph: Placeholder, manifest: Manifest, custom_objects: Mapping[str, Any]) -> bool:
@@ -460,7 +487,6 @@ class _Decoder:
         self.bound = bound
         self._overrides = overrides
         self._manifest = manifest
-        self._imported: dict[str, Any] = {}
         self._wrappers: dict[str, Any] = {}
 
     def decode(self, node: Node, path: str) -> Any:
@@ -478,16 +504,8 @@ class _Decoder:
     def tensor(self, key: str) -> th.Tensor:
         return self._body.read_tensor(key)
 
-    def resolve(self, ref: str) -> Any:
-        if ref not in self._imported:
-            why = self._trust.why(ref)
-            if why is None:  # phase 2 checked every reference; this guards new code paths
-                raise UntrustedTypeError([ref])
-            try:
-                self._imported[ref] = import_ref(ref, default_trust=why == "default")
-            except (ImportError, AttributeError, TypeError) as e:
-                raise FormatError(f"cannot import {ref}: {e}") from None
-        return self._imported[ref]
+    def resolve(self, ref: str, path: str, kind: RefKind) -> Any:
+        return self._trust.resolve(ref, path, kind)  # phase 2 checked the references; this decides for each use
 
     def placeholder(self, key: str, path: str) -> Any:
         ph = self._manifest.placeholder(key)
@@ -538,6 +556,55 @@ def _skip_init(tensor: th.Tensor, *args: Any, **kwargs: Any) -> th.Tensor:
     return tensor
 
 
+def refused_data_keys(cls: type[BaseAlgorithm], manifest: Manifest) -> dict[str, str]:
+    """The stored attributes a file may not set on a ``cls`` model -> why: what SB3's ``save`` could never write.
+
+    Refused: names in ``cls._excluded_save_params()`` (``env``, ``device``, ``policy``, ``replay_buffer``, ...:
+    a stored ``env`` string would reach ``gym.make``, a stored ``device`` would override the caller's), the
+    roots of the state dicts and torch variables (restored from tensors), and names of class attributes
+    (methods, properties, descriptors, classes, tables such as ``policy_aliases``). Scalar class-level
+    defaults (``use_expert = False``) that an instance attribute shadows stay allowed: SB3's ``save`` writes those.
+    """
+    excluded = set(_excluded_save_params(cls)) - set(SESSION_STATE)
+    roots = {_root(e.name) for e in manifest.state_dicts} | {_root(n) for n in manifest.torch_variables}
+    out: dict[str, str] = {}
+    for name in manifest.data:
+        static = inspect.getattr_static(cls, name, _NOT_FOUND)
+        if name.startswith("__"):
+            out[name] = "a dunder name"
+        elif name in excluded:
+            out[name] = f"SB3 never saves it ({cls.__qualname__}._excluded_save_params())"
+        elif name in roots:
+            out[name] = "it is restored from the stored tensors"
+        elif static is not _NOT_FOUND and not isinstance(static, (type(None), bool, int, float, str)):
+            out[name] = f"it is a {type(static).__name__} of {cls.__qualname__}, not instance data"
+    return out
+
+
+_NOT_FOUND = object()
+
+
+def _excluded_save_params(cls: type[BaseAlgorithm]) -> list[str]:
+    """``cls._excluded_save_params()`` without a model (it only lists names); SB3's base list if it needs one."""
+    bare = object.__new__(cls)
+    try:
+        names = cls._excluded_save_params(bare)
+    except Exception:  # a user override reading instance state: fall back to SB3's own list
+        names = BaseAlgorithm._excluded_save_params(bare)
+    return [n for n in names if isinstance(n, str)]
+
+
+def check_data_keys(cls: type[BaseAlgorithm], manifest: Manifest) -> None:
+    """Phase 2: refuse a file that sets attributes SB3's ``save`` could never have written (see ``refused_data_keys``)."""
+    refused = refused_data_keys(cls, manifest)
+    if refused:
+        detail = "; ".join(f"{name!r}: {why}" for name, why in list(refused.items())[:5])
+        raise FormatError(
+            f"the file sets attributes a {cls.__qualname__} file never holds ({detail});"
+            " it was not written by save (if you saved with include=[...] of such a name, save without it)"
+        )
+
+
 def _build(
     cls: type[SelfAlgo],
     manifest: Manifest,
@@ -549,9 +616,6 @@ def _build(
     kwargs: dict[str, Any],
 ) -> SelfAlgo:
     """Rebuild the model as ``BaseAlgorithm.load`` does, from decoded data."""
-    shadowing = [name for name in manifest.data if hasattr(type(inspect.getattr_static(cls, name, None)), "__get__")]
-    if shadowing:  # e.g. {"predict": ...}: instance data would replace a method or property of the class
-        raise FormatError(f"the stored attributes {shadowing[:5]} would shadow methods or properties of {cls.__qualname__}")
     data = {name: decoder.decode(node, name) for name, node in manifest.data.items()}
     if "policy_kwargs" in data and isinstance(data["policy_kwargs"], dict):
         data["policy_kwargs"].pop("device", None)
@@ -578,8 +642,6 @@ def _build(
         if force_reset:
             data["_last_obs"] = None
         data["n_envs"] = env.num_envs
-    elif "env" in data:
-        env = data["env"]
     try:
         model = cls(policy=data["policy_class"], env=env, device=device, _init_setup_model=False)  # type: ignore[call-arg]
         model.__dict__.update(data)
@@ -661,7 +723,7 @@ def load_parameters(model: BaseAlgorithm, path: PathLike, *, exact_match: bool =
                 f"this file holds a {manifest.base_algorithm} model; it cannot set the parameters of a {expected_base}"
             )
         body = _weights.Body(f, header, {k: m.xxh3 for k, m in manifest.tensors.items()}, verify=verify)
-        decoder = _Decoder(body, TrustList(None, None), {}, {}, manifest)
+        decoder = _Decoder(body, TrustList(None), {}, {}, manifest)
         _load_state_dicts(model, manifest, decoder, body, exact_match=exact_match)
 
 
@@ -772,21 +834,72 @@ def _rebind(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder) -> None
     """Put resources back at module-attribute paths the constructor did not fill (identity preserved).
 
     A path the constructor filled with the same object, wrapped or not, is left as the constructor made it.
+    Only instance attributes of the model's own objects are written (``rebind_target``).
     """
+    resources = {id(unwrap(obj)) for obj in decoder.bound.values()}
     for ph in manifest.placeholders:
         if ph.key not in decoder.bound:
             continue
         for path in ph.paths:
             if _root(path) in manifest.data or "[" in path:
                 continue
-            parent_path, _, attr = path.rpartition(".")
-            if attr in _MODULE_INTERNALS:
-                raise FormatError(f"placeholder {ph.key!r}: path {path!r} names a torch internal attribute")
-            try:
-                parent = resolve_attr(model, parent_path)
-            except (AttributeError, KeyError, IndexError, TypeError):
-                raise StateMismatchError(
-                    f"placeholder {ph.key!r}: cannot rebind at {path!r}, the rebuilt model has no {parent_path!r}"
-                ) from None
-            if unwrap(getattr(parent, attr, None)) is not unwrap(decoder.bound[ph.key]):
+            parent, attr = rebind_target(model, path, ph.key, resources)
+            current = _own_attribute(parent, attr)
+            if current is _NOT_FOUND or unwrap(current) is not unwrap(decoder.bound[ph.key]):
                 setattr(parent, attr, decoder.bound_at(ph, path))
+
+
+def rebind_problem(path: str) -> str | None:
+    """Why a placeholder path can never be a rebind target, from the path alone (phase 2 and audit), or None."""
+    parts = path.split(".")
+    if any(p.startswith("__") or not p.isidentifier() for p in parts if "[" not in p):
+        return "only plain attribute names may be rebound"
+    if parts[-1] in _MODULE_INTERNALS:
+        return "it names a torch internal attribute"
+    return None
+
+
+def rebind_target(model: BaseAlgorithm, path: str, key: str, resources: set[int]) -> tuple[Any, str]:
+    """The object and attribute name a placeholder at ``path`` is written to, or raise.
+
+    Each step is read from an instance's own ``__dict__`` (or an ``nn.Module``'s sub-modules): never through
+    a class, a module, a function, a property or a bound resource; the target attribute must not be a
+    method, property or other descriptor of the object's class.
+    """
+    problem = rebind_problem(path)
+    if problem is not None:
+        raise FormatError(f"placeholder {key!r}: cannot rebind at {path!r}: {problem}")
+    *steps, attr = path.split(".")
+    obj: Any = model
+    for i, step in enumerate(steps):
+        found = _own_attribute(obj, step)
+        if found is _NOT_FOUND:
+            raise StateMismatchError(
+                f"placeholder {key!r}: cannot rebind at {path!r}, the rebuilt model has no {'.'.join(steps[: i + 1])!r}"
+            )
+        if isinstance(found, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)) or (
+            id(unwrap(found)) in resources
+        ):
+            raise FormatError(
+                f"placeholder {key!r}: cannot rebind at {path!r}: {'.'.join(steps[: i + 1])!r} is a"
+                f" {type(found).__name__}, not an object of the model"
+            )
+        obj = found
+    static = inspect.getattr_static(type(obj), attr, _NOT_FOUND)
+    if static is not _NOT_FOUND and hasattr(type(static), "__get__"):
+        raise FormatError(
+            f"placeholder {key!r}: cannot rebind at {path!r}: {attr!r} is a {type(static).__name__}"
+            f" of {type(obj).__qualname__}, not an instance attribute"
+        )
+    return obj, attr
+
+
+def _own_attribute(obj: Any, name: str) -> Any:
+    """``obj.name`` if it is an instance attribute (or an ``nn.Module`` sub-module), else ``_NOT_FOUND``."""
+    if isinstance(obj, th.nn.Module) and name in obj._modules:
+        return obj._modules[name]
+    try:
+        own = object.__getattribute__(obj, "__dict__")
+    except AttributeError:
+        return _NOT_FOUND
+    return own.get(name, _NOT_FOUND) if isinstance(own, dict) else _NOT_FOUND

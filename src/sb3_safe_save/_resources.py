@@ -29,7 +29,7 @@ from typing import Any
 from sb3_safe_save._errors import MissingResourceError, ResourceMismatchError, UnresolvedResourceError
 from sb3_safe_save._external import unwrap
 from sb3_safe_save._manifest import Placeholder
-from sb3_safe_save._trust import TrustList, import_ref
+from sb3_safe_save._trust import TrustList
 
 ENTRY_POINT_GROUP = "sb3_safe_save.resources"
 Factory = Callable[[Placeholder], Any]
@@ -242,7 +242,7 @@ def resolve(
             ep = entry_points.get(ph.key) or entry_points.get(ph.type)
             if ep is not None:
                 build = ep.load()
-            elif ph.spec is not None and ph.spec.factory is not None and trust.why(ph.spec.factory) is not None:
+            elif ph.spec is not None and ph.spec.factory is not None and trust.why(ph.spec.factory, "factory") is not None:
                 build = _spec_factory(ph, trust)
         if build is None:
             if ph.optional:
@@ -264,7 +264,7 @@ def _spec_factory(ph: Placeholder, trust: TrustList) -> Factory:
     ref, kwargs = ph.spec.factory, dict(ph.spec.kwargs)
 
     def build(_: Placeholder) -> Any:
-        fn = import_ref(ref, default_trust=trust.why(ref) == "default")
+        fn = trust.resolve(ref, f"placeholder {ph.key!r} spec.factory", "factory")  # an exact reference the caller trusted
         return fn(**kwargs)
 
     return build

@@ -1,53 +1,57 @@
-"""Trust rules: which import references a file may make, and the only place that imports them.
+"""Trust rules: the one place that decides which references a file may make, and the only place that imports them.
 
-A file names classes and functions as ``"package.module:QualName"`` strings. At load, every such
-reference is checked against the trust list *before anything is imported* (phase 2 of the load);
-only then does ``import_ref`` import them (phase 3).
+A file names classes (and, rarely, functions) as ``"package.module:QualName"`` strings. ``load``,
+``audit`` and the CLI all ask a ``TrustList`` and nothing else. The rules:
 
-Trusted by default:
+1. **A reference names what is defined where it says.** ``module:A.B`` is looked up in the module's
+   own namespace, then through classes only (each step in a class's own ``__dict__``: never through a
+   module, an instance or a descriptor), and the object found must have exactly that ``__module__``
+   and ``__qualname__``. Re-exports and attribute chains (``pkg.mod:th.os.system``) never resolve.
+2. **Trust is by exact identity.** The default list names the exact classes SB3 and sb3-contrib
+   save (``default_trusted()``): policies, features extractors, buffers, action noises, schedules,
+   ``TrainFreq``/``TrainFrequencyUnit``/``GoalSelectionStrategy``/``RNNStates``, torch optimizers and activation
+   modules, gymnasium spaces, numpy scalar types; the algorithms only as the file's algorithm.
+   No module globs, no functions. Beyond it:
 
-* anything under ``stable_baselines3`` and ``sb3_contrib``;
-* gymnasium space classes (``gymnasium.spaces``);
-* torch activation classes (``torch.nn.modules.activation``) and optimizers (``torch.optim``);
-* numpy scalar types (``numpy:float32`` ...);
-* the module that defines the class you call ``load`` on (it is imported already, so trusting it
-  runs no new code).
+   * classes *defined in* the module of the class you call ``load`` on (it is imported already);
+   * what that class declares in ``safe_save_trusted`` (``safe(DQN, trusted=[...])`` makes such a class);
+   * ``load(..., trusted=[...])`` and ``sb3_safe_save.trust(...)``: exact classes/functions or
+     ``"module:QualName"`` strings, or ``"package.*"`` (an explicit user choice).
+3. **Typed slots.** Where SB3 calls what a file names, the class must derive from what SB3 expects
+   there (``policy_class`` -> ``BasePolicy``, ``optimizer_class`` -> ``torch.optim.Optimizer``, ...:
+   ``SLOTS``), checked before anything is called. Plain objects (``ObjectNode``) are rebuilt without
+   calling a constructor, and only for classes with default pickling behaviour.
+4. **Factories** named in a file (``ResourceSpec.factory``) are called only when the caller trusted
+   that exact reference (``trusted=``, ``trust()``, ``safe_save_trusted``): never by default, never by
+   a glob or the loading class's module.
 
-Everything else must be trusted explicitly, per call with ``load(..., trusted=[MyPolicy, "pkg.mod.Name"])``
-or process-wide with ``sb3_safe_save.trust(...)``. ``trusted=True`` is refused: there is no "trust all".
+``trusted=True`` is refused: there is no "trust all". Nothing a file says about itself (its
+``algorithm`` field) is ever trusted.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 import importlib
 import sys
 import threading
-from collections.abc import Iterable
-from typing import Any
-
-import numpy as np
+import types
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 TrustSpec = Iterable["type | str | Any"]
-
-_DEFAULT_PREFIXES: tuple[str, ...] = (
-    "stable_baselines3.",
-    "sb3_contrib.",
-    "gymnasium.spaces.",
-    "torch.nn.modules.activation:",
-    "torch.optim.",
-)
-_NUMPY_SCALARS = frozenset(
-    f"numpy:{name}"
-    for name in (
-        "bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-        "float16", "float32", "float64", "longlong", "ulonglong", "intc", "uintc", "half", "single", "double",
-    )
-)  # fmt: skip
+#: How a file uses a reference: a class/function value (``ref``), the class of a plain object, of
+#: an enum member, of a named tuple, a resource factory, or the file's algorithm.
+RefKind = Literal["ref", "object", "enum", "namedtuple", "factory", "algorithm"]
+Why = Literal["explicit", "declared", "home", "default"]
 
 _lock = threading.Lock()
 _registered: set[str] = set()
+_MISSING: Any = object()
 
 
+# ------------------------------------------------------------------------------------ references
 def ref_of(obj: Any) -> str:
     """The import reference ``"module:qualname"`` of a class or function."""
     module = getattr(obj, "__module__", None)
@@ -57,42 +61,274 @@ def ref_of(obj: Any) -> str:
     return f"{module}:{qualname}"
 
 
+def _dotted(ref: str) -> str:
+    """``"pkg.mod:A.B"`` and ``"pkg.mod.A.B"`` compare equal (users write either).
+
+    The ambiguity is harmless: the object is then looked up under the file's exact ``module:qualname``
+    and must have exactly that ``__module__`` and ``__qualname__``.
+    """
+    return ref.replace(":", ".")
+
+
+def lookup(module: types.ModuleType, qualname: str) -> Any:
+    """The object ``qualname`` names in ``module``, walking through classes only; ``_MISSING`` if none.
+
+    The first name is read from the module's own namespace (no module ``__getattr__``); every
+    further name from a class's own ``__dict__``. The result must be a class or a function whose
+    ``__module__``/``__qualname__`` are exactly these: re-exports and aliases do not resolve.
+    """
+    parts = qualname.split(".")
+    obj = vars(module).get(parts[0], _MISSING)
+    for part in parts[1:]:
+        if not isinstance(obj, type):  # never through a module, an instance or a function
+            return _MISSING
+        obj = vars(obj).get(part, _MISSING)
+    if not isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
+        return _MISSING
+    if getattr(obj, "__module__", None) != module.__name__ or getattr(obj, "__qualname__", None) != qualname:
+        return _MISSING
+    return obj
+
+
 def resolves_to(ref: str, obj: Any) -> bool:
     """True if ``ref`` names exactly ``obj`` in an already imported module (used at save time)."""
     module_name, _, qualname = ref.partition(":")
-    if "<" in qualname:  # <locals>, <lambda>
-        return False
     module = sys.modules.get(module_name)
-    if module is None:
-        return False
-    target: Any = module
-    for part in qualname.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            return False
-    return target is obj
+    return module is not None and "<" not in qualname and lookup(module, qualname) is obj
 
 
 def _normalise(item: Any) -> str:
-    if isinstance(item, str):
-        return item
-    return ref_of(item)
+    return _dotted(item if isinstance(item, str) else ref_of(item))
 
 
 def trust(*items: type | str | Any) -> None:
     """Trust classes or functions process-wide, for every later ``load``.
 
     :param items: class or function objects, ``"module.QualName"`` / ``"module:QualName"`` strings,
-        or ``"package.*"`` to trust a whole package
+        or ``"package.*"`` to trust every class and function of a package (your explicit choice)
     """
+    normalised = [_normalise(i) for i in items]
     with _lock:
-        _registered.update(_normalise(i) for i in items)
+        _registered.update(normalised)
+
+
+# ----------------------------------------------------------------------------------- defaults
+_SB3_MODULES = (
+    "stable_baselines3.common.policies",
+    "stable_baselines3.common.torch_layers",
+    "stable_baselines3.common.buffers",
+    "stable_baselines3.common.noise",
+    "stable_baselines3.dqn.policies",
+    "stable_baselines3.sac.policies",
+    "stable_baselines3.td3.policies",
+    "stable_baselines3.her.her_replay_buffer",
+    "sb3_contrib.common.recurrent.policies",
+    "sb3_contrib.common.recurrent.buffers",
+    "sb3_contrib.common.maskable.policies",
+    "sb3_contrib.common.maskable.buffers",
+    "sb3_contrib.ars.policies",
+    "sb3_contrib.crossq.policies",
+    "sb3_contrib.qrdqn.policies",
+    "sb3_contrib.tqc.policies",
+)
+_ALGORITHM_MODULES = (
+    "stable_baselines3.a2c.a2c",
+    "stable_baselines3.ddpg.ddpg",
+    "stable_baselines3.dqn.dqn",
+    "stable_baselines3.ppo.ppo",
+    "stable_baselines3.sac.sac",
+    "stable_baselines3.td3.td3",
+    "sb3_contrib.ars.ars",
+    "sb3_contrib.crossq.crossq",
+    "sb3_contrib.ppo_mask.ppo_mask",
+    "sb3_contrib.ppo_recurrent.ppo_recurrent",
+    "sb3_contrib.qrdqn.qrdqn",
+    "sb3_contrib.tqc.tqc",
+    "sb3_contrib.trpo.trpo",
+)
+_NUMPY_SCALARS = (
+    "bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64",
+)  # fmt: skip
+
+
+def _import_optional(name: str) -> types.ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:  # sb3-contrib is an optional extra
+        return None
+
+
+def _defined_in(module: types.ModuleType, base: type | tuple[type, ...]) -> list[type]:
+    return [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type) and obj.__module__ == module.__name__ and issubclass(obj, base)
+    ]
+
+
+@functools.cache
+def default_trusted() -> Mapping[str, tuple[type, frozenset[str]]]:
+    """The default list: exact reference -> (class, the ``RefKind`` uses it is trusted for).
+
+    Built once, from fixed lists of modules (classes *defined* there that derive from the base
+    classes SB3 saves) and fixed names; the same in every process with the same packages installed.
+    """
+    import gymnasium.spaces
+    import numpy as np
+    import stable_baselines3  # noqa: F401  (imports every SB3 algorithm)
+    import torch.nn.modules.activation
+    import torch.optim
+    from stable_baselines3.common.base_class import BaseAlgorithm
+    from stable_baselines3.common.buffers import BaseBuffer
+    from stable_baselines3.common.noise import ActionNoise
+    from stable_baselines3.common.policies import BasePolicy
+    from stable_baselines3.common.sb2_compat.rmsprop_tf_like import RMSpropTFLike
+    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+    from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
+    from stable_baselines3.common.utils import ConstantSchedule, FloatSchedule, LinearSchedule
+    from stable_baselines3.her.goal_selection_strategy import GoalSelectionStrategy
+
+    ref_only = frozenset({"ref"})
+    out: dict[str, tuple[type, frozenset[str]]] = {}
+
+    def add(classes: Iterable[type], kinds: frozenset[str]) -> None:
+        for cls in classes:
+            out[ref_of(cls)] = (cls, kinds)
+
+    for name in _SB3_MODULES:
+        module = _import_optional(name)
+        if module is not None:
+            add(_defined_in(module, (BasePolicy, BaseFeaturesExtractor, BaseBuffer)), ref_only)
+            add(_defined_in(module, ActionNoise), frozenset({"ref", "object"}))
+    for name in _ALGORITHM_MODULES:
+        module = _import_optional(name)
+        if module is not None:
+            add(_defined_in(module, BaseAlgorithm), frozenset({"algorithm"}))
+    add((FloatSchedule, ConstantSchedule, LinearSchedule), frozenset({"ref", "object"}))
+    add((TrainFrequencyUnit, GoalSelectionStrategy), frozenset({"ref", "enum"}))
+    add((TrainFreq,), frozenset({"ref", "namedtuple"}))
+    recurrent = _import_optional("sb3_contrib.common.recurrent.type_aliases")
+    if recurrent is not None:  # RecurrentPPO's LSTM states (kept for an exact resume)
+        add((recurrent.RNNStates,), frozenset({"ref", "namedtuple"}))
+    add(
+        [c for c in vars(torch.optim).values() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)],
+        ref_only,
+    )
+    add((RMSpropTFLike,), ref_only)
+    add(_defined_in(torch.nn.modules.activation, torch.nn.Module), ref_only)
+    add((torch.nn.Identity,), ref_only)
+    add(
+        [c for c in vars(gymnasium.spaces).values() if isinstance(c, type) and issubclass(c, gymnasium.spaces.Space)], ref_only
+    )
+    add([getattr(np, n) for n in _NUMPY_SCALARS], ref_only)
+    return types.MappingProxyType(out)
+
+
+@functools.cache
+def slots() -> Mapping[str, type]:
+    """Typed slots: the name a class sits under (attribute or ``policy_kwargs`` key) -> what it must derive from.
+
+    SB3 calls what sits there (``policy_class(...)``, ``optimizer_class(params, ...)``, ...) or its
+    methods (``action_noise()``), so a class of another kind must never get there.
+    """
+    import gymnasium.spaces
+    import torch
+    from stable_baselines3.common.buffers import ReplayBuffer, RolloutBuffer
+    from stable_baselines3.common.noise import ActionNoise
+    from stable_baselines3.common.policies import BasePolicy
+    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+    from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
+    from stable_baselines3.her.goal_selection_strategy import GoalSelectionStrategy
+
+    return types.MappingProxyType(
+        {
+            "policy_class": BasePolicy,
+            "features_extractor_class": BaseFeaturesExtractor,
+            "activation_fn": torch.nn.Module,
+            "optimizer_class": torch.optim.Optimizer,
+            "replay_buffer_class": ReplayBuffer,
+            "rollout_buffer_class": RolloutBuffer,
+            "action_noise": ActionNoise,
+            "observation_space": gymnasium.spaces.Space,
+            "action_space": gymnasium.spaces.Space,
+            "train_freq": TrainFreq,
+            "unit": TrainFrequencyUnit,
+            "goal_selection_strategy": GoalSelectionStrategy,
+        }
+    )
+
+
+def slot_of(path: str) -> str:
+    """The name a value at ``path`` sits under: ``policy_kwargs.optimizer_class`` -> ``optimizer_class``."""
+    last = path.rpartition(".")[2]
+    return last.partition("[")[0] if not last.startswith("[") else ""
+
+
+def plain_class(cls: type) -> bool:
+    """True if ``cls`` pickles by default (its ``__dict__`` is its whole state): ``ObjectNode`` classes only."""
+    return (
+        not any(k.__dict__.get("__slots__") for k in cls.__mro__)  # abc.ABC's empty __slots__ is fine
+        and getattr(cls, "__reduce_ex__", None) is object.__reduce_ex__
+        and getattr(cls, "__reduce__", None) is object.__reduce__
+        and getattr(cls, "__getstate__", None) is getattr(object, "__getstate__", None)
+        and not hasattr(cls, "__setstate__")
+        and type(cls).__call__ is type.__call__  # a plain metaclass (ABCMeta is one)
+        and all(type(vars(k)["__dict__"]) is _GETSET for k in cls.__mro__ if "__dict__" in vars(k))
+    )
+
+
+_GETSET = type(vars(type("_Plain", (), {}))["__dict__"])  # the ordinary instance-__dict__ descriptor
+
+
+def _kind_fits(obj: Any, kind: RefKind) -> str | None:
+    """Why ``obj`` cannot be used as ``kind``, or None."""
+    if kind in ("ref", "factory"):
+        return None
+    if not isinstance(obj, type):
+        return "not a class"
+    if kind == "enum" and not issubclass(obj, enum.Enum):
+        return "not an Enum"
+    if kind == "namedtuple" and not (issubclass(obj, tuple) and isinstance(vars(obj).get("_fields"), tuple)):
+        return "not a named tuple class"
+    if kind == "object" and not plain_class(obj):
+        return "not a plain class (it customises pickling, __slots__ or construction)"
+    return None
+
+
+def _slot_fits(obj: Any, kind: RefKind, path: str) -> str | None:
+    """Why ``obj`` cannot sit at ``path``, or None (``ref``: the class itself; else the object's class)."""
+    base = slots().get(slot_of(path)) if kind in ("ref", "object", "enum", "namedtuple") else None
+    if base is None:
+        return None
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        what = "a class" if kind == "ref" else "an object of a class"
+        return f"{path.rpartition('.')[2]} must be {what} derived from {base.__module__}.{base.__qualname__}"
+    return None
+
+
+# ---------------------------------------------------------------------------------- the list
+class Refusal:
+    """One reference a load would refuse: where, and why."""
+
+    def __init__(self, ref: str, paths: list[str], reason: str, *, trustable: bool) -> None:
+        self.ref = ref
+        self.paths = paths
+        self.reason = reason
+        self.trustable = trustable  # trusting it (trusted=[...]) would let it through
+
+    def __repr__(self) -> str:
+        return f"Refusal({self.ref!r}, {self.paths!r}, {self.reason!r})"
 
 
 class TrustList:
-    """The trust decisions for one load: the defaults, ``trust(...)`` registrations and ``trusted=``."""
+    """The trust decisions for one load (or audit): defaults, ``trust()``, the loading class, ``trusted=``.
 
-    def __init__(self, trusted: TrustSpec | None, home_module: str | None) -> None:
+    :param trusted: what the caller passed as ``trusted=``
+    :param home: the class ``load`` is called on (None for a file audit): classes defined in its
+        module, and its ``safe_save_trusted``, are trusted
+    """
+
+    def __init__(self, trusted: TrustSpec | None, home: type | None = None) -> None:
         if isinstance(trusted, bool):
             raise TypeError(
                 f"trusted={trusted} is not accepted: there is no 'trust everything' switch. "
@@ -101,37 +337,98 @@ class TrustList:
         with _lock:
             extra = set(_registered)
         if trusted is not None:
-            extra.update(_normalise(i) for i in ([trusted] if isinstance(trusted, (str, type)) else trusted))
-        self._exact = {i.replace(":", ".") for i in extra if not i.endswith(".*")}
-        packages = [i[:-2] for i in extra if i.endswith(".*")]
-        self._prefixes = [p for pkg in packages for p in (pkg + ".", pkg + ":")]
-        if home_module:
-            self._prefixes.append(home_module + ":")
+            items = [trusted] if isinstance(trusted, (str, type)) or callable(trusted) else list(trusted)
+            extra.update(_normalise(i) for i in items)
+        self._exact = {i for i in extra if not i.endswith(".*")}
+        self._packages = tuple(i[:-1] for i in extra if i.endswith(".*"))  # "pkg.*" -> "pkg."
+        self._home = home.__module__ if home is not None else None
+        self._declared = frozenset(declared_trust(home)) if home is not None else frozenset()
 
-    def why(self, ref: str) -> str | None:
-        """``"explicit"`` (trusted by the user), ``"default"`` (default list) or None (untrusted)."""
-        if ref.replace(":", ".") in self._exact or any(ref.startswith(p) for p in self._prefixes):
+    def why(self, ref: str, kind: RefKind = "ref") -> Why | None:
+        """Who trusts ``ref`` for this use, before anything is imported: ``explicit`` (``trusted=``/``trust()``),
+        ``declared`` (the class's ``safe_save_trusted``), ``home`` (the loading class's module),
+        ``default`` (the default list), or None.
+        """
+        dotted = _dotted(ref)
+        if dotted in self._declared:
+            return "declared"
+        if dotted in self._exact:
             return "explicit"
-        if ref in _NUMPY_SCALARS or any(ref.startswith(p) for p in _DEFAULT_PREFIXES):
+        if kind == "factory":  # only an exact reference the caller named
+            return None
+        if dotted.startswith(self._packages):
+            return "explicit"
+        entry = default_trusted().get(ref)
+        if entry is not None and kind in entry[1]:
             return "default"
+        if kind != "algorithm" and self._home is not None and ref.partition(":")[0] == self._home:
+            return "home"
         return None
 
-    def untrusted(self, refs: Iterable[str]) -> list[str]:
-        return sorted({r for r in refs if self.why(r) is None})
+    def refusals(self, uses: Mapping[str, Iterable[tuple[str, RefKind]]]) -> list[Refusal]:
+        """The references a load refuses, decided without importing anything.
+
+        :param uses: reference -> ``(path, kind)`` for each place the file uses it
+        """
+        out: list[Refusal] = []
+        for ref in sorted(uses):
+            places = list(uses[ref])
+            paths = [p for p, _ in places]
+            whys = {self.why(ref, kind) for _, kind in places}
+            if None in whys:
+                out.append(Refusal(ref, paths, "not trusted", trustable=True))
+                continue
+            if whys == {"default"}:  # the class is known without importing: check the slots now
+                cls = default_trusted()[ref][0]
+                for path, kind in places:
+                    reason = _kind_fits(cls, kind) or _slot_fits(cls, kind, path)
+                    if reason is not None:
+                        out.append(Refusal(ref, [path], reason, trustable=False))
+                        break
+        return out
+
+    def resolve(self, ref: str, path: str, kind: RefKind = "ref") -> Any:
+        """Import a reference for one use and return what it names, or raise.
+
+        The only place a reference from a file is imported; the module is imported only after the
+        trust check passed. Raises ``UntrustedTypeError`` (not trusted), ``FormatError`` (cannot be
+        imported, names something else than a class/function defined there, or the wrong kind of class).
+        """
+        from sb3_safe_save._errors import FormatError, UntrustedTypeError
+
+        why = self.why(ref, kind)
+        if why is None:
+            raise UntrustedTypeError([ref], {ref: [path]})
+        if why == "default":
+            obj: Any = default_trusted()[ref][0]
+        else:
+            module_name, _, qualname = ref.partition(":")
+            if why == "home":
+                module = sys.modules.get(module_name)  # imported already: it defines the loading class
+                if module is None:
+                    raise FormatError(f"{path}: cannot import {ref}: module {module_name} is not loaded")
+            else:
+                try:
+                    module = importlib.import_module(module_name)
+                except ImportError as e:
+                    raise FormatError(f"{path}: cannot import {ref}: {e}") from None
+            obj = lookup(module, qualname)
+            if obj is _MISSING:
+                raise FormatError(
+                    f"{path}: {ref} does not name a class or function defined in {module_name}"
+                    " (references must name what is defined where they say, not a re-export or an attribute chain)"
+                )
+            if why == "home" and not isinstance(obj, type):
+                raise UntrustedTypeError([ref], {ref: [path]})  # the home module is trusted for its classes only
+        reason = _kind_fits(obj, kind) or _slot_fits(obj, kind, path)
+        if reason is not None:
+            raise FormatError(f"{path}: {ref} is refused: {reason}")
+        return obj
 
 
-def import_ref(ref: str, *, default_trust: bool) -> Any:
-    """Import a reference that passed the trust check and return the object it names.
-
-    References trusted only by the default list must name classes (defence in depth: the default
-    list trusts SB3 classes such as policies and schedules, not every function in those packages).
-    """
-    module_name, _, qualname = ref.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    if ref.startswith("numpy:") and not (isinstance(obj, type) and issubclass(obj, np.generic)):
-        raise TypeError(f"{ref} is not a numpy scalar type")
-    if default_trust and not isinstance(obj, type):
-        raise TypeError(f"{ref} is a {type(obj).__name__}, not a class; trust it explicitly with trusted=[{ref!r}]")
-    return obj
+def declared_trust(cls: type) -> list[str]:
+    """The references a class declares trusted (``safe_save_trusted``), normalised."""
+    items = getattr(cls, "safe_save_trusted", ())
+    if isinstance(items, (str, type)):
+        items = (items,)
+    return [_normalise(i) for i in items if not (isinstance(i, str) and i.endswith(".*"))]

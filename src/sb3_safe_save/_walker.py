@@ -133,7 +133,7 @@ class Walker:
     ) -> None:
         self.allow_pickle = allow_pickle
         self.max_object_bytes = max_object_bytes
-        self._trusted = trusted or TrustList(None, None)
+        self._trusted = trusted or TrustList(None)
         self._specs = dict(specs or {})
         self._optional = optional
         self._found: dict[int, _Found] = {}
@@ -237,7 +237,7 @@ class Walker:
 
     def object_allowed(self, cls: type) -> bool:
         try:
-            return self._trusted.why(ref_of(cls)) is not None
+            return self._trusted.why(ref_of(cls), "object") is not None
         except TypeError:
             return False
 
