@@ -349,7 +349,7 @@ def expert_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Any]:
         ("policy.optimizer_class.step", "is a type"),  # through a class: would replace Adam.step process-wide
         ("policy.optimizer.step", "'step' is a function of Adam"),  # a method of the optimizer's class
         ("policy.device", "property"),  # a property
-        ("policy.q_net.vlm_model.calls", "UnpicklableExpert"),  # through a bound resource (a caller object)
+        ("policy.q_net.vlm_model.calls", "is a live resource"),  # through a bound resource (a caller object)
         ("policy.__class__.x", None),  # refused when the manifest is parsed
     ],
 )

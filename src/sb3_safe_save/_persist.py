@@ -877,12 +877,13 @@ def rebind_target(model: BaseAlgorithm, path: str, key: str, resources: set[int]
             raise StateMismatchError(
                 f"placeholder {key!r}: cannot rebind at {path!r}, the rebuilt model has no {'.'.join(steps[: i + 1])!r}"
             )
-        if isinstance(found, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)) or (
-            id(unwrap(found)) in resources
-        ):
+        where = ".".join(steps[: i + 1])
+        if id(unwrap(found)) in resources:
+            raise FormatError(f"placeholder {key!r}: cannot rebind at {path!r}: {where!r} is a live resource, not the model's")
+        if isinstance(found, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
             raise FormatError(
-                f"placeholder {key!r}: cannot rebind at {path!r}: {'.'.join(steps[: i + 1])!r} is a"
-                f" {type(found).__name__}, not an object of the model"
+                f"placeholder {key!r}: cannot rebind at {path!r}: {where!r} is a {type(found).__name__},"
+                " not an object of the model"
             )
         obj = found
     static = inspect.getattr_static(type(obj), attr, _NOT_FOUND)
