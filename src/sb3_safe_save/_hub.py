@@ -346,7 +346,7 @@ def load_from_hub(
     """
     from sb3_safe_save._mixin import safe
     from sb3_safe_save._persist import read_manifest
-    from sb3_safe_save._trust import TrustList, import_ref
+    from sb3_safe_save._trust import TrustList
     from sb3_safe_save._version import __version__
 
     if not filename.endswith(SUFFIX):
@@ -360,10 +360,10 @@ def load_from_hub(
     )  # fmt: skip
     if algo is None:
         base = read_manifest(path).base_algorithm
-        if TrustList(None, None).why(base) != "default":
+        if TrustList(None).why(base, "algorithm") != "default":
             raise FormatError(
                 f"{repo_id}/{filename}: its base algorithm {base} is not a stable_baselines3/sb3_contrib class;"
                 " pass the class to load it with: load_from_hub(..., algo=MyAlgo)"
             )
-        algo = import_ref(base, default_trust=True)
+        algo = TrustList(None).resolve(base, "base_algorithm", "algorithm")
     return safe(algo).load(path, expected_sha256=expected_sha256, **load_kwargs)
