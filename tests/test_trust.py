@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch as th
-from stable_baselines3 import DQN, PPO
+from stable_baselines3 import DQN, PPO, SAC
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.logger import HumanOutputFormat
 from stable_baselines3.common.policies import BasePolicy
@@ -399,3 +399,45 @@ def test_audit_reports_what_load_refuses(tmp_path: Path, expert_file: tuple[byte
     assert not audit(path, algo=CustomDQN, fail_on="warning").ok
     trusted = audit(path, algo=CustomDQN, trusted=[HumanOutputFormat])
     assert [f.severity for f in trusted.findings if f.code == "spec_factory"] == ["info"]
+
+
+def test_no_factory_runs_when_a_resource_is_missing(expert_file: tuple[bytes, Any]) -> None:
+    from lang_dqn import CustomDQN, UnpicklableExpert
+
+    data, _ = expert_file
+    calls: list[str] = []
+
+    def edit(m: dict[str, Any]) -> None:
+        extra = {**m["placeholders"][0], "key": "second", "paths": ["policy.q_net.second_expert"], "spec": None}
+        m["placeholders"].append(extra)
+
+    built = factory_of(calls, UnpicklableExpert)
+    with pytest.raises(SafeSaveError, match="'second'"):
+        CustomDQN.load(io.BytesIO(edit_manifest(data, edit)), resources={"vlm_model": built})
+    assert calls == []  # the factory for vlm_model was found, but not called: 'second' is missing
+
+
+def factory_of(calls: list[str], cls: type) -> Any:
+    from sb3_safe_save import factory
+
+    return factory(lambda ph: calls.append(ph.key) or cls())
+
+
+def test_only_the_models_own_state_dicts_and_torch_variables_are_written() -> None:
+    data = saved_bytes("SAC")
+
+    def variable(m: dict[str, Any]) -> None:
+        m["torch_variables"]["policy.actor.mu.bias"] = m["torch_variables"].pop("log_ent_coef")
+
+    with pytest.raises(SafeSaveError, match=r"policy\.actor\.mu\.bias"):
+        safe(SAC).load(io.BytesIO(edit_manifest(data, variable)))
+
+    def state_dict(m: dict[str, Any]) -> None:
+        entry = next(e for e in m["state_dicts"] if e["kind"] == "optimizer")
+        entry["name"] = "policy.optimizer_class"
+
+    model = safe(SAC)("MlpPolicy", "Pendulum-v1", buffer_size=100, policy_kwargs={"net_arch": [16]})
+    step = th.optim.Adam.step
+    with pytest.raises(SafeSaveError, match=r"policy\.optimizer_class"):
+        model.set_parameters(io.BytesIO(edit_manifest(data, state_dict)), exact_match=False)
+    assert th.optim.Adam.step is step

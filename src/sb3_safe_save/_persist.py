@@ -367,9 +367,9 @@ def load_model(
         if pickles and not allow_pickle:
             raise PickleRefusedError(pickles)
         covered = frozenset(p.key for p in manifest.placeholders if _covered(p, manifest, custom_objects))
-        bound = resolve(manifest.placeholders, resources, trust, strict=strict, skip=covered)
 
-        # ---- phase 3: construct
+        # ---- phase 3: construct (every check passed; only now is anything the file names called)
+        bound = resolve(manifest.placeholders, resources, trust, strict=strict, skip=covered)  # missing: before any call
         body = _weights.Body(f, header, {k: m.xxh3 for k, m in manifest.tensors.items()}, verify=verify)
         if manifest.vec_normalize is not None:
             env = _attach_vec_normalize(cls, manifest, body, env)
@@ -735,6 +735,9 @@ def _load_state_dicts(
     stored = [e.name for e in manifest.state_dicts]
     if exact_match and sorted(expected) != sorted(stored):
         raise StateMismatchError(f"the model has state dicts {sorted(expected)} but the file has {sorted(stored)}")
+    foreign = sorted(set(stored) - set(expected))  # only the model's own state dicts are ever written
+    if foreign:
+        raise StateMismatchError(f"the file has state dicts {foreign[:5]}, which the model does not have ({sorted(expected)})")
     for entry in manifest.state_dicts:
         try:
             target = resolve_attr(model, entry.name)
@@ -758,6 +761,12 @@ def _load_state(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, bod
     """Put state dicts, optimizer state and torch variables back (SB3's ``set_parameters`` + variables)."""
     _load_state_dicts(model, manifest, decoder, body)
     device = model.device
+    variables = set(model._get_torch_save_params()[1])
+    foreign = sorted(set(manifest.torch_variables) - variables)  # only the model's own torch variables are written
+    if foreign:
+        raise StateMismatchError(
+            f"the file has torch variables {foreign[:5]}, which the model does not have ({sorted(variables)})"
+        )
     for name, node in manifest.torch_variables.items():
         value = decoder.decode(node, name)
         if value is None:

@@ -203,7 +203,7 @@ def resolve(
 
     :param skip: keys not needed (covered by ``custom_objects``)
     :return: placeholder key -> object (or ``LazyResource`` / ``Unbound``)
-    :raises MissingResourceError: listing every placeholder that could not be resolved
+    :raises MissingResourceError: listing every placeholder that could not be resolved, before any factory is called
     """
     resources = dict(resources or {})
     unknown = set(resources) - {p.key for p in placeholders}
@@ -215,8 +215,9 @@ def resolve(
         )
     with _registry_lock:
         registry = dict(_registry)
-    entry_points: dict[str, Any] | None = None
+    entry_points: dict[str, Any] = {}
     bound: dict[str, Any] = {}
+    builds: list[tuple[Placeholder, Factory, Callable[[Any], None], bool]] = []
     missing: list[tuple[str, list[str], str, dict[str, object]]] = []
     for ph in placeholders:
         if ph.key in skip:
@@ -234,16 +235,8 @@ def resolve(
                 check(unwrap(value))  # the object or its external() wrapper
                 bound[ph.key] = value
                 continue
-        elif ph.key in registry or ph.type in registry:
-            build = registry.get(ph.key) or registry[ph.type]
         else:
-            if entry_points is None:
-                entry_points = _entry_points()
-            ep = entry_points.get(ph.key) or entry_points.get(ph.type)
-            if ep is not None:
-                build = ep.load()
-            elif ph.spec is not None and ph.spec.factory is not None and trust.why(ph.spec.factory, "factory") is not None:
-                build = _spec_factory(ph, trust)
+            build = _found_factory(ph, registry, entry_points, trust)
         if build is None:
             if ph.optional:
                 bound[ph.key] = Unbound(ph)
@@ -253,10 +246,28 @@ def resolve(
                 hint["untrusted_factory"] = f"{ph.spec.factory} (pass trusted=[{ph.spec.factory!r}] to let it rebuild this)"
             missing.append((ph.key, ph.paths, ph.type, hint))
             continue
-        bound[ph.key] = _build(build, ph, check, wrap_lazy)
-    if missing:
+        builds.append((ph, build, check, wrap_lazy))
+    if missing:  # before any factory runs
         raise MissingResourceError(missing)
+    for ph, build, check, wrap_lazy in builds:
+        bound[ph.key] = _build(build, ph, check, wrap_lazy)
     return bound
+
+
+def _found_factory(
+    ph: Placeholder, registry: Mapping[str, Factory], entry_points: dict[str, Any], trust: TrustList
+) -> Factory | None:
+    """Steps 2-4: a registered factory, an entry point (``entry_points`` is filled on first need), a trusted spec factory."""
+    if ph.key in registry or ph.type in registry:
+        return registry.get(ph.key) or registry[ph.type]
+    if not entry_points:
+        entry_points.update(_entry_points())
+    ep = entry_points.get(ph.key) or entry_points.get(ph.type)
+    if ep is not None:
+        return ep.load()  # type: ignore[no-any-return]
+    if ph.spec is not None and ph.spec.factory is not None and trust.why(ph.spec.factory, "factory") is not None:
+        return _spec_factory(ph, trust)  # the caller trusted this exact reference
+    return None
 
 
 def _spec_factory(ph: Placeholder, trust: TrustList) -> Factory:
