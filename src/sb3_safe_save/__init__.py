@@ -32,6 +32,7 @@ from sb3_safe_save._version import __version__
 if _typing.TYPE_CHECKING:
     from sb3_safe_save._audit import AuditReport, Finding, assert_save_budget, audit
     from sb3_safe_save._hub import load_from_hub, package_for_hub, push_to_hub
+    from sb3_safe_save._checkpoint import ResumeCheckpointCallback, list_checkpoints, load_checkpoint, save_checkpoint
     from sb3_safe_save._manifest import FORMAT_VERSION, Hazard, Manifest, Placeholder, ResourceSpec
     from sb3_safe_save._persist import load_model, read_manifest, save_model
     from sb3_safe_save._resources import LazyResource, factory, lazy, register_resource, unregister_resource
@@ -48,6 +49,10 @@ _LAZY = {
     "load_from_hub": "sb3_safe_save._hub",
     "package_for_hub": "sb3_safe_save._hub",
     "push_to_hub": "sb3_safe_save._hub",
+    "ResumeCheckpointCallback": "sb3_safe_save._checkpoint",
+    "list_checkpoints": "sb3_safe_save._checkpoint",
+    "load_checkpoint": "sb3_safe_save._checkpoint",
+    "save_checkpoint": "sb3_safe_save._checkpoint",
     "FORMAT_VERSION": "sb3_safe_save._manifest",
     "Hazard": "sb3_safe_save._manifest",
     "Manifest": "sb3_safe_save._manifest",
@@ -99,6 +104,7 @@ __all__ = [
     "RemoteStorageUnavailableError",
     "ResourceMismatchError",
     "ResourceSpec",
+    "ResumeCheckpointCallback",
     "SafeSaveError",
     "SafeSaveMixin",
     "SafeVecNormalize",
@@ -116,6 +122,8 @@ __all__ = [
     "factory",
     "file_sha256",
     "lazy",
+    "list_checkpoints",
+    "load_checkpoint",
     "load_from_hub",
     "load_model",
     "load_vecnormalize",
@@ -124,6 +132,7 @@ __all__ = [
     "read_manifest",
     "register_resource",
     "safe",
+    "save_checkpoint",
     "save_model",
     "save_vecnormalize",
     "trust",

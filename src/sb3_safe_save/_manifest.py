@@ -399,6 +399,24 @@ class VecNormalizeState(_Model):
     numpy_scalars: list[str] = Field(default_factory=list, max_length=1000)  # 0-d tensors that were np.float64, not arrays
 
 
+class RandomState(_Model):
+    """The random state that training draws from, restored at load so a resumed run continues exactly (``_rng.py``).
+
+    Tensors (relative to the prefix ``rng/``): ``torch_cpu``, ``torch_cuda/<i>`` and, for gSDE,
+    ``gsde/<module>/exploration_mat`` / ``exploration_matrices``. Generator states are JSON
+    (``bit_generator`` name plus its state, arrays as ``{"__array__": [...], "dtype": ...}``).
+    """
+
+    torch_cuda: int = Field(default=0, ge=0, le=1024)
+    numpy: dict[str, Any]
+    python: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(min_length=626, max_length=626)
+    python_gauss: StrictFloat | None = None
+    spaces: dict[Literal["observation_space", "action_space"], dict[str, Any]] = Field(default_factory=dict)
+    envs: list[dict[str, Any] | None] | None = Field(default=None, max_length=4096)
+    env_seeds: list[StrictInt | None] | None = Field(default=None, max_length=4096)
+    gsde: dict[AttrPath, list[Literal["exploration_mat", "exploration_matrices"]]] = Field(default_factory=dict, max_length=64)
+
+
 class Manifest(_Model):
     """Everything in a saved agent except tensor bytes."""
 
@@ -414,6 +432,7 @@ class Manifest(_Model):
     tensors: dict[str, TensorMeta] = Field(max_length=MAX_ITEMS)
     hazards: list[Hazard] = Field(default_factory=list, max_length=1000)
     vec_normalize: VecNormalizeState | None = None
+    random_state: RandomState | None = None
 
     @field_validator("algorithm", "base_algorithm")
     @classmethod

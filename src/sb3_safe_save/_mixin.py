@@ -109,6 +109,7 @@ class SafeSaveMixin:
         verify: bool = True,
         expected_sha256: str | None = None,
         strict: bool = True,
+        restore_random_state: bool = True,
         **kwargs: Any,
     ):
         """Load the model from a file written by ``save``.
@@ -132,6 +133,10 @@ class SafeSaveMixin:
         :param verify: check every tensor's checksum while reading (default)
         :param expected_sha256: refuse the file unless its SHA-256 matches
         :param strict: a resource whose fingerprint differs raises (``False``: warn)
+        :param restore_random_state: put back the random state saved with the model (torch, numpy,
+            ``random``, the spaces', gSDE noise and, when ``env`` is given, each env's generator), so
+            that training continues exactly as if it had never stopped. ``False``: SB3's behaviour,
+            which reseeds from ``model.seed``
         :param kwargs: extra arguments to change the model when loading
         :return: new model instance with loaded parameters
         """
@@ -141,7 +146,7 @@ class SafeSaveMixin:
             cls,
             path, env, device, custom_objects, print_system_info, force_reset,
             resources=resources, trusted=trusted, allow_pickle=allow_pickle, verify=verify,
-            expected_sha256=expected_sha256, strict=strict, **kwargs,
+            expected_sha256=expected_sha256, strict=strict, restore_random_state=restore_random_state, **kwargs,
         )  # fmt: skip
 
     def set_parameters(

@@ -41,7 +41,7 @@ from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import check_for_correct_spaces
 from stable_baselines3.common.vec_env import VecNormalize
 
-from sb3_safe_save import _remote, _weights
+from sb3_safe_save import _remote, _rng, _weights
 from sb3_safe_save._codecs import BY_KIND
 from sb3_safe_save._errors import (
     AlgorithmMismatchError,
@@ -183,6 +183,8 @@ def snapshot_model(
         trusted=TrustList(None, home=cls),
     )
     snapshot = walker.walk(model, exclude, _keep_session_state(model, exclude, include))
+    snapshot.random_state, rng_tensors = _rng.capture(model)
+    snapshot.tensors.update(rng_tensors)
     unused = (set(resources or {}) | set(specs or {}) | optional) - {p.key for p in snapshot.placeholders}
     if unused:
         warnings.warn(
@@ -205,6 +207,7 @@ def build_manifest(model: BaseAlgorithm, snapshot: Snapshot, tensors: Mapping[st
         placeholders=snapshot.placeholders,
         tensors=dict(tensors),
         hazards=snapshot.hazards,
+        random_state=snapshot.random_state,
     )
 
 
@@ -310,6 +313,7 @@ def _parse(f: IO[bytes], size: int) -> tuple[_weights.Header, Manifest]:
     return header, manifest
 
 
+@_rng.keep_on_error
 def load_model(
     cls: type[SelfAlgo],
     path: PathLike,
@@ -325,6 +329,7 @@ def load_model(
     verify: bool = True,
     expected_sha256: str | None = None,
     strict: bool = True,
+    restore_random_state: bool = True,
     **kwargs: Any,
 ) -> SelfAlgo:
     """Load a model saved by ``save_model``. See ``SafeSaveMixin.load``."""
@@ -377,9 +382,14 @@ def load_model(
         model = _build(cls, manifest, decoder, env, device, custom_objects, force_reset, kwargs)
         _load_state(model, manifest, decoder, body)
         _rebind(model, manifest, decoder)
+        restore_rng = None
+        if manifest.random_state is not None:
+            restore_rng = _rng.prepare_restore(model, manifest.random_state, body.read_tensor, env_given=env is not None)
         unread = set(header.tensors) - body.read_keys - _skipped_tensors(manifest, custom_objects)
         if unread:
             raise FormatError(f"the file holds tensors the manifest never uses: {sorted(unread)[:5]}")
+    if restore_rng is not None and restore_random_state:
+        restore_rng()  # last: a load that fails leaves the process's random state alone
     return model
 
 

@@ -46,6 +46,7 @@ from sb3_safe_save._manifest import (
     PickleNode,
     Placeholder,
     PlaceholderNode,
+    RandomState,
     ResourceSpec,
 )
 from sb3_safe_save._resources import standin_placeholder
@@ -71,6 +72,7 @@ class Snapshot:
     placeholders: list[Placeholder]
     tensors: dict[str, th.Tensor | np.ndarray]
     hazards: list[Hazard]
+    random_state: RandomState | None = None  # filled by ``_persist.snapshot_model`` (``_rng.capture``)
 
 
 @dataclass
