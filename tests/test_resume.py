@@ -165,14 +165,14 @@ def test_load_failure_leaves_random_state_alone(tmp_path: Path) -> None:
     model.learn(16)
     model.save(tmp_path / "m")
 
-    def bad_python_state(m: dict[str, Any]) -> None:
-        m["random_state"]["python"][-1] = 10**6  # an index past the end of the Mersenne Twister state
+    def bad_gsde(m: dict[str, Any]) -> None:  # valid JSON; fails in phase 3, after SB3 reseeded everything
+        m["random_state"]["gsde"] = {"policy": ["exploration_mat"]}
 
     edited = tmp_path / "bad.safetensors"
-    edited.write_bytes(edit_manifest((tmp_path / "m.safetensors").read_bytes(), bad_python_state))
+    edited.write_bytes(edit_manifest((tmp_path / "m.safetensors").read_bytes(), bad_gsde))
     th.manual_seed(7), np.random.seed(7), random.seed(7)
     before = random_state()
-    with pytest.raises(FormatError, match=r"random_state\.python"):
+    with pytest.raises(FormatError, match=r"rng/gsde/policy/exploration_mat"):
         type(model).load(edited)
     assert_same_random_state(before, random_state())
 

@@ -402,14 +402,18 @@ class VecNormalizeState(_Model):
 class RandomState(_Model):
     """The random state that training draws from, restored at load so a resumed run continues exactly (``_rng.py``).
 
-    Tensors (relative to the prefix ``rng/``): ``torch_cpu``, ``torch_cuda/<i>`` and, for gSDE,
-    ``gsde/<module>/exploration_mat`` / ``exploration_matrices``. Generator states are JSON
-    (``bit_generator`` name plus its state, arrays as ``{"__array__": [...], "dtype": ...}``).
+    Tensors (relative to the prefix ``rng/``), all uint8 bytes: ``torch_cpu`` and ``torch_cuda/<i>``
+    (torch's generator states), ``numpy_key`` (numpy's global MT19937 key, 624 uint32), ``python``
+    (``random``'s Mersenne Twister state, 625 uint32) and, for gSDE, ``gsde/<module>/exploration_mat`` /
+    ``exploration_matrices`` (float tensors). Space and env generator states are JSON (``bit_generator``
+    name plus its state).
     """
 
     torch_cuda: int = Field(default=0, ge=0, le=1024)
-    numpy: dict[str, Any]
-    python: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(min_length=626, max_length=626)
+    numpy_pos: int = Field(ge=0, le=624)
+    numpy_has_gauss: Literal[0, 1]
+    numpy_gauss: StrictFloat
+    python_version: Literal[3] = 3
     python_gauss: StrictFloat | None = None
     spaces: dict[Literal["observation_space", "action_space"], dict[str, Any]] = Field(default_factory=dict)
     envs: list[dict[str, Any] | None] | None = Field(default=None, max_length=4096)

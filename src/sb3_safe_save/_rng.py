@@ -52,6 +52,9 @@ def capture(model: BaseAlgorithm) -> tuple[RandomState, dict[str, th.Tensor]]:
             tensors[f"{PREFIX}torch_cuda/{i}"] = cuda_state
             n_cuda += 1
     version, internal, gauss = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
+    tensors[PREFIX + "numpy_key"] = _bytes(np.asarray(numpy_state["state"]["key"], dtype=np.uint32))
+    tensors[PREFIX + "python"] = _bytes(np.asarray(internal, dtype=np.uint32))
     spaces = {
         name: _generator_state(space._np_random)
         for name in ("observation_space", "action_space")
@@ -67,8 +70,10 @@ def capture(model: BaseAlgorithm) -> tuple[RandomState, dict[str, th.Tensor]]:
     envs, seeds = _env_state(model.get_env())
     state = RandomState(
         torch_cuda=n_cuda,
-        numpy=_jsonable(np.random.get_state(legacy=False)),
-        python=[version, *internal],
+        numpy_pos=int(numpy_state["state"]["pos"]),
+        numpy_has_gauss=1 if numpy_state["has_gauss"] else 0,
+        numpy_gauss=float(numpy_state["gauss"]),
+        python_version=version,
         python_gauss=gauss,
         spaces=spaces,  # type: ignore[arg-type]
         envs=envs,
@@ -76,6 +81,18 @@ def capture(model: BaseAlgorithm) -> tuple[RandomState, dict[str, th.Tensor]]:
         gsde=gsde,  # type: ignore[arg-type]
     )
     return state, tensors
+
+
+def _bytes(array: np.ndarray) -> th.Tensor:
+    return th.from_numpy(array.astype("<u4").view(np.uint8).copy())
+
+
+def _uint32(tensor: th.Tensor, n: int, what: str) -> np.ndarray:
+    if tensor.dtype != th.uint8 or tuple(tensor.shape) != (4 * n,):
+        raise FormatError(
+            f"random_state.{what}: expected {4 * n} bytes, the file has a {tensor.dtype} {list(tensor.shape)} tensor"
+        )
+    return tensor.numpy().view("<u4").astype(np.uint32)
 
 
 def _generator_state(rng: np.random.Generator) -> dict[str, Any]:
@@ -156,9 +173,16 @@ def prepare_restore(
     torch_cpu = read(PREFIX + "torch_cpu")
     _check(lambda: th.Generator().set_state(torch_cpu), "torch_cpu")
     cuda = [read(f"{PREFIX}torch_cuda/{i}") for i in range(state.torch_cuda)]
-    numpy_state = _unjsonable(state.numpy)
+    key = _uint32(read(PREFIX + "numpy_key"), 624, "numpy_key")
+    numpy_state = {
+        "bit_generator": "MT19937",
+        "state": {"key": key, "pos": state.numpy_pos},
+        "has_gauss": state.numpy_has_gauss,
+        "gauss": state.numpy_gauss,
+    }
     _check(lambda: np.random.RandomState().set_state(numpy_state), "numpy")
-    python_state = (state.python[0], tuple(state.python[1:]), state.python_gauss)
+    internal = _uint32(read(PREFIX + "python"), 625, "python")
+    python_state = (state.python_version, tuple(int(x) for x in internal), state.python_gauss)
     _check(lambda: random.Random().setstate(python_state), "python")
     spaces: dict[str, np.random.Generator] = {
         name: _generator(s, f"random_state.spaces.{name}") for name, s in state.spaces.items()
