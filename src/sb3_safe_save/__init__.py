@@ -31,8 +31,8 @@ from sb3_safe_save._version import __version__
 
 if _typing.TYPE_CHECKING:
     from sb3_safe_save._audit import AuditReport, Finding, assert_save_budget, audit
-    from sb3_safe_save._hub import load_from_hub, package_for_hub, push_to_hub
     from sb3_safe_save._checkpoint import ResumeCheckpointCallback, list_checkpoints, load_checkpoint, save_checkpoint
+    from sb3_safe_save._hub import load_from_hub, package_for_hub, push_to_hub
     from sb3_safe_save._manifest import FORMAT_VERSION, Hazard, Manifest, Placeholder, ResourceSpec
     from sb3_safe_save._persist import load_model, read_manifest, save_model
     from sb3_safe_save._resources import LazyResource, factory, lazy, register_resource, unregister_resource
