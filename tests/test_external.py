@@ -20,6 +20,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 from stable_baselines3 import PPO, SAC, TD3
+from stable_baselines3.common.callbacks import CheckpointCallback
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.utils import polyak_update
 
@@ -164,6 +165,14 @@ def test_naive_module_expert_is_zeroed_and_save_warns_once_per_model(tmp_path: p
         make_naive_model(ModuleExpert(), net_arch=[16]).save(tmp_path / "c")  # another model: warned again
 
 
+def test_checkpoints_of_a_hazardous_model_warn_once(tmp_path: pathlib.Path) -> None:
+    model = make_naive_model(ModuleExpert(width=8), net_arch=[8])
+    with pytest.warns(HazardWarning) as record:
+        model.learn(160, callback=CheckpointCallback(save_freq=50, save_path=str(tmp_path)))
+    assert len(sorted(tmp_path.iterdir())) == 3  # three checkpoints, one warning
+    assert [w.category for w in record] == [HazardWarning]
+
+
 def test_resources_object_or_wrapper_at_load_and_wrapped_paths_get_a_wrapper(tmp_path: pathlib.Path) -> None:
     expert = UnpicklableExpert()
     wrapper = external(expert)
@@ -262,6 +271,15 @@ def test_shared_storage_is_found_whatever_holds_it_and_tau_below_one_is_an_error
     assert th.equal(w.data, th.full((3,), 0.75))
     polyak_update([w], [w], 1.0)
     assert th.equal(w.data, th.zeros(3))
+
+
+def test_a_wrapped_expert_put_in_an_optimizer_by_hand_is_reported() -> None:
+    expert = ModuleExpert(width=8)
+    model = make_model(expert, net_arch=[8])
+    assert "external_in_optimizer" not in {f.code for f in audit(model).findings}
+    model.policy.optimizer.add_param_group({"params": list(expert.parameters())})  # the fact, however it came about
+    (finding,) = [f for f in audit(model).findings if f.code == "external_in_optimizer"]
+    assert finding.severity == "warning" and finding.paths == ["policy.optimizer"]
 
 
 @pytest.mark.parametrize("algo", [SAC, TD3])

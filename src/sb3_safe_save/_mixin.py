@@ -66,9 +66,11 @@ class SafeSaveMixin:
     ) -> None:
         """Save all the attributes of the object and the model parameters in one safetensors file.
 
-        Live resources (external modules, unpicklable or oversized objects) are left out and
-        recorded as placeholders, to be rebound at load. The write is atomic: the previous file at
-        ``path`` survives any failure (for URLs, see the README's table per storage backend).
+        Live resources (objects held through ``external()``, external modules, unpicklable or oversized
+        objects) are left out and recorded as placeholders, to be rebound at load. The write is atomic:
+        the previous file at ``path`` survives any failure (for URLs, see the README's table per storage
+        backend). An error-level hazard (e.g. an expert registered in both ``q_net`` and ``q_net_target``,
+        which the target update zeroes) is warned as ``HazardWarning``, once per model.
 
         :param path: path to the file, or a URL such as ``s3://bucket/key`` (the ``remote`` extra);
             a path without a suffix gets ``.safetensors``
@@ -127,7 +129,8 @@ class SafeSaveMixin:
             or dotted path (``"policy_kwargs.vlm_model"``); a replaced value is not decoded at all
         :param print_system_info: print the versions the file was saved with and the current ones
         :param force_reset: Force call to ``reset()`` before training (see SB3 #597)
-        :param resources: placeholder key -> live object, ``factory(fn)`` or ``lazy(fn)``
+        :param resources: placeholder key -> live object (or its ``external()`` wrapper), ``factory(fn)`` or
+            ``lazy(fn)``; a path that held a wrapper at save gets a wrapper, any other path the object
         :param trusted: classes or ``"module.Name"`` strings the file may reference beyond the defaults
         :param allow_pickle: unpickle values that were saved with ``allow_pickle=True`` (runs code!)
         :param verify: check every tensor's checksum while reading (default)
