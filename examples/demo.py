@@ -1,7 +1,8 @@
 """The main job in one run: an agent with a live expert is saved, audited, and loaded back exactly.
 
 1. Train a tiny DQN on CartPole whose Q-network adds an "LLM expert"'s log-probabilities to its
-   Q-values. The expert refuses pickling, as vLLM's ``LLM`` does.
+   Q-values. The expert refuses pickling, as vLLM's ``LLM`` does. The Q-network holds it through
+   ``sb3_safe_save.external()``, so it is no submodule (SB3's target update could not zero it).
 2. Show what stock SB3 does with it: ``save`` raises, after truncating the last good checkpoint.
 3. Save with sb3_safe_save: the expert becomes a typed placeholder, the file holds no pickle.
 4. Audit the file (header only) the way a CI job would.
@@ -35,6 +36,9 @@ def main() -> None:
     model.policy.set_use_expert(True)  # the article consults the expert while collecting
     model.learn(1000)
     model.policy.set_use_expert(False)
+    held = model.policy.q_net.__dict__["vlm_model"]
+    registered = "q_net.vlm_model" in dict(model.policy.named_modules())
+    print(f"   q_net.vlm_model is {type(held).__name__}({type(sss.unwrap(held)).__name__}); a submodule: {registered}")
 
     print("\n2. stock SB3 save, over an existing checkpoint:")
     stock = work / "stock_best_model.zip"
