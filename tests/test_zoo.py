@@ -160,6 +160,25 @@ def test_sac_pendulum_normalize_train_enjoy_continue(
     assert stats2.obs_rms.count > 128 + 64  # the statistics went on too
     assert no_pickles_under(tmp_path) == []
 
+    # share the continued run: its model, VecNormalize statistics and config (written, not uploaded, here)
+    zoo(
+        "push",
+        "--algo",
+        "sac",
+        "--env",
+        "Pendulum-v1",
+        "-f",
+        str(logs),
+        "--repo-id",
+        "me/sac",
+        "--output",
+        str(tmp_path / "repo"),
+    )
+    repo = tmp_path / "repo"
+    assert files_under(repo) == ["README.md", "config.json", "config.yml", "sac-Pendulum-v1.safetensors", VECNORMALIZE]
+    assert (repo / "sac-Pendulum-v1.safetensors").read_bytes() == (run2 / "Pendulum-v1.safetensors").read_bytes()
+    assert 'load_from_hub("me/sac", "sac-Pendulum-v1.safetensors"' in (repo / "README.md").read_text()
+
 
 # ------------------------------------------------------------------------------------ safe configs
 def test_normalize_is_parsed_not_evaluated(tmp_path: Path) -> None:
@@ -219,6 +238,7 @@ def test_enjoy_refuses_a_stock_zip_with_the_way_out(tmp_path: Path) -> None:
         (["train", "-i", "agent.zip"], "-i agent.zip: no such file"),
         (["train", "--optimize-hyperparameters"], "hyperparameter optimization is not supported"),
         (["fly"], "unknown command 'fly'"),
+        (["push", "--algo", "ppo"], "the following arguments are required: --env, --repo-id"),
     ],
 )
 def test_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -342,3 +362,4 @@ def test_python_dash_m_entry_point() -> None:
     done = subprocess.run([sys.executable, "-m", "sb3_safe_save.zoo"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "usage: python -m sb3_safe_save.zoo {train,enjoy}" in done.stderr
+    assert "python -m sb3_safe_save.zoo push" in done.stderr

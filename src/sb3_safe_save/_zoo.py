@@ -42,7 +42,7 @@ import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import yaml
 from rl_zoo3.exp_manager import ExperimentManager
@@ -563,8 +563,11 @@ def run(command: str, argv: list[str]) -> None:
     from rl_zoo3.enjoy import enjoy
     from rl_zoo3.train import train
 
+    if command == "push":
+        push(argv)
+        return
     if command not in ("train", "enjoy"):
-        raise ZooUsageError(f"unknown command {command!r}: use 'train' or 'enjoy'")
+        raise ZooUsageError(f"unknown command {command!r}: use 'train', 'enjoy' or 'push'")
     rest, trained_agent, trusted = _split_args(argv, take_agent=command == "train")
     if command == "train":
         _check_trained_agent(trained_agent)
@@ -581,3 +584,42 @@ def run(command: str, argv: list[str]) -> None:
             entry()
     finally:
         sys.argv = old_argv
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ZooUsageError(message)
+
+
+def push(argv: list[str]) -> None:
+    """Share a run on the Hugging Face Hub: its model file, ``vecnormalize.safetensors`` and ``config.yml``.
+
+    Mirrors rl-zoo3's ``push_to_hub`` arguments (``--algo``, ``--env``, ``-f``, ``--exp-id``, ``--load-best``,
+    ``--load-checkpoint``); ``--output FOLDER`` writes the repo folder without uploading.
+    """
+    from huggingface_sb3 import EnvironmentName
+
+    from sb3_safe_save._hub import package_for_hub, push_to_hub
+
+    parser = _Parser(prog="python -m sb3_safe_save.zoo push")
+    parser.add_argument("--algo", required=True, choices=sorted(ALGOS))
+    parser.add_argument("--env", required=True, help="environment ID")
+    parser.add_argument("-f", "--folder", default="logs", help="log folder")
+    parser.add_argument("--exp-id", type=int, default=0, help="experiment ID (default: 0: latest, -1: no exp folder)")
+    parser.add_argument("--load-best", action="store_true", help="share best_model instead of the final model")
+    parser.add_argument("--load-checkpoint", type=int, help="share the checkpoint of this many timesteps")
+    parser.add_argument("--repo-id", required=True, help="'org/name' on the Hub")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--output", help="write the repo folder here instead of uploading it")
+    args = parser.parse_args(argv)
+    env_name = EnvironmentName(args.env)
+    checkpoint = None if args.load_checkpoint is None else str(args.load_checkpoint)
+    _, model_path, log_path = get_model_path(args.exp_id, args.folder, args.algo, env_name, args.load_best, checkpoint)
+    params = Path(log_path, env_name)
+    extras = [path for path in (params / VECNORMALIZE, params / "config.yml") if path.is_file()]
+    if args.output:
+        folder = package_for_hub(model_path, args.output, env_id=args.env, extra_files=extras, repo_id=args.repo_id)
+        print(f"Wrote {folder}")
+        return
+    info = push_to_hub(model_path, args.repo_id, env_id=args.env, extra_files=extras, private=args.private or None)
+    print(f"Pushed {model_path} to {info.commit_url}")

@@ -1,8 +1,9 @@
-"""``python -m sb3_safe_save.zoo train|enjoy ARGS``: rl-zoo3's own loops, every artifact in our format.
+"""``python -m sb3_safe_save.zoo train|enjoy|push ARGS``: rl-zoo3's own loops, every artifact in our format.
 
 ARGS are rl-zoo3's own arguments (``--algo ppo --env CartPole-v1 -n 2000 -f logs``), plus ``--trust NAME``
 (repeatable) for classes a model or config may reference beyond the defaults. What is patched is listed in
-``sb3_safe_save._zoo``. Needs the ``zoo`` extra: ``pip install "sb3-safe-save[zoo]"``.
+``sb3_safe_save._zoo``. ``push`` shares a run on the Hugging Face Hub (``sb3_safe_save.push_to_hub``).
+Needs the ``zoo`` extra: ``pip install "sb3-safe-save[zoo]"``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 
-USAGE = "usage: python -m sb3_safe_save.zoo {train,enjoy} [rl-zoo3 arguments] [--trust NAME ...]"
+USAGE = (
+    "usage: python -m sb3_safe_save.zoo {train,enjoy} [rl-zoo3 arguments] [--trust NAME ...]\n"
+    "       python -m sb3_safe_save.zoo push --algo ALGO --env ENV -f FOLDER --repo-id ORG/NAME [--output FOLDER]"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
