@@ -441,3 +441,35 @@ def test_only_the_models_own_state_dicts_and_torch_variables_are_written() -> No
     with pytest.raises(SafeSaveError, match=r"policy\.optimizer_class"):
         model.set_parameters(io.BytesIO(edit_manifest(data, state_dict)), exact_match=False)
     assert th.optim.Adam.step is step
+
+
+def test_a_plain_object_cannot_shadow_its_class_methods() -> None:
+    def edit(m: dict[str, Any]) -> None:
+        schedule = m["data"]["exploration_schedule"]
+        assert schedule["cls"] == "stable_baselines3.common.utils:LinearSchedule"
+        schedule["state"]["__call__"] = 1  # refused when parsed or decoded
+        m["data"]["action_noise"] = {
+            "kind": "object",
+            "cls": "stable_baselines3.common.noise:NormalActionNoise",
+            "state": {"reset": {"kind": "ref", "ref": "torch.nn.modules.activation:ReLU"}},
+        }
+
+    with pytest.raises(SafeSaveError):
+        safe(DQN).load(io.BytesIO(_forge("DQN", edit)))
+
+    def noise_only(m: dict[str, Any]) -> None:
+        m["data"]["action_noise"] = {
+            "kind": "object",
+            "cls": "stable_baselines3.common.noise:NormalActionNoise",
+            "state": {"reset": {"kind": "ref", "ref": "torch.nn.modules.activation:ReLU"}},
+        }
+
+    with pytest.raises(FormatError, match="'reset'"):
+        safe(DQN).load(io.BytesIO(_forge("DQN", noise_only)))
+
+
+def test_declared_package_trust_is_the_users_choice_but_never_for_factories() -> None:
+    declaring = safe(DQN, trusted=["lang_dqn.*"])
+    trust_list = TrustList(None, declaring)
+    assert trust_list.why("lang_dqn:CustomDQNPolicy") == "declared"
+    assert trust_list.why("lang_dqn:build_expert", "factory") is None

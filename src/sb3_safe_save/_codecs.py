@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
+import inspect
 import itertools
 import math
 import re
@@ -491,9 +492,9 @@ class ObjectCodec(Codec):
 
     def decode(self, node: ObjectNode, path: str, dec: Decoder) -> Any:
         cls = dec.resolve(node.cls, path, "object")  # a trusted plain class: no constructor, no custom __dict__
-        bad = [k for k in node.state if not k.isidentifier() or k.startswith("__")]
-        if bad:
-            raise FormatError(f"{path}: attribute names {bad[:5]} are not allowed")
+        bad = [k for k in node.state if not k.isidentifier() or k.startswith("__") or _class_level(cls, k)]
+        if bad:  # an instance attribute must not shadow a method, property or table of the class
+            raise FormatError(f"{path}: attribute names {bad[:5]} are not allowed for a {node.cls}")
         state = {k: dec.decode(v, child_path(path, k)) for k, v in node.state.items()}
         obj: Any = object.__new__(cls)
         object.__getattribute__(obj, "__dict__").update(state)
@@ -683,6 +684,12 @@ def _sb3_schedule(kind: str, args: list[Any]) -> Any:
         "float": sb3_utils.get_schedule_fn,
     }
     return functions[kind](*args)
+
+
+def _class_level(cls: type, name: str) -> bool:
+    """True if ``name`` is a class attribute of ``cls`` other than a scalar default (a method, property, ...)."""
+    static = inspect.getattr_static(cls, name, None)
+    return static is not None and not isinstance(static, (bool, int, float, str))
 
 
 class PlaceholderCodec(Codec):

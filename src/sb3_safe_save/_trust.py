@@ -342,7 +342,9 @@ class TrustList:
         self._exact = {i for i in extra if not i.endswith(".*")}
         self._packages = tuple(i[:-1] for i in extra if i.endswith(".*"))  # "pkg.*" -> "pkg."
         self._home = home.__module__ if home is not None else None
-        self._declared = frozenset(declared_trust(home)) if home is not None else frozenset()
+        declared = declared_trust(home) if home is not None else []
+        self._declared = frozenset(i for i in declared if not i.endswith(".*"))
+        self._declared_packages = tuple(i[:-1] for i in declared if i.endswith(".*"))
 
     def why(self, ref: str, kind: RefKind = "ref") -> Why | None:
         """Who trusts ``ref`` for this use, before anything is imported: ``explicit`` (``trusted=``/``trust()``),
@@ -356,6 +358,8 @@ class TrustList:
             return "explicit"
         if kind == "factory":  # only an exact reference the caller named
             return None
+        if dotted.startswith(self._declared_packages):
+            return "declared"
         if dotted.startswith(self._packages):
             return "explicit"
         entry = default_trusted().get(ref)
@@ -427,8 +431,8 @@ class TrustList:
 
 
 def declared_trust(cls: type) -> list[str]:
-    """The references a class declares trusted (``safe_save_trusted``), normalised."""
+    """The references a class declares trusted (``safe_save_trusted``), normalised (``"pkg.*"`` kept as is)."""
     items = getattr(cls, "safe_save_trusted", ())
     if isinstance(items, (str, type)):
         items = (items,)
-    return [_normalise(i) for i in items if not (isinstance(i, str) and i.endswith(".*"))]
+    return [_normalise(i) for i in items]
