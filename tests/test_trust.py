@@ -346,14 +346,18 @@ def expert_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Any]:
 @pytest.mark.parametrize(
     ("path", "error"),
     [
-        ("policy.optimizer_class.step", "is a type"),  # through a class: would replace Adam.step process-wide
-        ("policy.optimizer.step", "'step' is a function of Adam"),  # a method of the optimizer's class
+        ("policy.optimizer_class.step", "optimizer_class"),  # through a class: would replace Adam.step process-wide
+        ("policy.optimizer.step", "'step' is a function of"),  # a method of the optimizer's class
         ("policy.device", "property"),  # a property
-        ("policy.q_net.vlm_model.calls", "is a live resource"),  # through a bound resource (a caller object)
+        ("policy.q_net.vlm_model.calls", "where a resource is bound"),  # through a bound resource (a caller object)
+        ("policy.q_net.forward", "forward"),  # a method of nn.Module
+        ("policy.observation_space.sample", "sample"),  # a method of a space
         ("policy.__class__.x", None),  # refused when the manifest is parsed
     ],
 )
-def test_rebinding_writes_only_instance_attributes_of_the_model(expert_file: tuple[bytes, Any], path: str, error: str) -> None:
+def test_rebinding_writes_only_instance_attributes_of_the_model(
+    expert_file: tuple[bytes, Any], path: str, error: str | None, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     from lang_dqn import CustomDQN
 
     data, expert = expert_file
@@ -362,9 +366,15 @@ def test_rebinding_writes_only_instance_attributes_of_the_model(expert_file: tup
     def edit(m: dict[str, Any]) -> None:
         m["placeholders"][0]["paths"].append(path)
 
+    forged = edit_manifest(data, edit)
     with pytest.raises(SafeSaveError, match=error):
-        CustomDQN.load(io.BytesIO(edit_manifest(data, edit)), resources={"vlm_model": expert})
+        CustomDQN.load(io.BytesIO(forged), resources={"vlm_model": expert})
     assert th.optim.Adam.step is step and expert.calls == calls and "x" not in vars(CustomDQNPolicy)
+    if error is not None:  # (a dunder path is refused when the manifest is parsed, by audit too)
+        tmp = tmp_path_factory.mktemp("rebind") / "forged.safetensors"
+        tmp.write_bytes(forged)
+        report = audit(tmp, algo=CustomDQN, fail_on="warning")
+        assert not report.ok and any(f.code == "refused_attribute" and path in f.paths for f in report.findings)
 
 
 # ------------------------------------------------------------------------------- 9. audit decides as load

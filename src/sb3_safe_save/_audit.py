@@ -78,10 +78,9 @@ from sb3_safe_save._manifest import (
 from sb3_safe_save._persist import (
     _open,
     _parse,
-    _root,
     base_algorithm_ref,
     build_manifest,
-    rebind_problem,
+    rebind_problems,
     references,
     refused_data_keys,
     snapshot_model,
@@ -642,19 +641,16 @@ def _attribute_findings(manifest: Manifest, algo: type | None) -> list[Finding]:
                     paths=[name],
                 )
             )
-    for ph in manifest.placeholders:
-        for path in ph.paths:
-            problem = rebind_problem(path) if _root(path) not in manifest.data and "[" not in path else None
-            if problem is not None:
-                findings.append(
-                    Finding(
-                        code="refused_attribute",
-                        severity="error",
-                        message=f"placeholder {ph.key!r} at {path!r}: load refuses to rebind there: {problem}",
-                        paths=[path],
-                        key=ph.key,
-                    )
-                )
+    for key, path, problem in rebind_problems(manifest, algo):
+        findings.append(
+            Finding(
+                code="refused_attribute",
+                severity="error",
+                message=f"placeholder {key!r} at {path!r}: load refuses to rebind there: {problem}",
+                paths=[path],
+                key=key,
+            )
+        )
     return findings
 
 

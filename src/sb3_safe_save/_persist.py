@@ -65,6 +65,7 @@ from sb3_safe_save._manifest import (
     OptimizerState,
     PickleNode,
     Placeholder,
+    RefNode,
     ResourceSpec,
     TensorMeta,
     Versions,
@@ -73,7 +74,7 @@ from sb3_safe_save._manifest import (
     parse_manifest,
 )
 from sb3_safe_save._resources import resolve
-from sb3_safe_save._trust import RefKind, TrustList, TrustSpec, ref_of
+from sb3_safe_save._trust import RefKind, TrustList, TrustSpec, default_trusted, ref_of, slots
 from sb3_safe_save._vecnormalize import PREFIX as VN_PREFIX
 from sb3_safe_save._vecnormalize import export_vecnormalize, restore_vecnormalize
 from sb3_safe_save._version import __version__
@@ -361,12 +362,7 @@ def load_model(
         refs, pickles = references(manifest, custom_objects)
         check_references(trust, refs, cls)
         check_data_keys(cls, manifest)
-        bad_paths = [
-            (ph.key, p, rebind_problem(p))
-            for ph in manifest.placeholders
-            for p in ph.paths
-            if _root(p) not in manifest.data and "[" not in p and rebind_problem(p)
-        ]
+        bad_paths = rebind_problems(manifest, cls)
         if bad_paths:
             raise FormatError("; ".join(f"placeholder {k!r}: cannot rebind at {p!r}: {why}" for k, p, why in bad_paths[:5]))
         if pickles and not allow_pickle:
@@ -868,14 +864,57 @@ def _rebind(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder) -> None
                 setattr(parent, attr, decoder.bound_at(ph, path))
 
 
-def rebind_problem(path: str) -> str | None:
-    """Why a placeholder path can never be a rebind target, from the path alone (phase 2 and audit), or None."""
+def rebind_problem(path: str, algo: type | None = None, policy_class: type | None = None) -> str | None:
+    """Why a placeholder path can never be a rebind target, decided without a model (load's phase 2 and audit).
+
+    Refused: non-identifier or dunder names, torch internals, a path through a slot that holds a class
+    (``policy.optimizer_class.step``), and a target that is a method, property or other class attribute
+    of ``nn.Module``, ``Optimizer``, gymnasium ``Space``, the algorithm (one-part paths) or its policy class
+    (``policy.<name>``). ``rebind_target`` then checks the rebuilt model itself.
+
+    :param algo: the loading class
+    :param policy_class: the stored policy class, where known without importing (else ``BasePolicy``)
+    """
     parts = path.split(".")
-    if any(p.startswith("__") or not p.isidentifier() for p in parts if "[" not in p):
+    if any(p.startswith("__") or not p.isidentifier() for p in parts):
         return "only plain attribute names may be rebound"
     if parts[-1] in _MODULE_INTERNALS:
         return "it names a torch internal attribute"
+    through = [p for p in parts[:-1] if p in slots()]
+    if through:
+        return f"it goes through {through[0]!r}, which holds a class"
+    owners: list[type] = [th.nn.Module, th.optim.Optimizer, gym_spaces.Space]
+    if len(parts) == 1 and algo is not None:
+        owners.append(algo)
+    if len(parts) == 2 and parts[0] == "policy":
+        owners.append(policy_class or BasePolicy)
+    for owner in owners:
+        static = inspect.getattr_static(owner, parts[-1], _NOT_FOUND)
+        if static is not _NOT_FOUND and not isinstance(static, (type(None), bool, int, float, str)):
+            return f"{parts[-1]!r} is a {type(static).__name__} of {owner.__qualname__}, not an instance attribute"
     return None
+
+
+def rebind_problems(manifest: Manifest, algo: type | None) -> list[tuple[str, str, str]]:
+    """``(key, path, why)`` for each placeholder path outside ``data`` that ``rebind_problem`` refuses."""
+    policy_ref = manifest.data.get("policy_class")
+    entry = default_trusted().get(policy_ref.ref) if isinstance(policy_ref, RefNode) else None
+    out: list[tuple[str, str, str]] = []
+    resource_paths = {p for ph in manifest.placeholders for p in ph.paths}
+    for ph in manifest.placeholders:
+        for path in ph.paths:
+            if _root(path) in manifest.data or "[" in path:
+                continue  # decoded with the data, not rebound
+            parts = path.split(".")
+            inside = next((q for q in (".".join(parts[:i]) for i in range(1, len(parts))) if q in resource_paths), None)
+            problem = (
+                f"it goes through {inside!r}, where a resource is bound (not the model's own object)"
+                if inside is not None
+                else rebind_problem(path, algo, entry[0] if entry is not None else None)
+            )
+            if problem is not None:
+                out.append((ph.key, path, problem))
+    return out
 
 
 def rebind_target(model: BaseAlgorithm, path: str, key: str, resources: set[int]) -> tuple[Any, str]:
@@ -885,7 +924,7 @@ def rebind_target(model: BaseAlgorithm, path: str, key: str, resources: set[int]
     a class, a module, a function, a property or a bound resource; the target attribute must not be a
     method, property or other descriptor of the object's class.
     """
-    problem = rebind_problem(path)
+    problem = rebind_problem(path, type(model))
     if problem is not None:
         raise FormatError(f"placeholder {key!r}: cannot rebind at {path!r}: {problem}")
     *steps, attr = path.split(".")
