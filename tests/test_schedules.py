@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,30 @@ def test_sb3_schedule_closures_are_stored_as_their_parameters(tmp_path: Path) ->
     if SB3_CLASSES:  # rebuilt the way the installed SB3 builds schedules
         assert isinstance(loaded.exploration_schedule, sb3_utils.LinearSchedule)
     assert not any(f.code == "schedule" for f in audit(tmp_path / "dqn.safetensors").findings)
+
+
+def test_sb3_wrappers_are_stored_once(tmp_path: Path) -> None:
+    """SB3 < 2.7 wraps clip_range in another get_schedule_fn lambda at every load; float(float(x)) is stored as float(x)."""
+    model = safe(PPO)("MlpPolicy", "CartPole-v1", **PPO_KW)
+    model.clip_range = sb3_closure("get_schedule_fn", sb3_closure("get_schedule_fn", sb3_closure("get_schedule_fn", 0.2)))
+    model.save(tmp_path / "ppo")
+    node = read_manifest(tmp_path / "ppo.safetensors").data["clip_range"]
+    assert isinstance(node, ScheduleNode) and node.schedule == "float"
+    assert node.args["value_schedule"] == ScheduleNode(schedule="constant", args={"val": 0.2})
+
+
+@pytest.mark.skipif(not SB3_CLASSES, reason="needs SB3 >= 2.7 to write the file")
+def test_file_from_newer_sb3_loads_with_sb3_before_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file saved with SB3 >= 2.7 holds LinearSchedule objects; an SB3 without the class gets its closure."""
+    model = safe(DQN)("MlpPolicy", "CartPole-v1", **DQN_KW)
+    model.annealing = sb3_utils.LinearSchedule(1.0, 0.05, 0.1)  # an attribute _setup_model does not rebuild
+    model.save(tmp_path / "dqn")
+    assert read_manifest(tmp_path / "dqn.safetensors").data["annealing"].kind == "object"  # type: ignore[union-attr]
+    monkeypatch.delattr(sb3_utils, "LinearSchedule")  # as in SB3 2.4-2.6
+    with pytest.warns(UserWarning, match="get_linear_fn"):  # SB3 >= 2.7 deprecates the function; older SB3 does not
+        loaded = safe(DQN).load(tmp_path / "dqn")
+    assert isinstance(loaded.annealing, types.FunctionType)  # get_linear_fn's closure
+    assert all(loaded.annealing(p) == model.annealing(p) for p in PROGRESS)
 
 
 def test_a_lookalike_closure_is_not_taken_for_sb3s(tmp_path: Path) -> None:

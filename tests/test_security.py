@@ -20,7 +20,6 @@ import cloudpickle
 import pytest
 import torch as th
 from stable_baselines3 import DQN, PPO
-from stable_baselines3.common.utils import FloatSchedule
 
 from _compare import assert_same_model
 from _hostile import ALGOS, edit_manifest, manifest_of, saved_bytes, tiny_kwargs, tiny_model, with_manifest_text
@@ -147,7 +146,7 @@ def test_curved_lambda_schedule_is_pickled_only_with_allow_pickle(tmp_path: Path
     assert loaded.lr_schedule(0.5) == pytest.approx(7.5e-4)
 
     pickled = [p for p in refused.value.paths if p != "learning_rate"]
-    by_name = safe(PPO).load(path, custom_objects={"learning_rate": schedule, "lr_schedule": FloatSchedule(schedule)})
+    by_name = safe(PPO).load(path, custom_objects={"learning_rate": schedule, "lr_schedule": schedule})
     assert by_name.learning_rate is schedule and by_name.lr_schedule(0.5) == pytest.approx(5e-4)
     by_path = safe(PPO).load(path, custom_objects={"learning_rate": schedule, **dict.fromkeys(pickled, schedule)})
     assert by_path.learning_rate is schedule and by_path.lr_schedule(0.25) == pytest.approx(2.5e-4)

@@ -7,17 +7,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+pytest.importorskip("rl_zoo3")  # first: rl-zoo3 brings yaml, and needs SB3 >= 2.7 (LinearSchedule); make test-min has neither
+
 import gymnasium as gym
 import numpy as np
-import pytest
 import yaml
 from stable_baselines3 import PPO, SAC
 from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_safe_save import FormatError, PickleRefusedError, UntrustedTypeError, load_vecnormalize, read_manifest, safe
-
-pytest.importorskip("rl_zoo3")
 
 
 @pytest.fixture(scope="module", autouse=True)

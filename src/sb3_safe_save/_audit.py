@@ -53,7 +53,6 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
-import pydantic_core
 import torch as th
 from pydantic import BaseModel, ConfigDict, Field
 from stable_baselines3.common.base_class import BaseAlgorithm
@@ -445,7 +444,9 @@ def _tensor_keys(nodes: list[Node]) -> list[str]:
 
 
 def _json_size(node: Node) -> int:
-    return len(pydantic_core.to_json(node))
+    # not pydantic_core.to_json(node): before pydantic 2.6 it cannot serialise a model whose deferred schema
+    # (defer_build) was never built ("'MockValSer' object cannot be converted to 'SchemaSerializer'")
+    return len(node.model_dump_json() if isinstance(node, BaseModel) else json.dumps(node, ensure_ascii=False))
 
 
 def _analyse(

@@ -491,6 +491,9 @@ class ObjectCodec(Codec):
         return ObjectNode(cls=_ref(cls), state={k: enc.encode(v, child_path(path, k)) for k, v in state.items()})
 
     def decode(self, node: ObjectNode, path: str, dec: Decoder) -> Any:
+        kind = schedule_class_missing(node.cls)
+        if kind is not None:  # saved with SB3 >= 2.7, loaded with an older SB3: the same schedule, as that SB3 builds it
+            return BY_KIND["schedule"].decode(ScheduleNode(schedule=kind, args=node.state), path, dec)  # type: ignore[arg-type]
         cls = dec.resolve(node.cls, path, "object")  # a trusted plain class: no constructor, no custom __dict__
         bad = [k for k in node.state if not k.isidentifier() or k.startswith("__") or _class_level(cls, k)]
         if bad:  # an instance attribute must not shadow a method, property or table of the class
@@ -516,6 +519,8 @@ _SB3_CLOSURES: dict[str, tuple[types.CodeType | None, tuple[str, ...]]] = {
     "float": (_inner_code(sb3_utils.get_schedule_fn, "<lambda>"), ("value_schedule",)),
 }
 _BY_CODE = {code: (kind, names) for kind, (code, names) in _SB3_CLOSURES.items() if code is not None}
+#: SB3 >= 2.7's schedule classes: their fields are the closures' parameters above.
+_SB3_CLASSES = {"ConstantSchedule": "constant", "LinearSchedule": "linear", "FloatSchedule": "float"}
 
 #: Attribute names that hold schedules: only a callable found under one of these is ever called (sampled) at save.
 SCHEDULE_NAMES = frozenset(
@@ -642,16 +647,21 @@ class ScheduleCodec(Codec):
                 schedule="piecewise_linear", knots=value.knots, source=value.source, checked_points=value.checked_points,
                 max_error=value.max_error,
             )  # fmt: skip
-        sb3 = _BY_CODE.get(value.__code__)
-        if sb3 is None:
+        kind = _sb3_kind(value)
+        if kind is None:
             return RefNode(ref=_ref(value))
-        kind, names = sb3
-        cells = dict(zip(value.__code__.co_freevars, value.__closure__ or (), strict=True))
-        if set(cells) != set(names):
-            raise NotEncodable(f"an SB3 {kind} schedule with free variables {sorted(cells)}, expected {sorted(names)}")
+        names = _SB3_CLOSURES[kind][1]
+        values = _cells(value, names)
+        if kind == "float":  # float(float(x)) is float(x): unwrap as FloatSchedule does (SB3 < 2.7 wraps at every load)
+            inner = values["value_schedule"]
+            while _sb3_kind(inner) == "float" or isinstance(inner, getattr(sb3_utils, "FloatSchedule", ())):
+                inner = (
+                    _cells(inner, names)["value_schedule"] if isinstance(inner, types.FunctionType) else inner.value_schedule
+                )
+            values["value_schedule"] = inner
         return ScheduleNode(
             schedule=kind,  # type: ignore[arg-type]
-            args={n: enc.encode(cells[n].cell_contents, child_path(path, n)) for n in names},
+            args={n: enc.encode(values[n], child_path(path, n)) for n in names},
         )
 
     def decode(self, node: ScheduleNode, path: str, dec: Decoder) -> Any:
@@ -670,6 +680,32 @@ class ScheduleCodec(Codec):
         elif not all(isinstance(a, (int, float, np.integer, np.floating)) and not isinstance(a, bool) for a in args):
             raise FormatError(f"{path}: a {node.schedule} schedule takes numbers, the file gives {args!r:.200}")
         return _sb3_schedule(node.schedule, args)
+
+
+def schedule_class_missing(ref: str) -> str | None:
+    """The schedule kind if ``ref`` names an SB3 >= 2.7 schedule class the installed SB3 lacks, else None.
+
+    Such an object is rebuilt as the installed SB3's closure from its fields: nothing is imported, so
+    the reference needs no trust.
+    """
+    module, _, name = ref.partition(":")
+    return (
+        _SB3_CLASSES[name] if module == sb3_utils.__name__ and name in _SB3_CLASSES and not hasattr(sb3_utils, name) else None
+    )
+
+
+def _sb3_kind(fn: Any) -> str | None:
+    """``constant``, ``linear`` or ``float`` if ``fn`` is one of SB3's schedule closures, else None."""
+    found = _BY_CODE.get(fn.__code__) if isinstance(fn, types.FunctionType) else None
+    return None if found is None else found[0]
+
+
+def _cells(fn: types.FunctionType, names: tuple[str, ...]) -> dict[str, Any]:
+    """The values of an SB3 closure's free variables."""
+    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True))
+    if set(cells) != set(names):
+        raise NotEncodable(f"an SB3 schedule closure with free variables {sorted(cells)}, expected {sorted(names)}")
+    return {n: cells[n].cell_contents for n in names}
 
 
 def _sb3_schedule(kind: str, args: list[Any]) -> Any:

@@ -42,7 +42,7 @@ from stable_baselines3.common.utils import check_for_correct_spaces
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_safe_save import _remote, _rng, _weights
-from sb3_safe_save._codecs import BY_KIND
+from sb3_safe_save._codecs import BY_KIND, schedule_class_missing
 from sb3_safe_save._errors import (
     AlgorithmMismatchError,
     FormatError,
@@ -430,7 +430,8 @@ def references(
     for top, root in _walk_data(manifest):
         for path, node in iter_paths(root, top, skip=replaced):
             for ref in node_refs(node):
-                refs.setdefault(ref, []).append((path, _REF_KINDS[getattr(node, "kind", "ref")]))
+                if schedule_class_missing(ref) is None:  # else rebuilt by the installed (older) SB3, not imported
+                    refs.setdefault(ref, []).append((path, _REF_KINDS[getattr(node, "kind", "ref")]))
             if isinstance(node, PickleNode):
                 pickles.append(path)
     return refs, pickles

@@ -178,6 +178,7 @@ def default_trusted() -> Mapping[str, tuple[type, frozenset[str]]]:
     import stable_baselines3  # noqa: F401  (imports every SB3 algorithm)
     import torch.nn.modules.activation
     import torch.optim
+    from stable_baselines3.common import utils as sb3_utils
     from stable_baselines3.common.base_class import BaseAlgorithm
     from stable_baselines3.common.buffers import BaseBuffer
     from stable_baselines3.common.noise import ActionNoise
@@ -185,7 +186,6 @@ def default_trusted() -> Mapping[str, tuple[type, frozenset[str]]]:
     from stable_baselines3.common.sb2_compat.rmsprop_tf_like import RMSpropTFLike
     from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
     from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
-    from stable_baselines3.common.utils import ConstantSchedule, FloatSchedule, LinearSchedule
     from stable_baselines3.her.goal_selection_strategy import GoalSelectionStrategy
 
     ref_only = frozenset({"ref"})
@@ -204,7 +204,8 @@ def default_trusted() -> Mapping[str, tuple[type, frozenset[str]]]:
         module = _import_optional(name)
         if module is not None:
             add(_defined_in(module, BaseAlgorithm), frozenset({"algorithm"}))
-    add((FloatSchedule, ConstantSchedule, LinearSchedule), frozenset({"ref", "object"}))
+    schedules = (getattr(sb3_utils, n, None) for n in ("FloatSchedule", "ConstantSchedule", "LinearSchedule"))
+    add([c for c in schedules if c is not None], frozenset({"ref", "object"}))  # SB3 >= 2.7; closures before
     add((TrainFrequencyUnit, GoalSelectionStrategy), frozenset({"ref", "enum"}))
     add((TrainFreq,), frozenset({"ref", "namedtuple"}))
     recurrent = _import_optional("sb3_contrib.common.recurrent.type_aliases")
