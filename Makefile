@@ -1,12 +1,18 @@
 # Two commands do all set-up on a fresh machine with Python 3.10+ (see README):
 #   make demo   - train a tiny agent with an expert, save, audit, load with the expert rebound, check it's exact
 #   make test   - lint (ruff), strict types (mypy) and the whole test suite (what .ci/run calls)
+#   make test-min - the whole suite on the lowest versions pyproject.toml declares, on Python 3.10
+#                   (constraints-min.txt; its own .venv-min; not in .ci/run: see README "Supported versions")
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench bench-quick clean
+MIN_PYTHON ?= python3.10
+MIN_VENV ?= .venv-min
+MIN_STAMP := $(MIN_VENV)/.installed-stamp
+
+.PHONY: demo test test-min lint bench bench-quick clean
 
 $(STAMP): pyproject.toml constraints.txt tests/resource_plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +22,17 @@ $(STAMP): pyproject.toml constraints.txt tests/resource_plugin/pyproject.toml
 		transformers rl_zoo3 huggingface_hub
 	$(PY) -m pip install -q -c constraints.txt --no-deps -e tests/resource_plugin
 	touch $(STAMP)
+
+# torch 2.3.0 has no CPU-only wheel on PyPI: this pulls the CUDA build and its nvidia-* wheels (~2.8 GB)
+$(MIN_STAMP): pyproject.toml constraints-min.txt tests/resource_plugin/pyproject.toml
+	$(MIN_PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q -c constraints-min.txt -e ".[contrib]" \
+		pytest pytest-timeout pytest-xdist hypothesis
+	$(MIN_VENV)/bin/python -m pip install -q -c constraints-min.txt --no-deps -e tests/resource_plugin
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -m pytest -n 2 -p no:cacheprovider
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
@@ -35,4 +52,4 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+pytest.importorskip("yaml")  # comes with rl-zoo3 / huggingface_hub; make test-min has neither
+
 import stable_baselines3
 import torch as th
 import yaml
