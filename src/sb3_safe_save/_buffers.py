@@ -31,14 +31,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch as th
-from pydantic import Field
+from pydantic import Field, ValidationError
 from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
 from stable_baselines3.her.goal_selection_strategy import GoalSelectionStrategy
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 from sb3_safe_save import _remote, _weights
 from sb3_safe_save._errors import FormatError, PickleRefusedError, StateMismatchError, UnsupportedObjectError
-from sb3_safe_save._manifest import TensorMeta, Versions, _Model
+from sb3_safe_save._manifest import TensorMeta, Versions, _Model, _short, load_json
 from sb3_safe_save._trust import ref_of
 
 META_BUFFER = "sb3_safe_save.replay_buffer"
@@ -69,7 +69,7 @@ class ReplayBufferFile(_Model):
     handle_timeout_termination: bool
     obs_keys: list[str] | None = None
     her: HerState | None = None
-    tensors: dict[str, TensorMeta]
+    tensors: dict[str, TensorMeta] = Field(max_length=1000, fail_fast=True)
 
     @property
     def rows(self) -> int:
@@ -195,16 +195,46 @@ def load_buffer_into(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buf
             else:
                 body.read_keys.add(key)
             fresh[key] = array
+    strategy = _check_her(buffer, meta, fresh)
     # every read and check passed: now replace the arrays
     for key, array in fresh.items():
         _set(buffer, key, array)
     buffer.pos, buffer.full = meta.pos, meta.full
     buffer.handle_timeout_termination = meta.handle_timeout_termination
-    if isinstance(buffer, HerReplayBuffer) and meta.her is not None:
+    if isinstance(buffer, HerReplayBuffer) and meta.her is not None and strategy is not None:
         buffer.n_sampled_goal = meta.her.n_sampled_goal
         buffer.her_ratio = meta.her.her_ratio
-        buffer.goal_selection_strategy = GoalSelectionStrategy(meta.her.goal_selection_strategy)
+        buffer.goal_selection_strategy = strategy
         buffer.infos = np.array([[{} for _ in range(buffer.n_envs)] for _ in range(buffer.buffer_size)])
+
+
+def _check_her(buffer: ReplayBuffer, meta: ReplayBufferFile, fresh: dict[str, np.ndarray]) -> GoalSelectionStrategy | None:
+    """Check HerReplayBuffer settings and episode bookkeeping before anything is replaced (all or nothing).
+
+    Episode starts and lengths index the buffer when SB3 samples or truncates: out-of-range values
+    would load and then fail (or sample wrong transitions) later.
+    """
+    if not isinstance(buffer, HerReplayBuffer):
+        return None
+    her = meta.her
+    if her is None or her.copy_info_dict or her.n_sampled_goal < 0 or not 0.0 <= her.her_ratio <= 1.0:
+        raise FormatError("the replay-buffer file has no valid HerReplayBuffer settings (her)")
+    if her.goal_selection_strategy not in {s.value for s in GoalSelectionStrategy}:
+        raise FormatError(f"the replay-buffer file has an unknown goal selection strategy {her.goal_selection_strategy}")
+    strategy = GoalSelectionStrategy(her.goal_selection_strategy)
+    size, rows = buffer.buffer_size, meta.rows
+    starts, lengths, current = fresh["ep_start"][:rows], fresh["ep_length"][:rows], fresh["_current_ep_start"]
+    if (
+        current.shape != (buffer.n_envs,)
+        or ((starts < 0) | (starts >= size)).any()
+        or ((lengths < 0) | (lengths > size)).any()
+        or ((current < 0) | (current >= size)).any()
+    ):
+        raise FormatError(
+            f"the replay-buffer file's episode bookkeeping (ep_start, ep_length, _current_ep_start) is out of range"
+            f" for a buffer of {size} rows"
+        )
+    return strategy
 
 
 def _parse(header: _weights.Header) -> ReplayBufferFile:
@@ -214,11 +244,12 @@ def _parse(header: _weights.Header) -> ReplayBufferFile:
             "this file holds no replay buffer (no sb3_safe_save.replay_buffer header);"
             " write one with model.save_replay_buffer(path)"
         )
+    raw = load_json(text, "the replay-buffer header")
     try:
-        meta = ReplayBufferFile.model_validate_json(text)
-    except ValueError as e:
-        raise FormatError(f"the replay-buffer header is malformed: {e}") from None
-    if meta.pos > meta.buffer_size or set(meta.tensors) != set(header.tensors):
+        meta = ReplayBufferFile.model_validate(raw)
+    except ValidationError as e:
+        raise FormatError(f"the replay-buffer header is malformed: {_short(e)}") from None
+    if meta.pos >= meta.buffer_size or set(meta.tensors) != set(header.tensors):
         raise FormatError("the replay-buffer header is inconsistent (pos beyond buffer_size, or tensors not as listed)")
     for key, m in meta.tensors.items():
         info = header.tensors[key]

@@ -11,7 +11,12 @@ Reports go to stdout (or ``-o FILE``), summaries and errors to stderr. Colour on
 and never when ``NO_COLOR`` is set.
 
 Exit status: 0 all well; 1 a budget was exceeded or a finding is at or above ``--fail-on``; 2 a usage
-error, or a file that cannot be read or is not valid.
+error, or a file that cannot be read or is not valid. No traceback is ever printed: any error is one
+``error:`` line (exit 2).
+
+Text that comes from a file (keys, paths, messages, versions) is escaped before it is printed: a
+control character, an ANSI/OSC escape sequence or a bidirectional override becomes ``\\x1b``,
+``\\u202e``, ..., so a hostile file cannot drive the terminal. JSON output is ASCII (``\\u001b``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,54 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 class _UsageError(Exception):
     """A problem with what was asked (exit 2), reported as one message."""
+
+
+def clean(text: object) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``, ``\\u202e``): safe to print on a terminal.
+
+    :param text: any text, e.g. from a file
+    :return: the same text if it is all printable, else an escaped copy (newlines included)
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else (f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+
+
+def _clean_lines(text: object) -> str:
+    """A multi-line message with each line escaped (its own line breaks kept)."""
+    return "\n".join(clean(line) for line in str(text).split("\n"))
+
+
+def _clean_tree(value: Any) -> Any:
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, dict):
+        return {clean(k) if isinstance(k, str) else k: _clean_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_tree(v) for v in value]
+    return value
+
+
+def _clean_report(report: AuditReport) -> AuditReport:
+    """The report with every string escaped, for the text and markdown renderers (JSON is escaped by json.dumps)."""
+    return AuditReport.model_validate(_clean_tree(report.model_dump()))
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: IO[str] | None = None,
+    line: str | None = None,
+) -> None:
+    print(f"sb3-safe-save: {category.__name__}: {_clean_lines(message)}", file=sys.stderr)
 
 
 def _color(stream: IO[str]) -> bool:
@@ -122,14 +175,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version and usage errors
         return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
     try:
-        return int(args.func(args))
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # warnings may quote the file: escape them too
+            return int(args.func(args))
     except BrokenPipeError:  # e.g. piped into head: stop quietly (Python's documented recipe)
         with contextlib.suppress(OSError, ValueError, AttributeError):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAIL
     except (SafeSaveError, OSError, _UsageError) as e:
-        print(f"sb3-safe-save {args.command}: error: {e}", file=sys.stderr)
+        print(f"sb3-safe-save {args.command}: error: {_clean_lines(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # never a traceback: whatever a file or an argument made fail is one line
+        print(f"sb3-safe-save {args.command}: error: {type(e).__name__}: {_clean_lines(e)}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -159,9 +217,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         }
         print(json.dumps(doc, indent=2))
         return EXIT_OK
-    versions = ", ".join(f"{k} {v}" for k, v in manifest.versions.model_dump().items() if v is not None)
+    versions = clean(", ".join(f"{k} {v}" for k, v in manifest.versions.model_dump().items() if v is not None))
     lines = [
-        f"File        {args.path}",
+        f"File        {clean(args.path)}",
         f"Size        {format_size(size)} ({size} bytes; header {format_size(header.body_start)})",
         *([f"SHA-256     {sha}"] if sha else []),
         f"Format      {manifest.format} {manifest.format_version}",
@@ -172,19 +230,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     ]
     if manifest.placeholders:
         rows = [
-            [p.key, p.type, p.reason, "-" if p.size_bytes is None else format_size(p.size_bytes), ", ".join(p.paths)]
+            [clean(p.key), clean(p.type), p.reason, _size_or_dash(p.size_bytes), clean(", ".join(p.paths))]
             for p in manifest.placeholders
         ]
         lines += table(["key", "type", "reason", "size", "paths"], rows, right={3})
     if manifest.hazards:
         lines += ["", f"Hazards ({len(manifest.hazards)})"]
-        lines += table(["severity", "code", "detail"], [[h.severity, h.code, h.message] for h in manifest.hazards])
+        lines += table(["severity", "code", "detail"], [[h.severity, h.code, clean(h.message)] for h in manifest.hazards])
     total = sum(t.nbytes for _, t in tensors)
     lines += ["", f"Tensors ({len(tensors)}, {format_size(total)})"]
-    rows = [[k, t.dtype, "x".join(map(str, t.shape)) or "()", format_size(t.nbytes)] for k, t in tensors]
+    rows = [[clean(k), t.dtype, "x".join(map(str, t.shape)) or "()", format_size(t.nbytes)] for k, t in tensors]
     lines += table(["name", "dtype", "shape", "size"], rows, right={3})
     print("\n".join(lines))
     return EXIT_OK
+
+
+def _size_or_dash(n: int | None) -> str:
+    return "-" if n is None else format_size(n)
 
 
 # ============================================================================================== audit
@@ -216,19 +278,20 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                     algo=algo,
                 )
             )
-        except (SafeSaveError, OSError) as e:
-            errors[path] = str(e)
-            print(f"sb3-safe-save audit: error: {path}: {e}", file=sys.stderr)
+        except Exception as e:  # one unreadable file does not stop the others (and prints no traceback)
+            errors[path] = str(e) if isinstance(e, (SafeSaveError, OSError)) else f"{type(e).__name__}: {e}"
+            print(f"sb3-safe-save audit: error: {clean(path)}: {_clean_lines(errors[path])}", file=sys.stderr)
+    shown = [_clean_report(r) for r in reports]
     with _output(args.output) as out:
         if args.format == "json":
             out.write(reports_json(reports, errors) + "\n")
         elif args.format == "markdown":
-            out.write("\n".join(r.markdown() for r in reports))
+            out.write("\n".join(r.markdown() for r in shown))
         else:
             color = args.output == "-" and _color(out)
-            out.write("\n\n".join(r.table(color=color) for r in reports) + ("\n" if reports else ""))
+            out.write("\n\n".join(r.table(color=color) for r in shown) + ("\n" if shown else ""))
     err_color = _color(sys.stderr)
-    for r in reports:
+    for r in shown:
         print(r.summary() if not err_color else _paint_summary(r), file=sys.stderr)
     failed = [r for r in reports if not r.ok]
     print(
@@ -277,7 +340,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     manifest = read_manifest(out)
     print(f"converted {args.zip_path} ({algo.__name__}) -> {out} ({format_size(os.path.getsize(out))})", file=sys.stderr)
     for ph in manifest.placeholders:
-        print(f"  placeholder {ph.key!r}: {ph.type} at {', '.join(ph.paths)} ({ph.reason})", file=sys.stderr)
+        print(f"  placeholder {ph.key!r}: {clean(ph.type)} at {clean(', '.join(ph.paths))} ({ph.reason})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -378,7 +441,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     BaseAlgorithm.save(model, args.out)
     print(f"exported {args.path} -> {args.out} ({format_size(os.path.getsize(args.out))}, stock SB3 zip)", file=sys.stderr)
     for ph in manifest.placeholders:
-        print(f"  left out placeholder {ph.key!r}: {ph.type} at {', '.join(ph.paths)} (None in the zip)", file=sys.stderr)
+        print(
+            f"  left out placeholder {ph.key!r}: {clean(ph.type)} at {clean(', '.join(ph.paths))} (None in the zip)",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

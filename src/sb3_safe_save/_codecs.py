@@ -83,6 +83,9 @@ class Decoder(Protocol):
 
     def unpickle(self, node: PickleNode, path: str) -> Any: ...
 
+    def charge(self, nbytes: int, path: str) -> None:
+        """Account for ``nbytes`` a decoded value allocates from sizes declared in JSON; raises past the budget."""
+
 
 # --------------------------------------------------------------------------------- safe dtype tables
 _NP_DTYPES = {
@@ -429,9 +432,14 @@ class SpaceCodec(Codec):
             raise FormatError(f"{path}: a {node.space} space takes {list(expected)}, the file gives {sorted(node.args)}")
         args = {k: dec.decode(v, child_path(path, k)) for k, v in node.args.items()}
         shape = args.get("shape")
-        if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape) and math.prod(shape) > MAX_SPACE_ELEMENTS:
-            # Box fills low/high arrays of this shape: refuse absurd sizes before allocating them
-            raise FormatError(f"{path}: a {node.space} space of shape {shape} has over {MAX_SPACE_ELEMENTS} elements")
+        if cls is spaces.Box and isinstance(shape, (tuple, list)):
+            # Box fills low/high arrays (and two bool masks) of this shape: account before allocating
+            if not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 64:
+                raise FormatError(f"{path}: a Box shape must be non-negative integers, got {shape!r:.200}")
+            elements = math.prod(shape)
+            if elements > MAX_SPACE_ELEMENTS:
+                raise FormatError(f"{path}: a {node.space} space of shape {shape} has over {MAX_SPACE_ELEMENTS} elements")
+            dec.charge(elements * 18, path)  # low and high (8 bytes at most each), bounded_below and bounded_above
         try:
             space = cls(**args)
         except (TypeError, ValueError, AssertionError) as e:

@@ -48,32 +48,56 @@ SUPPORTED_VERSIONS = frozenset({1})
 META_MANIFEST = "sb3_safe_save"
 META_CHECKSUM = "sb3_safe_save.xxh3_128"
 
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_PATH_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT}|\[-?\d+\]|\[[^\[\]]{{1,200}}\])*$")
-_REF_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*$")
-_HEX128 = re.compile(r"^[0-9a-f]{32}$")
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEX128 = re.compile(r"[0-9a-f]{32}")
 MAX_DIM = 2**48
 MAX_ITEMS = 1_000_000
+#: Bounds checked on the raw JSON before pydantic sees it (``check_json_shape``): a real manifest
+#: nests about 15 levels and holds a few thousand values.
+MAX_JSON_DEPTH = 128
+MAX_JSON_VALUES = 2_000_000
+
+
+def _ident_end(text: str, pos: int) -> int:
+    """The end of the identifier starting at ``pos`` (``pos`` itself if there is none)."""
+    m = _IDENT_RE.match(text, pos)
+    return pos if m is None else m.end()
 
 
 def check_path(path: str) -> str:
     """Validate an attribute path such as ``policy.q_net.vlm_model`` or ``policy_kwargs[net_arch][0]``.
 
-    Dunder components (``__class__``) are refused: a path may only name ordinary attributes.
+    One left-to-right scan (linear time, no backtracking): an identifier, then ``.identifier`` or
+    ``[key]`` (1 to 200 characters, no brackets) parts. Dunder components (``__class__``) are refused:
+    a path may only name ordinary attributes.
     """
-    if len(path) > 1000 or not _PATH_RE.match(path):
-        raise ValueError(f"invalid attribute path {path!r}")
+    n = len(path)
+    ok = 0 < n <= 1000 and (i := _ident_end(path, 0)) > 0
+    while ok and i < n:
+        if path[i] == ".":
+            j = _ident_end(path, i + 1)
+            ok, i = j > i + 1, j
+        elif path[i] == "[":
+            j = path.find("]", i + 1, i + 202)
+            ok = j > i + 1 and "[" not in path[i + 1 : j]
+            i = j + 1
+        else:
+            ok = False
+    if not ok:
+        raise ValueError(f"invalid attribute path {path[:200]!r}")
     for part in re.split(r"[.\[\]]", path):
         if part.startswith("__") and part.endswith("__"):
-            raise ValueError(f"attribute path {path!r} names a dunder attribute")
+            raise ValueError(f"attribute path {path[:200]!r} names a dunder attribute")
     return path
 
 
 def check_ref(ref: str) -> str:
-    """Validate an import reference ``module.sub:Qual.name`` (no dunders, no ``<locals>``)."""
-    if len(ref) > 500 or not _REF_RE.match(ref):
-        raise ValueError(f"invalid import reference {ref!r} (expected 'package.module:QualName')")
-    if any(p.startswith("__") and p.endswith("__") and p != "__main__" for p in re.split(r"[.:]", ref)):
+    """Validate an import reference ``module.sub:Qual.name`` (no dunders, no ``<locals>``); linear time."""
+    module, colon, qualname = ref.partition(":")
+    parts = [*module.split("."), *qualname.split(".")]
+    if len(ref) > 500 or not colon or not all(_IDENT_RE.fullmatch(p) for p in parts):
+        raise ValueError(f"invalid import reference {ref[:200]!r} (expected 'package.module:QualName')")
+    if any(p.startswith("__") and p.endswith("__") and p != "__main__" for p in parts):
         raise ValueError(f"import reference {ref!r} names a dunder attribute")
     return ref
 
@@ -92,24 +116,24 @@ Scalar = Union[None, StrictBool, StrictInt, StrictFloat, StrictStr]  # noqa: UP0
 
 class ListNode(_Model):
     kind: Literal["list"] = "list"
-    items: list[Node] = Field(max_length=MAX_ITEMS)
+    items: list[Node] = Field(max_length=MAX_ITEMS, fail_fast=True)
 
 
 class TupleNode(_Model):
     kind: Literal["tuple"] = "tuple"
-    items: list[Node] = Field(max_length=MAX_ITEMS)
+    items: list[Node] = Field(max_length=MAX_ITEMS, fail_fast=True)
 
 
 class DictNode(_Model):
     kind: Literal["dict"] = "dict"
-    items: dict[str, Node] = Field(max_length=MAX_ITEMS)
+    items: dict[str, Node] = Field(max_length=MAX_ITEMS, fail_fast=True)
     key_type: Literal["str", "int"] = "str"
     ordered: bool = False
 
 
 class DequeNode(_Model):
     kind: Literal["deque"] = "deque"
-    items: list[Node] = Field(max_length=MAX_ITEMS)
+    items: list[Node] = Field(max_length=MAX_ITEMS, fail_fast=True)
     maxlen: int | None = Field(default=None, ge=0, le=MAX_ITEMS)
 
 
@@ -133,7 +157,7 @@ class ArrayNode(_Model):
     kind: Literal["ndarray"] = "ndarray"
     tensor: str
     dtype: str
-    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]]
+    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]] = Field(max_length=64, fail_fast=True)
 
 
 class NumpyScalarNode(_Model):
@@ -170,7 +194,7 @@ class SpaceNode(_Model):
 
     kind: Literal["space"] = "space"
     space: Literal["Box", "Discrete", "MultiDiscrete", "MultiBinary", "Dict", "Tuple"]
-    args: dict[str, Node]
+    args: dict[str, Node] = Field(max_length=100, fail_fast=True)
     rng: dict[str, Any] | None = None
 
 
@@ -179,7 +203,7 @@ class ObjectNode(_Model):
 
     kind: Literal["object"] = "object"
     cls: Ref
-    state: dict[str, Node]
+    state: dict[str, Node] = Field(max_length=MAX_ITEMS, fail_fast=True)
 
 
 class EnumNode(_Model):
@@ -191,7 +215,7 @@ class EnumNode(_Model):
 class NamedTupleNode(_Model):
     kind: Literal["namedtuple"] = "namedtuple"
     cls: Ref
-    fields: dict[str, Node]
+    fields: dict[str, Node] = Field(max_length=1000, fail_fast=True)
 
 
 class PlaceholderNode(_Model):
@@ -298,7 +322,7 @@ class Placeholder(_Model):
     """One live resource left out of the file, found at one or more attribute paths."""
 
     key: str = Field(min_length=1, max_length=200)
-    paths: list[str] = Field(min_length=1, max_length=10_000)
+    paths: list[str] = Field(min_length=1, max_length=10_000, fail_fast=True)
     type: str = Field(max_length=500)
     reason: Reason
     size_bytes: int | None = Field(default=None, ge=0)
@@ -320,9 +344,9 @@ class ModuleState(_Model):
 
     kind: Literal["module"] = "module"
     name: AttrPath
-    keys: list[str] = Field(max_length=MAX_ITEMS)
-    aliases: dict[str, str] = Field(default_factory=dict)
-    external_prefixes: list[str] = Field(default_factory=list)
+    keys: list[str] = Field(max_length=MAX_ITEMS, fail_fast=True)
+    aliases: dict[str, str] = Field(default_factory=dict, max_length=MAX_ITEMS, fail_fast=True)
+    external_prefixes: list[str] = Field(default_factory=list, max_length=10_000, fail_fast=True)
 
 
 class OptimizerState(_Model):
@@ -335,7 +359,7 @@ class OptimizerState(_Model):
     kind: Literal["optimizer"] = "optimizer"
     name: AttrPath
     state: Node
-    dropped: list[int] = Field(default_factory=list)
+    dropped: list[int] = Field(default_factory=list, max_length=MAX_ITEMS, fail_fast=True)
 
 
 StateEntry = Annotated[ModuleState | OptimizerState, Field(discriminator="kind")]
@@ -343,13 +367,13 @@ StateEntry = Annotated[ModuleState | OptimizerState, Field(discriminator="kind")
 
 class TensorMeta(_Model):
     dtype: str = Field(max_length=16)
-    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]] = Field(max_length=64)
+    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]] = Field(max_length=64, fail_fast=True)
     xxh3: str
 
     @field_validator("xxh3")
     @classmethod
     def _check_hash(cls, v: str) -> str:
-        if not _HEX128.match(v):
+        if not _HEX128.fullmatch(v):
             raise ValueError("xxh3 must be 32 lowercase hex digits")
         return v
 
@@ -360,17 +384,20 @@ class Hazard(_Model):
     code: Literal["shared_with_target", "external_in_optimizer", "reinitialised_on_build"]
     severity: Literal["info", "warning", "error"]
     message: str = Field(max_length=2000)
-    paths: list[str] = Field(default_factory=list, max_length=10_000)
+    paths: list[str] = Field(default_factory=list, max_length=10_000, fail_fast=True)
+
+
+VersionText = Annotated[str, Field(max_length=100)]
 
 
 class Versions(_Model):
-    sb3_safe_save: str
-    stable_baselines3: str
-    torch: str
-    numpy: str
-    python: str
-    gymnasium: str | None = None
-    sb3_contrib: str | None = None
+    sb3_safe_save: VersionText
+    stable_baselines3: VersionText
+    torch: VersionText
+    numpy: VersionText
+    python: VersionText
+    gymnasium: VersionText | None = None
+    sb3_contrib: VersionText | None = None
 
 
 JsonFloat = StrictFloat | StrictInt | Literal["inf", "-inf", "nan"]
@@ -429,12 +456,12 @@ class Manifest(_Model):
     versions: Versions
     algorithm: str
     base_algorithm: str
-    data: dict[str, Node] = Field(max_length=100_000)
-    state_dicts: list[StateEntry] = Field(max_length=1000)
-    torch_variables: dict[str, Node] = Field(default_factory=dict, max_length=1000)
-    placeholders: list[Placeholder] = Field(default_factory=list, max_length=10_000)
-    tensors: dict[str, TensorMeta] = Field(max_length=MAX_ITEMS)
-    hazards: list[Hazard] = Field(default_factory=list, max_length=1000)
+    data: dict[str, Node] = Field(max_length=100_000, fail_fast=True)
+    state_dicts: list[StateEntry] = Field(max_length=1000, fail_fast=True)
+    torch_variables: dict[str, Node] = Field(default_factory=dict, max_length=1000, fail_fast=True)
+    placeholders: list[Placeholder] = Field(default_factory=list, max_length=10_000, fail_fast=True)
+    tensors: dict[str, TensorMeta] = Field(max_length=MAX_ITEMS, fail_fast=True)
+    hazards: list[Hazard] = Field(default_factory=list, max_length=1000, fail_fast=True)
     vec_normalize: VecNormalizeState | None = None
     random_state: RandomState | None = None
 
@@ -461,10 +488,7 @@ class Manifest(_Model):
 
 def parse_manifest(text: str) -> Manifest:
     """Parse and validate manifest JSON. Imports nothing. Raises ``FormatError`` or ``UnsupportedVersionError``."""
-    try:
-        raw = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"the manifest is not valid JSON: {e}") from None
+    raw = load_json(text, "the manifest")
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise FormatError("the header has no sb3_safe_save manifest: this is not a file written by sb3_safe_save")
     version = raw.get("format_version")
@@ -479,10 +503,67 @@ def parse_manifest(text: str) -> Manifest:
         raise FormatError(f"the manifest is malformed: {_short(e)}") from None
 
 
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def load_json(text: str, what: str) -> Any:
+    """``json.loads`` for text from a file, bounded and strict.
+
+    Refuses (``FormatError``) invalid JSON, lone UTF-16 surrogates (they cannot be encoded or printed
+    later), nesting deeper than ``MAX_JSON_DEPTH`` and more than ``MAX_JSON_VALUES`` values, so
+    that validation work stays proportional to the text and small.
+
+    :param text: the JSON text
+    :param what: what it is, for the messages ("the manifest")
+    """
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{what} is not valid JSON: {_short(e, 200)}") from None
+    if _LONE_SURROGATE_ESCAPE.search(text) is not None or not _encodable(text):
+        check_encodable(raw, what)
+    check_json_shape(raw, what)
+    return raw
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_encodable(value: Any, what: str) -> None:
+    """Refuse strings (keys included) that UTF-8 cannot encode: lone surrogates from ``\\udXXX`` escapes."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"{what} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text") from None
+
+
+def check_json_shape(value: Any, what: str) -> None:
+    """Refuse JSON nested deeper than ``MAX_JSON_DEPTH`` or holding more than ``MAX_JSON_VALUES`` values (iterative)."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        count += 1
+        if count > MAX_JSON_VALUES:
+            raise FormatError(f"{what} holds more than {MAX_JSON_VALUES} JSON values; no saved agent has that many")
+        if depth > MAX_JSON_DEPTH:
+            raise FormatError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels; no saved agent does")
+        if isinstance(v, dict):
+            stack.extend((c, depth + 1) for c in v.values())
+        elif isinstance(v, list):
+            stack.extend((c, depth + 1) for c in v)
+
+
 def _short(e: Exception, limit: int = 2000) -> str:
     if isinstance(e, ValidationError):  # str(e) repeats every input: megabytes for a deep, hostile manifest
-        errors = e.errors(include_url=False, include_input=False)
-        lines = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in errors[:5]]
+        errors = e.errors(include_url=False, include_input=False)  # few: every container field fails fast
+        errors.sort(key=lambda err: -len(err["loc"]))  # the deepest error says most; union alternatives say little
+        lines = [f"{'.'.join(map(str, err['loc']))[:300]}: {err['msg'][:300]}" for err in errors[:3]]
         text = f"{len(errors)} validation error(s): " + "; ".join(lines)
     else:
         text = str(e)

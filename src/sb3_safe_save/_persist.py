@@ -17,9 +17,11 @@ Load, in three phases (nothing the file names is imported before phase 3):
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import io
+import json
 import os
 import pathlib
 import platform
@@ -27,7 +29,7 @@ import threading
 import types
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any, TypeVar
 
 import cloudpickle
@@ -76,7 +78,7 @@ from sb3_safe_save._manifest import (
 from sb3_safe_save._resources import resolve
 from sb3_safe_save._trust import RefKind, TrustList, TrustSpec, default_trusted, ref_of, slots
 from sb3_safe_save._vecnormalize import PREFIX as VN_PREFIX
-from sb3_safe_save._vecnormalize import export_vecnormalize, restore_vecnormalize
+from sb3_safe_save._vecnormalize import export_vecnormalize, stage_vecnormalize
 from sb3_safe_save._version import __version__
 from sb3_safe_save._walker import _MODULE_INTERNALS, DEFAULT_MAX_OBJECT_BYTES, Snapshot, Walker, resolve_attr
 
@@ -345,7 +347,7 @@ def load_model(
         if print_system_info:
             print(
                 "== SAVED WITH ==",
-                manifest.versions.model_dump_json(indent=2),
+                json.dumps(manifest.versions.model_dump(), indent=2),  # ASCII: text from the file cannot drive a terminal
                 "== CURRENT ==",
                 current_versions().model_dump_json(indent=2),
                 sep="\n",
@@ -369,24 +371,53 @@ def load_model(
             raise PickleRefusedError(pickles)
         covered = frozenset(p.key for p in manifest.placeholders if _covered(p, manifest, custom_objects))
 
-        # ---- phase 3: construct (every check passed; only now is anything the file names called)
+        # ---- phase 3: construct (every check passed; only now is anything the file names called). The caller's
+        # objects (env, VecNormalize, resources) are changed only once everything has succeeded.
         bound = resolve(manifest.placeholders, resources, trust, strict=strict, skip=covered)  # missing: before any call
         body = _weights.Body(f, header, {k: m.xxh3 for k, m in manifest.tensors.items()}, verify=verify)
-        if manifest.vec_normalize is not None:
-            env = _attach_vec_normalize(cls, manifest, body, env)
-        decoder = _Decoder(body, trust, bound, custom_objects, manifest, allow_pickle=allow_pickle)
-        model = _build(cls, manifest, decoder, env, device, custom_objects, force_reset, kwargs)
-        _load_state(model, manifest, decoder, body)
-        _rebind(model, manifest, decoder)
+        provided = [unwrap(v) for v in (*bound.values(), *custom_objects.values())]  # the caller's: never written into
+        seeds = _env_seeds(env)
         restore_rng = None
-        if manifest.random_state is not None:
-            restore_rng = _rng.prepare_restore(model, manifest.random_state, body.read_tensor, env_given=env is not None)
-        unread = set(header.tensors) - body.read_keys - _skipped_tensors(manifest, custom_objects)
-        if unread:
-            raise FormatError(f"the file holds tensors the manifest never uses: {sorted(unread)[:5]}")
+        try:
+            commit_vec_normalize = None
+            if manifest.vec_normalize is not None:
+                env, commit_vec_normalize = _attach_vec_normalize(cls, manifest, body, env)
+            decoder = _Decoder(body, trust, bound, custom_objects, manifest, allow_pickle=allow_pickle, budget=size)
+            model = _build(cls, manifest, decoder, env, device, custom_objects, force_reset, kwargs)
+            _load_state(model, manifest, decoder, body, provided)
+            _rebind(model, manifest, decoder)
+            _check_external(model, manifest, provided)
+            if manifest.random_state is not None:
+                restore_rng = _rng.prepare_restore(model, manifest.random_state, body.read_tensor, env_given=env is not None)
+            unread = set(header.tensors) - body.read_keys - _skipped_tensors(manifest, custom_objects)
+            if unread:
+                raise FormatError(f"the file holds tensors the manifest never uses: {sorted(unread)[:5]}")
+        except BaseException:
+            _restore_env_seeds(seeds)
+            raise
+        if commit_vec_normalize is not None:
+            commit_vec_normalize()
     if restore_rng is not None and restore_random_state:
         restore_rng()  # last: a load that fails leaves the process's random state alone
     return model
+
+
+def _env_seeds(env: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """The pending seeds and reset options of ``env`` and the VecEnvs it wraps (SB3's build seeds them)."""
+    out: list[tuple[Any, dict[str, Any]]] = []
+    for _ in range(64):
+        if env is None:
+            break
+        state = {k: copy.copy(env.__dict__[k]) for k in ("_seeds", "_options") if k in getattr(env, "__dict__", {})}
+        if state:
+            out.append((env, state))
+        env = getattr(env, "venv", None)
+    return out
+
+
+def _restore_env_seeds(saved: list[tuple[Any, dict[str, Any]]]) -> None:
+    for env, state in saved:
+        env.__dict__.update(state)
 
 
 def is_sb3_zip(path: PathLike) -> bool:
@@ -473,6 +504,10 @@ def _skipped_tensors(manifest: Manifest, custom_objects: Mapping[str, Any]) -> s
 _DECODE_ERRORS = (
     TypeError, ValueError, ArithmeticError, KeyError, IndexError, AttributeError, AssertionError, RecursionError, MemoryError,
 )  # fmt: skip
+#: What decoding may allocate from sizes declared in JSON (a ``Box`` space's ``shape``, ...): the
+#: file's size, or this much if the file is smaller. Decoded bytes that come from the file's tensors
+#: cost nothing extra; a few hundred bytes of JSON can never ask for gigabytes.
+MIN_DECODE_BUDGET = 64 << 20
 
 
 class _Decoder:
@@ -487,8 +522,10 @@ class _Decoder:
         manifest: Manifest,
         *,
         allow_pickle: bool = False,
+        budget: int = 0,
     ) -> None:
         self._allow_pickle = allow_pickle
+        self._budget = max(MIN_DECODE_BUDGET, budget)
         self._body = body
         self._trust = trust
         self.bound = bound
@@ -505,11 +542,19 @@ class _Decoder:
             return BY_KIND[node.kind].decode(node, path, self)
         except SafeSaveError:
             raise
-        except _DECODE_ERRORS as e:  # a value the codec accepts in shape but not in content (2**70 as int64, ...)
+        except Exception as e:  # a value the codec accepts in shape but not in content (2**70 as int64, ...)
             raise FormatError(f"{path}: the stored {node.kind} cannot be decoded: {type(e).__name__}: {e}") from None
 
     def tensor(self, key: str) -> th.Tensor:
         return self._body.read_tensor(key)
+
+    def charge(self, nbytes: int, path: str) -> None:
+        if nbytes > self._budget:
+            raise FormatError(
+                f"{path}: decoding the file's values would allocate over {MIN_DECODE_BUDGET >> 20} MiB or the file's"
+                f" size ({nbytes} more bytes asked, {self._budget} left); the file declares absurd sizes"
+            )
+        self._budget -= nbytes
 
     def resolve(self, ref: str, path: str, kind: RefKind) -> Any:
         return self._trust.resolve(ref, path, kind)  # phase 2 checked the references; this decides for each use
@@ -626,7 +671,7 @@ def _build(
     data = {name: decoder.decode(node, name) for name, node in manifest.data.items()}
     if "policy_kwargs" in data and isinstance(data["policy_kwargs"], dict):
         data["policy_kwargs"].pop("device", None)
-    if "policy_kwargs" in kwargs and kwargs["policy_kwargs"] != data.get("policy_kwargs"):
+    if "policy_kwargs" in kwargs and not _equal(kwargs["policy_kwargs"], data.get("policy_kwargs")):
         raise StateMismatchError(
             "the policy_kwargs passed to load differ from the stored ones; to replace single entries use"
             " custom_objects={'policy_kwargs.<key>': value}, and for live objects resources={...}"
@@ -641,11 +686,11 @@ def _build(
         if not isinstance(data[key], gym_spaces.Space):
             raise FormatError(f"the stored {key} is a {type(data[key]).__name__}, not a gymnasium space")
     if env is not None:
-        env = cls._wrap_env(env, data.get("verbose", 0))
         try:
+            env = cls._wrap_env(env, data.get("verbose", 0))
             check_for_correct_spaces(env, data["observation_space"], data["action_space"])
-        except ValueError as e:
-            raise StateMismatchError(f"the env given to load does not fit the saved agent: {e}") from None
+        except Exception as e:  # whatever stored spaces or settings make these raise
+            raise StateMismatchError(f"the env given to load does not fit the saved agent: {type(e).__name__}: {e}") from None
         if force_reset:
             data["_last_obs"] = None
         data["n_envs"] = env.num_envs
@@ -658,7 +703,7 @@ def _build(
         _restore_session_state(model, data)
     except SafeSaveError:
         raise
-    except (RuntimeError, *_DECODE_ERRORS) as e:  # hostile or corrupted hyperparameters (n_steps=-5, net_arch=[2**31], ...)
+    except Exception as e:  # hostile or corrupted hyperparameters (n_steps=-5, net_arch=[2**31], an env id, ...)
         raise FormatError(
             f"the stored values cannot rebuild a {cls.__qualname__}: {type(e).__name__}: {e}"
             " (if the file is intact, check the arguments given to load: e.g. HerReplayBuffer needs env=)"
@@ -666,18 +711,32 @@ def _build(
     return model
 
 
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. arrays, whose == is elementwise
+        return False
+
+
 def _attach_vec_normalize(
     cls: type[BaseAlgorithm], manifest: Manifest, body: _weights.Body, env: GymEnv | None
-) -> GymEnv | None:
-    """Wrap ``env`` in the stored VecNormalize; without an env, only read (and verify) its tensors."""
+) -> tuple[GymEnv | None, Callable[[], None] | None]:
+    """Wrap ``env`` in the stored VecNormalize; without an env, only read (and verify) its tensors.
+
+    :return: the env to build with and the function that sets the statistics: ``env``'s own
+        ``VecNormalize`` is changed only when that is called, after the whole load has succeeded
+    """
     assert manifest.vec_normalize is not None
     if env is None:
         for key in manifest.tensors:
             if key.startswith(VN_PREFIX):
                 body.read_tensor(key)
-        return None
-    venv = cls._wrap_env(env, verbose=0)
-    return restore_vecnormalize(manifest.vec_normalize, lambda key: body.read_tensor(VN_PREFIX + key), venv)
+        return None, None
+    try:
+        venv = cls._wrap_env(env, verbose=0)
+    except Exception as e:  # not an env at all
+        raise StateMismatchError(f"the env given to load cannot be wrapped: {type(e).__name__}: {e}") from None
+    return stage_vecnormalize(manifest.vec_normalize, lambda key: body.read_tensor(VN_PREFIX + key), venv)
 
 
 #: Attributes SB3 leaves out of its save but an exact resume needs (RecurrentPPO's LSTM memory, kept
@@ -715,6 +774,8 @@ def load_parameters(model: BaseAlgorithm, path: PathLike, *, exact_match: bool =
     """In place: put the stored weights and optimizer state into an existing model (SB3's ``set_parameters``).
 
     Only state dicts are read: no attribute is decoded, nothing is imported, no resource is needed.
+    All or nothing: every check, and every checksum (streamed, one chunk of memory), passes before
+    the first byte is copied into the model, so a file that fails leaves the model as it was.
 
     :param model: the model to update
     :param path: a file written by ``save``
@@ -730,14 +791,32 @@ def load_parameters(model: BaseAlgorithm, path: PathLike, *, exact_match: bool =
                 f"this file holds a {manifest.base_algorithm} model; it cannot set the parameters of a {expected_base}"
             )
         body = _weights.Body(f, header, {k: m.xxh3 for k, m in manifest.tensors.items()}, verify=verify)
-        decoder = _Decoder(body, TrustList(None), {}, {}, manifest)
-        _load_state_dicts(model, manifest, decoder, body, exact_match=exact_match)
+        decoder = _Decoder(body, TrustList(None), {}, {}, manifest, budget=size)
+        _check_external(model, manifest, None)
+        _load_state_dicts(model, manifest, decoder, body, exact_match=exact_match, in_place=True)
+
+
+Commit = Callable[[], None]
 
 
 def _load_state_dicts(
-    model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, body: _weights.Body, *, exact_match: bool = True
+    model: BaseAlgorithm,
+    manifest: Manifest,
+    decoder: _Decoder,
+    body: _weights.Body,
+    *,
+    exact_match: bool = True,
+    in_place: bool = False,
+    provided: Iterable[Any] = (),
 ) -> None:
-    """Put module and optimizer state dicts back, like SB3's ``set_parameters``."""
+    """Put module and optimizer state dicts back, like SB3's ``set_parameters``.
+
+    Two steps: every entry is planned (keys, shapes, dtypes and optimizer state checked, optimizer
+    state decoded) before any is committed. ``in_place`` (a model the caller owns) also verifies the
+    checksum of every tensor to be copied before the first copy.
+
+    :param provided: the caller's objects (resources): their tensors are never written into
+    """
     expected, _ = model._get_torch_save_params()
     stored = [e.name for e in manifest.state_dicts]
     if exact_match and sorted(expected) != sorted(stored):
@@ -745,28 +824,103 @@ def _load_state_dicts(
     foreign = sorted(set(stored) - set(expected))  # only the model's own state dicts are ever written
     if foreign:
         raise StateMismatchError(f"the file has state dicts {foreign[:5]}, which the model does not have ({sorted(expected)})")
+    protected = {id(t) for obj in provided if isinstance(obj, th.nn.Module) for t in obj.state_dict(keep_vars=True).values()}
+    commits: list[Commit] = []
+    reads: list[str] = []
     for entry in manifest.state_dicts:
-        try:
-            target = resolve_attr(model, entry.name)
-        except AttributeError:
-            raise StateMismatchError(f"the file has state dict {entry.name!r}, which the model does not have") from None
+        target = _state_target(model, entry)
         if isinstance(entry, ModuleState):
-            module = getattr(target, "_orig_mod", target)
-            if exact_match:
-                _load_module(module, entry, body)
-            else:
-                _load_module_partial(module, entry, body)
+            plan = _plan_module if exact_match else _plan_module_partial
+            commit, keys = plan(getattr(target, "_orig_mod", target), entry, body, protected)
+            commits.append(commit)
+            reads += keys
         else:
             state = decoder.decode(entry.state, entry.name)
-            try:
-                target.load_state_dict(state)
-            except (RuntimeError, *_DECODE_ERRORS) as e:
-                raise StateMismatchError(f"{entry.name}: the stored optimizer state does not fit the optimizer: {e}") from None
+            _check_optimizer_state(target, state, entry.name)
+            commits.append(functools.partial(_commit_optimizer, target, state, entry.name))
+    if in_place:
+        body.verify(reads)
+    for commit in commits:
+        commit()
 
 
-def _load_state(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, body: _weights.Body) -> None:
+def _state_target(model: BaseAlgorithm, entry: ModuleState | OptimizerState) -> Any:
+    try:
+        target = resolve_attr(model, entry.name)
+    except (AttributeError, KeyError, IndexError, TypeError):
+        raise StateMismatchError(f"the file has state dict {entry.name!r}, which the model does not have") from None
+    kind = th.nn.Module if isinstance(entry, ModuleState) else th.optim.Optimizer
+    if not isinstance(target, kind):
+        raise StateMismatchError(
+            f"the file has a {entry.kind} state dict {entry.name!r}, but the model's {entry.name} is a {type(target).__name__}"
+        )
+    return target
+
+
+def _commit_optimizer(optimizer: th.optim.Optimizer, state: Any, name: str) -> None:
+    try:
+        optimizer.load_state_dict(state)
+    except (RuntimeError, *_DECODE_ERRORS) as e:  # checked before: only a custom optimizer's own checks get here
+        raise StateMismatchError(f"{name}: the stored optimizer state does not fit the optimizer: {e}") from None
+
+
+#: Optimizers whose per-parameter state tensors (beyond 0-d counters) have their parameter's shape.
+_PARAM_SHAPED_STATE = {"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "SGD", "Adagrad", "RMSpropTFLike"}
+
+
+def _check_optimizer_state(optimizer: th.optim.Optimizer, state: Any, name: str) -> None:
+    """Refuse (``StateMismatchError``) optimizer state that ``load_state_dict`` would reject or take wrongly."""
+
+    def fail(why: str) -> StateMismatchError:
+        return StateMismatchError(f"{name}: the stored optimizer state does not fit the optimizer: {why}")
+
+    if not (isinstance(state, dict) and isinstance(state.get("param_groups"), list) and isinstance(state.get("state"), dict)):
+        raise fail("it must be a dict with a 'state' dict and a 'param_groups' list")
+    groups, saved_groups = optimizer.param_groups, state["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise fail(f"{len(saved_groups)} parameter groups stored, the optimizer has {len(groups)}")
+    params: dict[Any, th.Tensor] = {}
+    for i, (group, saved) in enumerate(zip(groups, saved_groups, strict=True)):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+            raise fail(f"parameter group {i} has no 'params' list")
+        if len(saved["params"]) != len(group["params"]):
+            raise fail(f"parameter group {i} holds {len(saved['params'])} parameters, the optimizer's {len(group['params'])}")
+        for key, value in saved.items():
+            if key not in ("params", "param_names") and key in group and not _same_kind(value, group[key]):
+                raise fail(f"parameter group {i}: {key!r} is a {type(value).__name__}, not a {type(group[key]).__name__}")
+        params.update(zip(saved["params"], group["params"], strict=True))
+    if len(params) != sum(len(g["params"]) for g in groups) or not all(type(k) is int for k in params):
+        raise fail("parameter ids must be distinct integers")
+    check_shapes = type(optimizer).__name__ in _PARAM_SHAPED_STATE
+    for key, param_state in state["state"].items():
+        if key not in params or not isinstance(param_state, dict):
+            raise fail(f"state for parameter {key!r}, which no parameter group holds")
+        shape = params[key].shape
+        for k, v in param_state.items():
+            if check_shapes and isinstance(v, th.Tensor) and v.dim() > 0 and v.shape != shape:
+                raise fail(f"state {k!r} of parameter {key} has shape {list(v.shape)}, the parameter {list(shape)}")
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """Values that may replace each other in a parameter group (``lr``: any real number; ``betas``: a pair ...)."""
+    if a is None or b is None:
+        return a is b or (isinstance(a, bool) or isinstance(b, bool))  # e.g. foreach: None or a bool
+    real = (int, float, np.floating, np.integer)
+    if isinstance(a, real) and isinstance(b, real) and not isinstance(a, bool) and not isinstance(b, bool):
+        return True
+    if isinstance(a, th.Tensor) or isinstance(b, th.Tensor):
+        return isinstance(a, (th.Tensor, *real)) and isinstance(b, (th.Tensor, *real))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_kind(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b)
+
+
+def _load_state(
+    model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, body: _weights.Body, provided: Iterable[Any] = ()
+) -> None:
     """Put state dicts, optimizer state and torch variables back (SB3's ``set_parameters`` + variables)."""
-    _load_state_dicts(model, manifest, decoder, body)
+    provided = list(provided)
+    _load_state_dicts(model, manifest, decoder, body, provided=provided)
     device = model.device
     variables = set(model._get_torch_save_params()[1])
     foreign = sorted(set(manifest.torch_variables) - variables)  # only the model's own torch variables are written
@@ -780,10 +934,18 @@ def _load_state(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, bod
             continue
         if not isinstance(value, th.Tensor):
             raise FormatError(f"torch variable {name!r} is a {type(value).__name__}, not a tensor")
-        current = resolve_attr(model, name)
-        if not isinstance(current, th.Tensor) or current.shape != value.shape:
+        try:
+            current = resolve_attr(model, name)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            raise StateMismatchError(f"the file has torch variable {name!r}, which the model does not have") from None
+        if (
+            not isinstance(current, th.Tensor)
+            or current.shape != value.shape
+            or current.dtype != value.dtype
+            or any(current is obj for obj in provided)
+        ):
             raise StateMismatchError(
-                f"torch variable {name!r}: the model has {current!r:.80}, the file a tensor {list(value.shape)}"
+                f"torch variable {name!r}: the model has {current!r:.80}, the file a {value.dtype} tensor {list(value.shape)}"
             )
         current.data = value.to(device)  # keep the optimizer's reference valid (SB3 #391)
     if getattr(model, "use_sde", False):
@@ -802,8 +964,14 @@ def _fast_path_ok(module: th.nn.Module) -> bool:
     return not module._load_state_dict_pre_hooks
 
 
-def _load_module(module: th.nn.Module, entry: ModuleState, body: _weights.Body) -> None:
+def _plan_module(
+    module: th.nn.Module, entry: ModuleState, body: _weights.Body, protected: set[int]
+) -> tuple[Commit, list[str]]:
+    """Check a module's stored state against the module; return what copies it in and the tensors that reads."""
     targets = module.state_dict(keep_vars=True)
+    for prefix in entry.external_prefixes:
+        if not prefix.endswith("."):
+            raise FormatError(f"{entry.name}: external prefix {prefix!r} must end with '.'")
     expected = {k for k in targets if not any(k.startswith(p) for p in entry.external_prefixes)}
     stored = set(entry.keys) | set(entry.aliases)
     if expected != stored:
@@ -814,36 +982,112 @@ def _load_module(module: th.nn.Module, entry: ModuleState, body: _weights.Body) 
             f" unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''});"
             " was the model saved with different policy_kwargs, or a resource of a different architecture given?"
         )
+    _check_aliases(entry, targets, protected)
+    tensor_keys = [f"{entry.name}/{key}" for key in entry.keys]
+    for key, tensor_key in zip(entry.keys, tensor_keys, strict=True):
+        _check_target(body, tensor_key, targets[key], protected)
+    if not _fast_path_ok(module):
+        state = {key: body.read_tensor(tensor_key) for key, tensor_key in zip(entry.keys, tensor_keys, strict=True)}
+        state.update({alias: state[canonical] for alias, canonical in entry.aliases.items()})
+        return functools.partial(_commit_state_dict, module, state, entry.name), []
+
+    def commit() -> None:
+        try:
+            for key, tensor_key in zip(entry.keys, tensor_keys, strict=True):
+                body.read_into_tensor(tensor_key, targets[key])
+        except FormatError as e:
+            raise StateMismatchError(str(e)) from None
+        with th.no_grad():
+            for alias, canonical in entry.aliases.items():
+                if targets[alias].data_ptr() != targets[canonical].data_ptr():
+                    targets[alias].copy_(targets[canonical])
+
+    return commit, tensor_keys
+
+
+def _check_aliases(entry: ModuleState, targets: Mapping[str, th.Tensor], protected: set[int]) -> None:
     for alias, canonical in entry.aliases.items():
         if canonical not in entry.keys:
             raise FormatError(f"{entry.name}: alias {alias!r} points to {canonical!r}, which is not stored")
-    try:
-        if _fast_path_ok(module):
-            for key in entry.keys:
-                body.read_into_tensor(f"{entry.name}/{key}", targets[key])
-            with th.no_grad():
-                for alias, canonical in entry.aliases.items():
-                    if targets[alias].data_ptr() != targets[canonical].data_ptr():
-                        targets[alias].copy_(targets[canonical])
-        else:
-            state = {key: body.read_tensor(f"{entry.name}/{key}") for key in entry.keys}
-            state.update({alias: state[canonical] for alias, canonical in entry.aliases.items()})
-            module.load_state_dict(state, strict=False)
-    except FormatError as e:
-        raise StateMismatchError(str(e)) from None
-    except RuntimeError as e:
-        raise StateMismatchError(f"{entry.name}: {e}") from None
+        a, c = targets[alias], targets[canonical]
+        if a.shape != c.shape or a.dtype != c.dtype:
+            raise StateMismatchError(f"{entry.name}: alias {alias!r} and {canonical!r} differ in shape or dtype")
+        if id(a) in protected:
+            raise FormatError(f"{entry.name}: the file would overwrite {alias!r}, a tensor of a resource you supplied")
 
 
-def _load_module_partial(module: th.nn.Module, entry: ModuleState, body: _weights.Body) -> None:
-    """``exact_match=False``: load the keys both sides have, as ``load_state_dict(strict=False)`` does."""
-    targets = module.state_dict(keep_vars=True)
-    state = {key: body.read_tensor(f"{entry.name}/{key}") for key in entry.keys if key in targets}
-    state.update({a: state[c] for a, c in entry.aliases.items() if a in targets and c in state})
+def _check_target(body: _weights.Body, key: str, dest: th.Tensor, protected: set[int]) -> None:
+    info = body.info(key)
+    if _weights.DTYPES[info.dtype][0] != dest.dtype or info.shape != tuple(dest.shape):
+        raise StateMismatchError(
+            f"tensor {key!r}: stored as {info.dtype} {list(info.shape)} but the model has {dest.dtype} {list(dest.shape)}"
+        )
+    if id(dest) in protected:
+        raise FormatError(f"tensor {key!r}: the file would overwrite a tensor of a resource you supplied")
+
+
+def _commit_state_dict(module: th.nn.Module, state: dict[str, th.Tensor], name: str) -> None:
     try:
         module.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise StateMismatchError(f"{entry.name}: {e}") from None
+        raise StateMismatchError(f"{name}: {e}") from None
+
+
+def _plan_module_partial(
+    module: th.nn.Module, entry: ModuleState, body: _weights.Body, protected: set[int]
+) -> tuple[Commit, list[str]]:
+    """``exact_match=False``: load the keys both sides have, as ``load_state_dict(strict=False)`` does."""
+    targets = module.state_dict(keep_vars=True)
+    keys = [key for key in entry.keys if key in targets]
+    for key in keys:
+        _check_target(body, f"{entry.name}/{key}", targets[key], protected)
+    state = {key: body.read_tensor(f"{entry.name}/{key}") for key in keys}
+    state.update({a: state[c] for a, c in entry.aliases.items() if a in targets and c in state})
+    for alias in state.keys() - set(keys):
+        if state[alias].shape != targets[alias].shape or id(targets[alias]) in protected:
+            raise StateMismatchError(f"{entry.name}: alias {alias!r} does not fit the model's tensor")
+    return functools.partial(_commit_state_dict, module, state, entry.name), []
+
+
+def _check_external(model: BaseAlgorithm, manifest: Manifest, provided: Iterable[Any] | None) -> None:
+    """Every state-dict entry the file leaves out must belong to a resource, so no parameter is left unfilled.
+
+    A module state's ``external_prefixes`` (the state-dict keys it does not store) must each be the
+    path of a placeholder; after a load (``provided`` given) the module at that path must be one of
+    the caller's objects (a bound resource or a ``custom_objects`` value), or have no state at all.
+    Weight initialisation is off while a model is built for loading, so anything else would be
+    uninitialised memory.
+    """
+    at = {path: ph.key for ph in manifest.placeholders for path in ph.paths}
+    given = None if provided is None else {id(obj) for obj in provided}
+    for entry in manifest.state_dicts:
+        if not isinstance(entry, ModuleState) or not entry.external_prefixes:
+            continue
+        module: Any = None
+        for prefix in entry.external_prefixes:
+            sub = prefix.removesuffix(".")
+            if not prefix.endswith(".") or f"{entry.name}.{sub}" not in at:
+                raise FormatError(
+                    f"{entry.name}: the file leaves out the weights under {prefix!r} but records no resource at"
+                    f" {entry.name}.{sub}; the file is malformed"
+                )
+            if given is None:
+                continue
+            if module is None:
+                module = _state_target(model, entry)
+                module = getattr(module, "_orig_mod", module)
+                keys = list(module.state_dict(keep_vars=True))
+            if not any(k.startswith(prefix) for k in keys):
+                continue
+            try:
+                owner = module.get_submodule(sub)
+            except AttributeError:
+                owner = None
+            if id(unwrap(owner)) not in given:
+                raise StateMismatchError(
+                    f"{entry.name}: the weights under {prefix!r} are not in the file, and the model holds no resource you"
+                    f" supplied there (placeholder {at[f'{entry.name}.{sub}']!r}); they would be uninitialised"
+                )
 
 
 def _rebind(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder) -> None:
@@ -862,7 +1106,10 @@ def _rebind(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder) -> None
             parent, attr = rebind_target(model, path, ph.key, resources)
             current = _own_attribute(parent, attr)
             if current is _NOT_FOUND or unwrap(current) is not unwrap(decoder.bound[ph.key]):
-                setattr(parent, attr, decoder.bound_at(ph, path))
+                try:
+                    setattr(parent, attr, decoder.bound_at(ph, path))
+                except (TypeError, AttributeError, ValueError) as e:  # e.g. a non-module where torch wants a module
+                    raise StateMismatchError(f"placeholder {ph.key!r}: cannot rebind at {path!r}: {e}") from None
 
 
 def rebind_problem(path: str, algo: type | None = None, policy_class: type | None = None) -> str | None:

@@ -80,6 +80,8 @@ def _filesystem(url: str) -> tuple[Any, str]:
         return fsspec.core.url_to_fs(url)  # type: ignore[no-any-return]
     except ImportError as e:  # fsspec is there but not the backend (s3fs, gcsfs, ...)
         raise RemoteStorageUnavailableError(f"{url}: {e} (for s3:// use: {_INSTALL})") from None
+    except ValueError as e:  # "Protocol not known: ..."
+        raise RemoteStorageUnavailableError(f"{url[:200]}: fsspec cannot open this URL: {e}") from None
 
 
 def _with_suffix(url: str) -> str:

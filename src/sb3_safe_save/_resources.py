@@ -20,13 +20,20 @@ A lazy spec (``ResourceSpec(lazy=True)``) wraps whatever step 2-4 found in a ``L
 
 from __future__ import annotations
 
+import inspect
 import threading
 import warnings
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import Any
 
-from sb3_safe_save._errors import MissingResourceError, ResourceMismatchError, UnresolvedResourceError
+from sb3_safe_save._errors import (
+    FormatError,
+    MissingResourceError,
+    ResourceMismatchError,
+    SafeSaveError,
+    UnresolvedResourceError,
+)
 from sb3_safe_save._external import unwrap
 from sb3_safe_save._manifest import Placeholder
 from sb3_safe_save._trust import TrustList
@@ -275,8 +282,19 @@ def _spec_factory(ph: Placeholder, trust: TrustList) -> Factory:
     ref, kwargs = ph.spec.factory, dict(ph.spec.kwargs)
 
     def build(_: Placeholder) -> Any:
-        fn = trust.resolve(ref, f"placeholder {ph.key!r} spec.factory", "factory")  # an exact reference the caller trusted
-        return fn(**kwargs)
+        try:
+            fn = trust.resolve(ref, f"placeholder {ph.key!r} spec.factory", "factory")  # an exact reference the caller trusted
+            try:
+                inspect.signature(fn).bind(**kwargs)
+            except ValueError:  # no signature to check (some builtins): the call decides
+                pass
+            return fn(**kwargs)
+        except SafeSaveError:
+            raise
+        except Exception as e:  # the file chose the kwargs: wrong names or values are the file's fault
+            raise FormatError(
+                f"placeholder {ph.key!r}: the spec factory {ref} failed with the file's kwargs: {type(e).__name__}: {e}"
+            ) from e
 
     return build
 

@@ -20,22 +20,25 @@ import io
 import math
 import os
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from pydantic import Field, ValidationError
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_normalize
 
 from sb3_safe_save import _weights
-from sb3_safe_save._errors import FormatError, StateMismatchError
+from sb3_safe_save._errors import FormatError, IntegrityError, StateMismatchError
 from sb3_safe_save._manifest import (
     META_CHECKSUM,
     META_MANIFEST,
     TensorMeta,
     VecNormalizeState,
     _Model,
+    _short,
+    load_json,
     parse_manifest,
 )
 
@@ -52,10 +55,10 @@ ReadTensor = Callable[[str], th.Tensor]
 class VecNormalizeFile(_Model):
     """The header of a standalone VecNormalize file."""
 
-    format: str = "sb3_safe_save.vec_normalize"
-    format_version: int = 1
+    format: Literal["sb3_safe_save.vec_normalize"] = "sb3_safe_save.vec_normalize"
+    format_version: Literal[1] = 1
     state: VecNormalizeState
-    tensors: dict[str, TensorMeta]
+    tensors: dict[str, TensorMeta] = Field(max_length=1000, fail_fast=True)
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -176,17 +179,20 @@ def _load(
 def _state_from_header(header: _weights.Header) -> tuple[VecNormalizeState, dict[str, str]]:
     text = _weights.checked_metadata(header, META_VEC_NORMALIZE, META_VEC_NORMALIZE_CHECKSUM, "the VecNormalize header")
     if text is not None:
+        raw = load_json(text, "the VecNormalize header")
         try:
-            parsed = VecNormalizeFile.model_validate_json(text)
-        except ValueError as e:
-            raise FormatError(f"the VecNormalize header is malformed: {e}") from None
+            parsed = VecNormalizeFile.model_validate(raw)
+        except ValidationError as e:
+            raise FormatError(f"the VecNormalize header is malformed: {_short(e)}") from None
+        _check_tensor_table(parsed.tensors, header, "the VecNormalize header")
         return parsed.state, {k: m.xxh3 for k, m in parsed.tensors.items()}
     text = header.metadata.get(META_MANIFEST)
     if text is None:
         raise FormatError("this file was not written by sb3_safe_save (no VecNormalize or model manifest in its header)")
     if _weights.checksum(text.encode()) != header.metadata.get(META_CHECKSUM):
-        raise FormatError("the manifest does not match its checksum: the header is corrupted")
+        raise IntegrityError("the manifest does not match its checksum: the header is corrupted")
     manifest = parse_manifest(text)
+    _check_tensor_table(manifest.tensors, header, "the manifest")
     if manifest.vec_normalize is None:
         raise FormatError(
             "this model file holds no VecNormalize statistics; save them with"
@@ -195,10 +201,36 @@ def _state_from_header(header: _weights.Header) -> tuple[VecNormalizeState, dict
     return manifest.vec_normalize, {k: m.xxh3 for k, m in manifest.tensors.items()}
 
 
+def _check_tensor_table(tensors: dict[str, TensorMeta], header: _weights.Header, what: str) -> None:
+    if set(tensors) != set(header.tensors):
+        extra = sorted(set(tensors) ^ set(header.tensors))[:5]
+        raise FormatError(f"{what} and the safetensors header list different tensors (e.g. {extra})")
+    for key, meta in tensors.items():
+        info = header.tensors[key]
+        if meta.dtype != info.dtype or tuple(meta.shape) != info.shape:
+            raise FormatError(
+                f"tensor {key!r}: {what} says {meta.dtype} {meta.shape}, the header {info.dtype} {list(info.shape)}"
+            )
+
+
 def restore_vecnormalize(
     state: VecNormalizeState, read: ReadTensor, venv: VecEnv, *, cls: type[VecNormalize] = VecNormalize
 ) -> VecNormalize:
     """Wrap ``venv`` in a ``VecNormalize`` with ``state``; if ``venv`` already has one, update that one in place."""
+    target, commit = stage_vecnormalize(state, read, venv, cls=cls)
+    commit()
+    return target
+
+
+def stage_vecnormalize(
+    state: VecNormalizeState, read: ReadTensor, venv: VecEnv, *, cls: type[VecNormalize] = VecNormalize
+) -> tuple[VecNormalize, Callable[[], None]]:
+    """Read and check everything ``restore_vecnormalize`` needs; change nothing yet.
+
+    :return: the ``VecNormalize`` to use (``venv``'s own one, or a new wrapper of ``venv``) and the
+        function that sets its settings and statistics; until it is called ``venv`` is unchanged
+        (a failed load leaves the caller's ``VecNormalize`` as it was)
+    """
     existing = unwrap_vec_normalize(venv)
     if existing is not None:
         target = existing
@@ -206,14 +238,18 @@ def restore_vecnormalize(
         settings = {name: _float_in(getattr(state, name)) if name in _FLOATS else getattr(state, name) for name in _SETTINGS}
         try:
             target = cls(venv, **settings, norm_obs_keys=None if state.norm_obs_keys is None else list(state.norm_obs_keys))
-        except (ValueError, KeyError, AssertionError) as e:
+        except (ValueError, KeyError, AssertionError, TypeError, AttributeError) as e:
             raise StateMismatchError(f"the stored VecNormalize settings do not fit this env: {e}") from None
-    apply_vecnormalize(target, state, read)
-    return target
+    return target, _stage(target, state, read)
 
 
 def apply_vecnormalize(venv_norm: VecNormalize, state: VecNormalizeState, read: ReadTensor) -> None:
     """Set the settings and statistics of ``venv_norm`` from ``state``, checking shapes against its spaces."""
+    _stage(venv_norm, state, read)()
+
+
+def _stage(venv_norm: VecNormalize, state: VecNormalizeState, read: ReadTensor) -> Callable[[], None]:
+    """Read and check every statistic for ``venv_norm``; return the function that sets them (nothing changes before)."""
     scalars = frozenset(state.numpy_scalars)
 
     def read_array(key: str) -> Any:
@@ -238,20 +274,23 @@ def apply_vecnormalize(venv_norm: VecNormalize, state: VecNormalizeState, read: 
         old_obs = read("old_obs").numpy()
     elif state.old_obs == "dict":
         old_obs = {k: read(f"old_obs/{k}").numpy() for k in state.old_obs_keys or []}
-    # all reads and checks passed: now mutate
-    for name in _SETTINGS:
-        value = getattr(state, name)
-        setattr(venv_norm, name, _float_in(value) if name in _FLOATS else value)
-    venv_norm.norm_obs_keys = None if state.norm_obs_keys is None else list(state.norm_obs_keys)
-    if obs_rms is not None:
-        venv_norm.obs_rms = obs_rms
-    elif hasattr(venv_norm, "obs_rms"):
-        del venv_norm.obs_rms
-    venv_norm.ret_rms = ret_rms
-    venv_norm.old_reward = old_reward
-    if old_obs is not None:
-        venv_norm.old_obs = old_obs
-    venv_norm.returns = np.zeros(venv_norm.num_envs)
+
+    def commit() -> None:  # every read and check passed: now mutate
+        for name in _SETTINGS:
+            value = getattr(state, name)
+            setattr(venv_norm, name, _float_in(value) if name in _FLOATS else value)
+        venv_norm.norm_obs_keys = None if state.norm_obs_keys is None else list(state.norm_obs_keys)
+        if obs_rms is not None:
+            venv_norm.obs_rms = obs_rms
+        elif hasattr(venv_norm, "obs_rms"):
+            del venv_norm.obs_rms
+        venv_norm.ret_rms = ret_rms
+        venv_norm.old_reward = old_reward
+        if old_obs is not None:
+            venv_norm.old_obs = old_obs
+        venv_norm.returns = np.zeros(venv_norm.num_envs)
+
+    return commit
 
 
 def _read_rms(read: Callable[[str], Any], prefix: str, shape: Any) -> RunningMeanStd:

@@ -28,7 +28,7 @@ import struct
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -38,6 +38,7 @@ import torch as th
 import xxhash
 
 from sb3_safe_save._errors import FormatError, IntegrityError
+from sb3_safe_save._manifest import check_encodable
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 _ALIGN = 8
@@ -260,6 +261,8 @@ def read_header(f: IO[bytes], file_size: int) -> Header:
         raise FormatError(f"the safetensors header is not valid UTF-8 JSON: {e}") from None
     if not isinstance(header, dict):
         raise FormatError("the safetensors header is not a JSON object")
+    if b"\\u" in raw:  # escapes may spell lone surrogates, which no later encode or print survives
+        check_encodable(header, "the safetensors header")
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise FormatError("the safetensors __metadata__ must map strings to strings")
@@ -385,6 +388,37 @@ class Body:
         except KeyError:
             raise FormatError(f"the manifest refers to tensor {key!r}, which the file does not contain") from None
 
+    def _check(self, key: str, found: str) -> None:
+        expected = self._checksums.get(key)
+        if expected is None:
+            raise FormatError(f"tensor {key!r} has no checksum in the file's header; it was not written by sb3_safe_save")
+        if found != expected:
+            raise IntegrityError(
+                f"tensor {key!r}: checksum mismatch (expected xxh3 {expected}, found {found}); the file is corrupted"
+            )
+
+    def verify(self, keys: Iterable[str], chunk: int = 1 << 22) -> None:
+        """Check the checksums of tensors ``keys`` without keeping their bytes (memory: one ``chunk``).
+
+        Lets an in-place load (``set_parameters``) refuse a corrupted file before it touches the model.
+        """
+        if not self._verify:
+            return
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        for key in keys:
+            info = self.info(key)
+            h = xxhash.xxh3_128()
+            self._f.seek(info.start)
+            left = info.nbytes
+            while left:
+                n = self._f.readinto(view[: min(left, chunk)])  # type: ignore[attr-defined]
+                if not n:
+                    raise IntegrityError(f"tensor {key!r}: unexpected end of file, {left} bytes short")
+                h.update(view[:n])
+                left -= n
+            self._check(key, h.hexdigest())
+
     def read_into(self, key: str, dest: np.ndarray) -> None:
         """Fill ``dest`` (a writable, C-contiguous byte array of the right size) with tensor ``key``."""
         info = self.info(key)
@@ -400,11 +434,8 @@ class Body:
             if not n:
                 raise IntegrityError(f"tensor {key!r}: unexpected end of file after {got} of {info.nbytes} bytes")
             got += n
-        if self._verify and checksum(view) != self._checksums[key]:
-            raise IntegrityError(
-                f"tensor {key!r}: checksum mismatch (expected xxh3 {self._checksums[key]}, found {checksum(view)});"
-                " the file is corrupted"
-            )
+        if self._verify:
+            self._check(key, checksum(view))
         self.read_keys.add(key)
 
     def read_tensor(self, key: str) -> th.Tensor:
