@@ -92,3 +92,19 @@ def edit_manifest(data: bytes, edit: Callable[[dict[str, Any]], Any]) -> bytes:
     if result is not None:
         manifest = result
     return with_manifest_text(data, json.dumps(manifest))
+
+
+def drop_tensors(data: bytes, drop: set[str]) -> bytes:
+    """Remove tensors from the safetensors header and body (offsets recomputed), as a forger would."""
+    header, body = split(data)
+    out: dict[str, Any] = {"__metadata__": header["__metadata__"]}
+    chunks, offset = [], 0
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
+    for key, entry in entries:
+        if key in drop:
+            continue
+        start, end = entry["data_offsets"]
+        chunks.append(body[start:end])
+        out[key] = {**entry, "data_offsets": [offset, offset + end - start]}
+        offset += end - start
+    return join(out, b"".join(chunks))

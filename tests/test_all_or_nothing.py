@@ -17,12 +17,12 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from _hostile import edit_manifest, join, manifest_of, saved_bytes, split, tiny_kwargs, tiny_model
 from stable_baselines3 import DQN, PPO
 from stable_baselines3.common.envs import BitFlippingEnv
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
+from _hostile import drop_tensors, edit_manifest, join, manifest_of, saved_bytes, split, tiny_kwargs, tiny_model
 from sb3_safe_save import FormatError, IntegrityError, SafeSaveError, StateMismatchError, safe
 from sb3_safe_save._buffers import META_BUFFER, META_BUFFER_CHECKSUM
 from sb3_safe_save._weights import checksum, read_header
@@ -62,21 +62,6 @@ def last_tensor(data: bytes, prefix: str) -> str:
     """The key of the tensor under ``prefix`` stored last in the file (read last by a load)."""
     tensors = read_header(io.BytesIO(data), len(data)).tensors
     return max((k for k in tensors if k.startswith(prefix)), key=lambda k: tensors[k].start)
-
-
-def drop_tensors(data: bytes, drop: set[str]) -> bytes:
-    """Remove tensors from the safetensors header and body (offsets recomputed), as a forger would."""
-    header, body = split(data)
-    out_header: dict[str, Any] = {"__metadata__": header["__metadata__"]}
-    chunks, offset = [], 0
-    for key, entry in sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"]):
-        if key in drop:
-            continue
-        start, end = entry["data_offsets"]
-        chunks.append(body[start:end])
-        out_header[key] = {**entry, "data_offsets": [offset, offset + end - start]}
-        offset += end - start
-    return join(out_header, b"".join(chunks))
 
 
 # ------------------------------------------------------------------------------------ set_parameters
@@ -290,7 +275,13 @@ def test_external_prefix_with_an_optional_unbound_placeholder_is_refused() -> No
         for key in dropped:
             del m["tensors"][key]
         m["placeholders"].append(
-            {"key": "x", "paths": ["policy.mlp_extractor"], "type": "torch.nn.Module", "reason": "external_module", "optional": True}
+            {
+                "key": "x",
+                "paths": ["policy.mlp_extractor"],
+                "type": "torch.nn.Module",
+                "reason": "external_module",
+                "optional": True,
+            }
         )
 
     with pytest.raises(SafeSaveError):

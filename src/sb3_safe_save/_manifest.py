@@ -543,20 +543,23 @@ def check_encodable(value: Any, what: str) -> None:
 
 
 def check_json_shape(value: Any, what: str) -> None:
-    """Refuse JSON nested deeper than ``MAX_JSON_DEPTH`` or holding more than ``MAX_JSON_VALUES`` values (iterative)."""
-    count = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        count += 1
-        if count > MAX_JSON_VALUES:
-            raise FormatError(f"{what} holds more than {MAX_JSON_VALUES} JSON values; no saved agent has that many")
+    """Refuse JSON nested deeper than ``MAX_JSON_DEPTH`` or holding more than ``MAX_JSON_VALUES`` values.
+
+    Iterative, one level at a time; only containers are visited, so the cost is one step per container.
+    """
+    count, depth = 1, 1
+    level = [value] if isinstance(value, (dict, list)) else []
+    while level:
         if depth > MAX_JSON_DEPTH:
             raise FormatError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels; no saved agent does")
-        if isinstance(v, dict):
-            stack.extend((c, depth + 1) for c in v.values())
-        elif isinstance(v, list):
-            stack.extend((c, depth + 1) for c in v)
+        below: list[Any] = []
+        for v in level:
+            children = v.values() if isinstance(v, dict) else v
+            count += len(children)
+            if count > MAX_JSON_VALUES:
+                raise FormatError(f"{what} holds more than {MAX_JSON_VALUES} JSON values; no saved agent has that many")
+            below.extend(c for c in children if isinstance(c, (dict, list)))
+        level, depth = below, depth + 1
 
 
 def _short(e: Exception, limit: int = 2000) -> str:
