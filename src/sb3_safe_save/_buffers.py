@@ -38,7 +38,7 @@ from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 from sb3_safe_save import _remote, _weights
 from sb3_safe_save._errors import FormatError, PickleRefusedError, StateMismatchError, UnsupportedObjectError
-from sb3_safe_save._manifest import TensorMeta, Versions, _Model, _short, load_json
+from sb3_safe_save._manifest import TensorMeta, Versions, _Model, _short, items_field, load_json
 from sb3_safe_save._trust import ref_of
 
 META_BUFFER = "sb3_safe_save.replay_buffer"
@@ -69,7 +69,7 @@ class ReplayBufferFile(_Model):
     handle_timeout_termination: bool
     obs_keys: list[str] | None = None
     her: HerState | None = None
-    tensors: dict[str, TensorMeta] = Field(max_length=1000, fail_fast=True)
+    tensors: dict[str, TensorMeta] = items_field(max_length=1000)
 
     @property
     def rows(self) -> int:

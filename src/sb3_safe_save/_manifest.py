@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Final, Literal, Union
 
+from pydantic import VERSION as PYDANTIC_VERSION
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -47,6 +48,16 @@ SUPPORTED_VERSIONS = frozenset({1})
 #: ``__metadata__`` keys of the safetensors header.
 META_MANIFEST = "sb3_safe_save"
 META_CHECKSUM = "sb3_safe_save.xxh3_128"
+
+#: ``items_field`` passes these to ``Field``: a list or dict field stops at its first bad item (pydantic >= 2.8),
+#: so a bad manifest yields a handful of errors, not one per value; with older pydantic ``_short`` caps the text.
+FAIL_FAST: dict[str, Any] = {"fail_fast": True} if tuple(map(int, PYDANTIC_VERSION.split(".")[:2])) >= (2, 8) else {}
+
+
+def items_field(**constraints: Any) -> Any:
+    """``Field(**constraints)`` for a list or dict field, failing fast where pydantic can (``FAIL_FAST``)."""
+    return Field(**constraints, **FAIL_FAST)
+
 
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEX128 = re.compile(r"[0-9a-f]{32}")
@@ -116,24 +127,24 @@ Scalar = Union[None, StrictBool, StrictInt, StrictFloat, StrictStr]  # noqa: UP0
 
 class ListNode(_Model):
     kind: Literal["list"] = "list"
-    items: list[Node] = Field(max_length=MAX_ITEMS, fail_fast=True)
+    items: list[Node] = items_field(max_length=MAX_ITEMS)
 
 
 class TupleNode(_Model):
     kind: Literal["tuple"] = "tuple"
-    items: list[Node] = Field(max_length=MAX_ITEMS, fail_fast=True)
+    items: list[Node] = items_field(max_length=MAX_ITEMS)
 
 
 class DictNode(_Model):
     kind: Literal["dict"] = "dict"
-    items: dict[str, Node] = Field(max_length=MAX_ITEMS, fail_fast=True)
+    items: dict[str, Node] = items_field(max_length=MAX_ITEMS)
     key_type: Literal["str", "int"] = "str"
     ordered: bool = False
 
 
 class DequeNode(_Model):
     kind: Literal["deque"] = "deque"
-    items: list[Node] = Field(max_length=MAX_ITEMS, fail_fast=True)
+    items: list[Node] = items_field(max_length=MAX_ITEMS)
     maxlen: int | None = Field(default=None, ge=0, le=MAX_ITEMS)
 
 
@@ -157,7 +168,7 @@ class ArrayNode(_Model):
     kind: Literal["ndarray"] = "ndarray"
     tensor: str
     dtype: str
-    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]] = Field(max_length=64, fail_fast=True)
+    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]] = items_field(max_length=64)
 
 
 class NumpyScalarNode(_Model):
@@ -194,7 +205,7 @@ class SpaceNode(_Model):
 
     kind: Literal["space"] = "space"
     space: Literal["Box", "Discrete", "MultiDiscrete", "MultiBinary", "Dict", "Tuple"]
-    args: dict[str, Node] = Field(max_length=100, fail_fast=True)
+    args: dict[str, Node] = items_field(max_length=100)
     rng: dict[str, Any] | None = None
 
 
@@ -203,7 +214,7 @@ class ObjectNode(_Model):
 
     kind: Literal["object"] = "object"
     cls: Ref
-    state: dict[str, Node] = Field(max_length=MAX_ITEMS, fail_fast=True)
+    state: dict[str, Node] = items_field(max_length=MAX_ITEMS)
 
 
 class EnumNode(_Model):
@@ -215,7 +226,7 @@ class EnumNode(_Model):
 class NamedTupleNode(_Model):
     kind: Literal["namedtuple"] = "namedtuple"
     cls: Ref
-    fields: dict[str, Node] = Field(max_length=1000, fail_fast=True)
+    fields: dict[str, Node] = items_field(max_length=1000)
 
 
 class PlaceholderNode(_Model):
@@ -322,7 +333,7 @@ class Placeholder(_Model):
     """One live resource left out of the file, found at one or more attribute paths."""
 
     key: str = Field(min_length=1, max_length=200)
-    paths: list[str] = Field(min_length=1, max_length=10_000, fail_fast=True)
+    paths: list[str] = items_field(min_length=1, max_length=10_000)
     type: str = Field(max_length=500)
     reason: Reason
     size_bytes: int | None = Field(default=None, ge=0)
@@ -344,9 +355,9 @@ class ModuleState(_Model):
 
     kind: Literal["module"] = "module"
     name: AttrPath
-    keys: list[str] = Field(max_length=MAX_ITEMS, fail_fast=True)
-    aliases: dict[str, str] = Field(default_factory=dict, max_length=MAX_ITEMS, fail_fast=True)
-    external_prefixes: list[str] = Field(default_factory=list, max_length=10_000, fail_fast=True)
+    keys: list[str] = items_field(max_length=MAX_ITEMS)
+    aliases: dict[str, str] = items_field(default_factory=dict, max_length=MAX_ITEMS)
+    external_prefixes: list[str] = items_field(default_factory=list, max_length=10_000)
 
 
 class OptimizerState(_Model):
@@ -359,7 +370,7 @@ class OptimizerState(_Model):
     kind: Literal["optimizer"] = "optimizer"
     name: AttrPath
     state: Node
-    dropped: list[int] = Field(default_factory=list, max_length=MAX_ITEMS, fail_fast=True)
+    dropped: list[int] = items_field(default_factory=list, max_length=MAX_ITEMS)
 
 
 StateEntry = Annotated[ModuleState | OptimizerState, Field(discriminator="kind")]
@@ -367,7 +378,7 @@ StateEntry = Annotated[ModuleState | OptimizerState, Field(discriminator="kind")
 
 class TensorMeta(_Model):
     dtype: str = Field(max_length=16)
-    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]] = Field(max_length=64, fail_fast=True)
+    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]] = items_field(max_length=64)
     xxh3: str
 
     @field_validator("xxh3")
@@ -384,7 +395,7 @@ class Hazard(_Model):
     code: Literal["shared_with_target", "external_in_optimizer", "reinitialised_on_build"]
     severity: Literal["info", "warning", "error"]
     message: str = Field(max_length=2000)
-    paths: list[str] = Field(default_factory=list, max_length=10_000, fail_fast=True)
+    paths: list[str] = items_field(default_factory=list, max_length=10_000)
 
 
 VersionText = Annotated[str, Field(max_length=100)]
@@ -456,12 +467,12 @@ class Manifest(_Model):
     versions: Versions
     algorithm: str
     base_algorithm: str
-    data: dict[str, Node] = Field(max_length=100_000, fail_fast=True)
-    state_dicts: list[StateEntry] = Field(max_length=1000, fail_fast=True)
-    torch_variables: dict[str, Node] = Field(default_factory=dict, max_length=1000, fail_fast=True)
-    placeholders: list[Placeholder] = Field(default_factory=list, max_length=10_000, fail_fast=True)
-    tensors: dict[str, TensorMeta] = Field(max_length=MAX_ITEMS, fail_fast=True)
-    hazards: list[Hazard] = Field(default_factory=list, max_length=1000, fail_fast=True)
+    data: dict[str, Node] = items_field(max_length=100_000)
+    state_dicts: list[StateEntry] = items_field(max_length=1000)
+    torch_variables: dict[str, Node] = items_field(default_factory=dict, max_length=1000)
+    placeholders: list[Placeholder] = items_field(default_factory=list, max_length=10_000)
+    tensors: dict[str, TensorMeta] = items_field(max_length=MAX_ITEMS)
+    hazards: list[Hazard] = items_field(default_factory=list, max_length=1000)
     vec_normalize: VecNormalizeState | None = None
     random_state: RandomState | None = None
 
@@ -564,6 +575,8 @@ def check_json_shape(value: Any, what: str) -> None:
 
 def _short(e: Exception, limit: int = 2000) -> str:
     if isinstance(e, ValidationError):  # str(e) repeats every input: megabytes for a deep, hostile manifest
+        if e.error_count() > 1000:  # pydantic < 2.8 (no fail_fast): formatting them all costs gigabytes
+            return f"{e.error_count()} validation errors (the first: {e.title} at {_first_loc(e)})"
         errors = e.errors(include_url=False, include_input=False)  # few: every container field fails fast
         errors.sort(key=lambda err: -len(err["loc"]))  # the deepest error says most; union alternatives say little
         lines = [f"{'.'.join(map(str, err['loc']))[:300]}: {err['msg'][:300]}" for err in errors[:3]]
@@ -571,6 +584,11 @@ def _short(e: Exception, limit: int = 2000) -> str:
     else:
         text = str(e)
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _first_loc(e: ValidationError) -> str:
+    first = next(iter(e.errors(include_url=False, include_input=False, include_context=False)), None)
+    return "?" if first is None else ".".join(map(str, first["loc"]))[:300]
 
 
 def child_path(path: str, key: object) -> str:

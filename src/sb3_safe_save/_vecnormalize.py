@@ -25,7 +25,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_normalize
 
@@ -38,6 +38,7 @@ from sb3_safe_save._manifest import (
     VecNormalizeState,
     _Model,
     _short,
+    items_field,
     load_json,
     parse_manifest,
 )
@@ -58,7 +59,7 @@ class VecNormalizeFile(_Model):
     format: Literal["sb3_safe_save.vec_normalize"] = "sb3_safe_save.vec_normalize"
     format_version: Literal[1] = 1
     state: VecNormalizeState
-    tensors: dict[str, TensorMeta] = Field(max_length=1000, fail_fast=True)
+    tensors: dict[str, TensorMeta] = items_field(max_length=1000)
 
 
 # ---------------------------------------------------------------------------------------------- save
