@@ -8,7 +8,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-MIN_PYTHON ?= python3.10
+# pyenv keeps 3.10 out of PATH unless selected: use its interpreter directly when it is there
+MIN_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
 MIN_VENV ?= .venv-min
 MIN_STAMP := $(MIN_VENV)/.installed-stamp
 
