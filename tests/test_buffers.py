@@ -166,12 +166,28 @@ def test_legacy_pickle_needs_explicit_trust(tmp_path: pathlib.Path) -> None:
     assert_same_buffer(model.replay_buffer, other.replay_buffer)
 
 
+def test_buffer_of_other_settings_replaces_the_models(tmp_path: pathlib.Path, no_pickle: None) -> None:
+    """As in SB3, the model then holds the file's buffer: other size, or no buffer at all (issue 11)."""
+    model = make("dqn")
+    model.learn(30)
+    model.save_replay_buffer(tmp_path / "b.safetensors")
+    for other in (make("dqn", buffer_size=50), make("dqn")):
+        if other.buffer_size == 100:
+            other.replay_buffer = None  # e.g. freed after training, as SB3 users do before saving
+        other.load_replay_buffer(tmp_path / "b.safetensors")
+        assert other.replay_buffer.device == other.device
+        assert_same_buffer(model.replay_buffer, other.replay_buffer)
+
+
 def test_mismatched_buffer_is_refused(tmp_path: pathlib.Path) -> None:
     model = make("dqn")
     model.learn(30)
     model.save_replay_buffer(tmp_path / "b.safetensors")
-    with pytest.raises(StateMismatchError, match="buffer_size"):
-        make("dqn", buffer_size=50).load_replay_buffer(tmp_path / "b.safetensors")
+    other = make("dqn")
+    other.replay_buffer_class = HerReplayBuffer  # nothing named in the file is imported: the class must be the model's
+    other.replay_buffer = None
+    with pytest.raises(StateMismatchError, match="replay_buffer_class"):
+        other.load_replay_buffer(tmp_path / "b.safetensors")
     model.save(tmp_path / "model.safetensors")
     with pytest.raises(FormatError, match="no replay buffer"):
         make("dqn").load_replay_buffer(tmp_path / "model.safetensors")

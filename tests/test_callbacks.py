@@ -27,16 +27,17 @@ def test_checkpoint_callback_writes_our_format(tmp_path: pathlib.Path) -> None:
     callback = CheckpointCallback(save_freq=20, save_path=str(tmp_path), save_replay_buffer=True, save_vecnormalize=True)
     model.learn(40, callback=callback)
 
-    # the model: CheckpointCallback names it .zip; our save keeps the name, the content is safetensors
+    # the model: CheckpointCallback asks for .zip; the file is named for what it is, and the .zip name loads it
     path = tmp_path / "rl_model_40_steps.zip"
-    assert path.read_bytes()[:4] != b"PK\x03\x04"
+    assert not path.exists() and (tmp_path / "rl_model_40_steps.safetensors").exists()
     assert read_manifest(path).base_algorithm.endswith(":DQN")
     loaded = safe(DQN).load(path)  # learning_starts > 40: no training, the checkpoint's weights are final
     assert loaded.num_timesteps == 40
     assert_same_tree(model.policy.state_dict(), loaded.policy.state_dict())
 
-    # the replay buffer: named .pkl by the callback, safetensors inside, loads exactly
+    # the replay buffer: the callback asks for .pkl; it is written as .safetensors, the .pkl name loads it exactly
     buffer_path = tmp_path / "rl_model_replay_buffer_40_steps.pkl"
+    assert not buffer_path.exists() and (tmp_path / "rl_model_replay_buffer_40_steps.safetensors").exists()
     assert not is_pickle(buffer_path)
     other = safe(DQN)("MlpPolicy", cartpole(), **kwargs)
     other.load_replay_buffer(buffer_path)
@@ -56,8 +57,9 @@ def test_checkpoint_callback_with_safe_vecnormalize_writes_no_pickle(tmp_path: p
     model = safe(PPO)("MlpPolicy", venv, n_steps=16, batch_size=16, n_epochs=1, policy_kwargs=dict(net_arch=[8]), seed=0)
     callback = CheckpointCallback(save_freq=16, save_path=str(tmp_path), save_vecnormalize=True)
     model.learn(32, callback=callback)
-    path = tmp_path / "rl_model_vecnormalize_32_steps.pkl"  # the callback's name; safetensors inside
-    assert path.exists() and not is_pickle(path)
+    path = tmp_path / "rl_model_vecnormalize_32_steps.pkl"  # the callback's name: written as .safetensors
+    assert not path.exists() and (tmp_path / "rl_model_vecnormalize_32_steps.safetensors").exists()
+    assert not is_pickle(path)
     for restored in (SafeVecNormalize.load(str(path), cartpole()), load_vecnormalize(path, cartpole())):
         assert np.array_equal(restored.obs_rms.mean, venv.obs_rms.mean)
         assert np.array_equal(restored.obs_rms.var, venv.obs_rms.var) and restored.obs_rms.count == venv.obs_rms.count

@@ -224,11 +224,13 @@ def test_save_to_a_directory(tmp_path: pathlib.Path) -> None:
         model.save(tmp_path)
     assert isinstance(info.value, IsADirectoryError)  # what stock SB3 raises, still catchable as such
     assert "is a directory" in str(info.value) and "model.safetensors" in str(info.value)
-    with pytest.raises(SafeSaveError) as info:
-        model.save(tmp_path / "missing" / "model")
-    assert isinstance(info.value, FileNotFoundError)
-    assert "does not exist" in str(info.value)
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_bytes(b"")  # a missing directory is created, as in SB3; one that cannot be, raises
+    with pytest.raises(SafeSaveError) as info:
+        model.save(tmp_path / "file" / "model")
+    assert isinstance(info.value, FileNotFoundError)
+    assert "cannot create the directory" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 # --------------------------------------------------------------------------------------- at load

@@ -16,8 +16,9 @@ however few were collected) and ``load_replay_buffer`` unpickles it. Here:
 * ``HerReplayBuffer.infos`` is not stored: SB3 only reads it with ``copy_info_dict=True`` (arbitrary
   objects), which is refused with a clear error.
 
-Files are recognised by content, not by suffix: SB3's ``CheckpointCallback`` names the file
-``..._replay_buffer_N_steps.pkl`` even though it holds safetensors. Legacy pickled buffers load only
+Files are recognised by content, not by suffix. SB3's ``CheckpointCallback`` asks for
+``..._replay_buffer_N_steps.pkl``; the file is written as ``..._replay_buffer_N_steps.safetensors``
+(named for what it is), and loading the ``.pkl`` name finds it. Legacy pickled buffers load only
 with ``allow_pickle=True`` (through SB3's own loader).
 """
 
@@ -27,7 +28,7 @@ import io
 import os
 import pathlib
 import struct
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch as th
@@ -40,6 +41,9 @@ from sb3_safe_save import _remote, _weights
 from sb3_safe_save._errors import FormatError, PickleRefusedError, StateMismatchError, UnsupportedObjectError
 from sb3_safe_save._manifest import TensorMeta, Versions, _Model, _short, items_field, load_json
 from sb3_safe_save._trust import ref_of
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
 META_BUFFER = "sb3_safe_save.replay_buffer"
 META_BUFFER_CHECKSUM = "sb3_safe_save.replay_buffer.xxh3_128"
@@ -140,7 +144,7 @@ def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buffered
     )
     text = header.model_dump_json()
     metadata = {"format": "pt", META_BUFFER: text, META_BUFFER_CHECKSUM: _weights.checksum(text.encode())}
-    write_file(path, blobs, metadata, fsync=fsync, make_parents=True)  # creates folders, as SB3's save_to_pkl does
+    write_file(path, blobs, metadata, fsync=fsync)  # creates folders, as SB3's save_to_pkl does
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -159,10 +163,58 @@ def is_pickle(path: str | os.PathLike[str] | io.BufferedIOBase) -> bool:
 def _existing(path: Any) -> Any:
     if isinstance(path, (str, os.PathLike)) and not _remote.is_url(path):
         target = pathlib.Path(_remote.local(path))
-        for candidate in (target, target.with_suffix(".safetensors"), target.with_suffix(".pkl")):
+        for candidate in (target, pathlib.Path(_weights.saved_name(str(target))), target.with_suffix(".pkl")):
             if candidate.exists():
                 return candidate
     return path
+
+
+def read_buffer_header(path: str | os.PathLike[str] | io.BufferedIOBase) -> ReplayBufferFile:
+    """The header of a replay-buffer file (settings, ``pos``, tensor table); reads no rows."""
+    from sb3_safe_save._persist import _open
+
+    with _open(_existing(path)) as (f, size):
+        return _parse(_weights.read_header(f, size))
+
+
+_SETTINGS = ("buffer_size", "n_envs", "optimize_memory_usage")
+
+
+def buffer_for(model: OffPolicyAlgorithm, meta: ReplayBufferFile) -> ReplayBuffer:
+    """The buffer a load fills: the model's own if its settings match the file's, else a new one built
+    from the file's settings, as SB3's ``load_replay_buffer`` replaces the model's buffer by the file's.
+
+    The new buffer is of the model's ``replay_buffer_class`` (nothing named in the file is imported),
+    built the way SB3's ``_setup_model`` builds it, with the file's ``buffer_size``, ``n_envs`` and
+    ``optimize_memory_usage``.
+    """
+    buffer: ReplayBuffer | None = getattr(model, "replay_buffer", None)
+    if buffer is not None and all(getattr(buffer, name) == getattr(meta, name) for name in _SETTINGS):
+        return buffer
+    buffer_class = getattr(model, "replay_buffer_class", None)
+    if buffer_class is None:
+        raise StateMismatchError(
+            f"{type(model).__qualname__} has no replay buffer class (only off-policy algorithms have one)"
+        )
+    if ref_of(buffer_class) != meta.buffer_class:
+        raise StateMismatchError(
+            f"the file holds a {meta.buffer_class}, but the model's replay_buffer_class is a {ref_of(buffer_class)}"
+        )
+    kwargs = dict(model.replay_buffer_kwargs)
+    if issubclass(buffer_class, HerReplayBuffer):
+        if model.env is None:
+            raise StateMismatchError("loading a HerReplayBuffer needs an env: Algo.load(path, env=env) or model.set_env(env)")
+        kwargs["env"] = model.env
+    built: ReplayBuffer = buffer_class(
+        meta.buffer_size,
+        model.observation_space,
+        model.action_space,
+        device=model.device,
+        n_envs=meta.n_envs,
+        optimize_memory_usage=meta.optimize_memory_usage,
+        **kwargs,
+    )
+    return built
 
 
 def load_buffer_into(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.BufferedIOBase, *, verify: bool = True) -> None:

@@ -335,8 +335,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         print(f"sb3-safe-save convert: warning: {w.message}", file=sys.stderr)
     save_model(model, args.out, allow_pickle=args.allow_pickle)
     from sb3_safe_save._persist import read_manifest
+    from sb3_safe_save._weights import saved_name
 
-    out = args.out if os.path.splitext(args.out)[1] else args.out + ".safetensors"
+    out = saved_name(args.out)
     manifest = read_manifest(out)
     print(f"converted {args.zip_path} ({algo.__name__}) -> {out} ({format_size(os.path.getsize(out))})", file=sys.stderr)
     for ph in manifest.placeholders:

@@ -51,9 +51,10 @@ from sb3_safe_save._manifest import (
     TensorNode,
     TorchDtypeNode,
     TupleNode,
+    check_ref,
     child_path,
 )
-from sb3_safe_save._trust import RefKind, plain_class, ref_of, resolves_to
+from sb3_safe_save._trust import LOCALS, RefKind, plain_class, ref_of, resolves_to
 
 
 class NotEncodable(Exception):
@@ -765,9 +766,19 @@ def _ref(obj: Any) -> str:
         ref = ref_of(obj)
     except TypeError as e:
         raise NotEncodable(str(e)) from None
+    if isinstance(obj, type) and LOCALS in ref and _valid_ref(ref):
+        return ref  # a class defined in a function: recorded by name, given back at load with trusted=[cls]
     if not resolves_to(ref, obj):
         raise NotEncodable(f"{ref} cannot be imported back by that name (a lambda, a local or a renamed object)")
     return ref
+
+
+def _valid_ref(ref: str) -> bool:
+    try:
+        check_ref(ref)
+    except ValueError:
+        return False
+    return True
 
 
 #: The codec table, in dispatch order (more specific types first).

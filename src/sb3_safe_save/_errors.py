@@ -16,7 +16,7 @@ it, so code that already catches ``ValueError``/``TypeError``/``LookupError`` ke
     ├── AlgorithmMismatchError (TypeError)   load: the file was saved by a different algorithm
     ├── StateMismatchError (ValueError)      load: the stored tensors (or the env's spaces) do not fit the model
     ├── SaveTargetIsADirectoryError / SaveTargetDirectoryMissingError (IsADirectoryError / FileNotFoundError)
-    │                                        save: the target path is a directory, or its directory is missing
+    │                                        save: the target path is a directory, or its directory cannot be created
     ├── RemoteStorageUnavailableError (ImportError)  a URL path (s3://...) without fsspec or its backend installed
     └── UnresolvedResourceError (RuntimeError)  use: an optional resource that was left unbound was used
 
@@ -59,7 +59,10 @@ class UnsupportedObjectError(SafeSaveError, TypeError):
 
 
 class FormatError(SafeSaveError, ValueError):
-    """Raised when a file is not an sb3_safe_save file, or its header or manifest is malformed."""
+    """Raised when a file is not an sb3_safe_save file, or its header or manifest is malformed.
+
+    A file that is neither a zip nor ours says so, keeping SB3's wording "wasn't a zip-file".
+    """
 
 
 class UnsupportedVersionError(FormatError):
@@ -99,6 +102,12 @@ class UntrustedTypeError(SafeSaveError, TypeError):
             + "\nor once, on the algorithm class (next to safe_save_resources):"
             + declare
             + "\nor process-wide with sb3_safe_save.trust(...)."
+            + (
+                "\nA class defined inside a function (<locals>) cannot be imported by name: pass the class object"
+                f" itself, trusted=[{', '.join(r.rpartition('.')[2] for r in self.refs if '<locals>' in r)}]"
+                if any("<locals>" in r for r in self.refs)
+                else ""
+            )
         )
 
 
@@ -170,7 +179,7 @@ class SaveTargetIsADirectoryError(SafeSaveError, IsADirectoryError):
 
 
 class SaveTargetDirectoryMissingError(SafeSaveError, FileNotFoundError):
-    """Raised by ``save`` when the target's directory does not exist (still a ``FileNotFoundError``)."""
+    """Raised by ``save`` when the target's missing directory cannot be created (still a ``FileNotFoundError``)."""
 
 
 class RemoteStorageUnavailableError(SafeSaveError, ImportError):

@@ -103,10 +103,15 @@ def check_path(path: str) -> str:
 
 
 def check_ref(ref: str) -> str:
-    """Validate an import reference ``module.sub:Qual.name`` (no dunders, no ``<locals>``); linear time."""
+    """Validate an import reference ``module.sub:Qual.name`` (no dunders; ``<locals>`` only inside the
+    qualname, for a class defined in a function: see ``_trust.LOCALS``); linear time."""
     module, colon, qualname = ref.partition(":")
-    parts = [*module.split("."), *qualname.split(".")]
-    if len(ref) > 500 or not colon or not all(_IDENT_RE.fullmatch(p) for p in parts):
+    qual = qualname.split(".")
+    parts = [*module.split("."), *qual]
+    valid = all(_IDENT_RE.fullmatch(p) for p in module.split(".")) and all(
+        _IDENT_RE.fullmatch(p) or (p == "<locals>" and i < len(qual) - 1) for i, p in enumerate(qual)
+    )
+    if len(ref) > 500 or not colon or not valid:
         raise ValueError(f"invalid import reference {ref[:200]!r} (expected 'package.module:QualName')")
     if any(p.startswith("__") and p.endswith("__") and p != "__main__" for p in parts):
         raise ValueError(f"import reference {ref!r} names a dunder attribute")

@@ -198,10 +198,12 @@ class SafeSaveMixin:
         allow_pickle: bool = False,
         verify: bool = True,
     ) -> None:
-        """Fill the model's replay buffer from a file written by ``save_replay_buffer``.
+        """Load a replay buffer from a file written by ``save_replay_buffer``.
 
-        The model's buffer must have the same class, ``buffer_size``, ``n_envs`` and
-        ``optimize_memory_usage`` as the saved one.
+        As in SB3, the model then holds the file's buffer: the model's own is filled in place when its
+        ``buffer_size``, ``n_envs`` and ``optimize_memory_usage`` match the file's; otherwise (or when
+        ``model.replay_buffer`` is None) a new buffer of the model's ``replay_buffer_class`` is built with
+        the file's settings. The file's buffer class must be the model's ``replay_buffer_class``.
 
         :param path: the file (recognised by content: a ``.pkl`` name may hold our format), or a binary stream
         :param truncate_last_traj: When using ``HerReplayBuffer`` with online sampling:
@@ -213,17 +215,16 @@ class SafeSaveMixin:
         """
         from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-        from sb3_safe_save._buffers import is_pickle, load_buffer_into, refuse_pickle
+        from sb3_safe_save._buffers import buffer_for, is_pickle, load_buffer_into, read_buffer_header, refuse_pickle
 
         if is_pickle(path):
             if not allow_pickle:
                 raise refuse_pickle(path)
             super().load_replay_buffer(path, truncate_last_traj)  # type: ignore[misc]
             return
-        buffer = getattr(self, "replay_buffer", None)
-        if buffer is None:
-            raise StateMismatchError(f"{type(self).__qualname__} has no replay buffer to load into")
+        buffer = buffer_for(self, read_buffer_header(path))  # type: ignore[arg-type]
         load_buffer_into(buffer, path, verify=verify)
+        self.replay_buffer = buffer
         if isinstance(buffer, HerReplayBuffer) and truncate_last_traj:
             buffer.truncate_last_trajectory()
         buffer.device = self.device  # type: ignore[attr-defined]  # as SB3 does (GH#1561)

@@ -83,7 +83,7 @@ from sb3_safe_save._version import __version__
 from sb3_safe_save._walker import _MODULE_INTERNALS, DEFAULT_MAX_OBJECT_BYTES, Snapshot, Walker, resolve_attr
 
 PathLike = str | os.PathLike[str] | io.BufferedIOBase
-SUFFIX = ".safetensors"
+SUFFIX = _weights.SUFFIX
 SelfAlgo = TypeVar("SelfAlgo", bound=BaseAlgorithm)
 
 
@@ -140,19 +140,18 @@ def _warn_hazards(model: BaseAlgorithm, snapshot: Snapshot) -> None:
         warnings.warn(f"{hazard.code}: {hazard.message}", HazardWarning, stacklevel=4)
 
 
-def write_file(
-    path: PathLike, blobs: Mapping[str, _weights.Blob], metadata: Mapping[str, str], *, fsync: bool, make_parents: bool = False
-) -> None:
+def write_file(path: PathLike, blobs: Mapping[str, _weights.Blob], metadata: Mapping[str, str], *, fsync: bool) -> None:
     """Write a container to an open binary stream, a URL (one upload) or a local path (atomically).
 
-    A local path without a suffix gets ``.safetensors``; its directory must exist unless ``make_parents``.
+    A path without a suffix, or with SB3's ``.zip``/``.pkl``, gets ``.safetensors`` (``_weights.saved_name``);
+    missing directories are created, as SB3 does.
     """
     if isinstance(path, io.BufferedIOBase):
         _weights.write_stream(path, blobs, metadata)
     elif _remote.is_url(path):
         _remote.write(path, blobs, metadata)
     else:
-        _weights.write_atomic(_target_path(_remote.local(path), make_parents=make_parents), blobs, metadata, fsync=fsync)
+        _weights.write_atomic(_target_path(_remote.local(path)), blobs, metadata, fsync=fsync)
 
 
 def tensor_metas(blobs: Mapping[str, _weights.Blob]) -> dict[str, TensorMeta]:
@@ -214,16 +213,16 @@ def build_manifest(model: BaseAlgorithm, snapshot: Snapshot, tensors: Mapping[st
     )
 
 
-def _target_path(path: str | os.PathLike[str], *, make_parents: bool = False) -> pathlib.Path:
-    target = pathlib.Path(path)
-    if target.is_dir():
-        raise SaveTargetIsADirectoryError(f"{target} is a directory; give a file name such as {target / ('model' + SUFFIX)}")
-    if not target.suffix:
-        target = target.with_suffix(SUFFIX)
-    if make_parents:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    elif not target.parent.exists():
-        raise SaveTargetDirectoryMissingError(f"the directory {target.parent} does not exist; create it first")
+def _target_path(path: str | os.PathLike[str]) -> pathlib.Path:
+    given = pathlib.Path(path)
+    target = pathlib.Path(_weights.saved_name(str(given)))
+    for p in (given, target):
+        if p.is_dir():
+            raise SaveTargetIsADirectoryError(f"{p} is a directory; give a file name such as {p / ('model' + SUFFIX)}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # as SB3's save does
+    except OSError as e:
+        raise SaveTargetDirectoryMissingError(f"cannot create the directory {target.parent} to save {target}: {e}") from None
     return target
 
 
@@ -271,9 +270,7 @@ def _open(path: PathLike) -> Iterator[tuple[IO[bytes], int]]:
         with _remote.open_read(path) as (f, size):
             yield f, size
         return
-    target = pathlib.Path(_remote.local(path))
-    if not target.exists() and not target.suffix and target.with_suffix(SUFFIX).exists():
-        target = target.with_suffix(SUFFIX)
+    target = _weights.find_file(_remote.local(path))
     with open(target, "rb", buffering=0) as raw:
         yield raw, os.fstat(raw.fileno()).st_size
 
@@ -292,12 +289,21 @@ def read_manifest(path: PathLike) -> Manifest:
 
 def _parse(f: IO[bytes], size: int) -> tuple[_weights.Header, Manifest]:
     """Phase 1: header + manifest, validated; imports nothing."""
-    start = f.read(4)
+    start = f.read(9)
     f.seek(0)
-    if start == b"PK\x03\x04":
+    name = getattr(f, "name", None)
+    name = name if isinstance(name, str) else "the file"
+    if start[:4] == b"PK\x03\x04":
+        ours = _weights.saved_name(name)
+        sibling = f" ({ours} next to it is an sb3_safe_save file: load that)" if ours != name and os.path.exists(ours) else ""
         raise FormatError(
-            "this is a zip file, probably a stock SB3 save; loading it means unpickling. "
+            f"{name} is a zip file, probably a stock SB3 save; loading it means unpickling{sibling}. "
             "If you trust it, convert it once: sb3-safe-save convert MODEL.zip OUT.safetensors --trust-pickle"
+        )
+    if len(start) < 9 or start[8:9] != b"{":  # a safetensors file starts with its u64 header length, then "{"
+        raise FormatError(
+            f"{name} is neither a zip file nor an sb3_safe_save file: it wasn't a zip-file (a stock SB3 save)"
+            " and it is not a safetensors file (no 8-byte header length followed by a JSON header)"
         )
     header = _weights.read_header(f, size)
     text = _weights.checked_metadata(header, META_MANIFEST, META_CHECKSUM, "the manifest")
@@ -370,6 +376,7 @@ def load_model(
         if pickles and not allow_pickle:
             raise PickleRefusedError(pickles)
         covered = frozenset(p.key for p in manifest.placeholders if _covered(p, manifest, custom_objects))
+        resources = {**_given_by_custom_objects(manifest.placeholders, custom_objects, covered), **(resources or {})}
 
         # ---- phase 3: construct (every check passed; only now is anything the file names called). The caller's
         # objects (env, VecNormalize, resources) are changed only once everything has succeeded.
@@ -486,6 +493,29 @@ def _covered(ph: Placeholder, manifest: Manifest, custom_objects: Mapping[str, A
     """A placeholder is not needed if ``custom_objects`` replaces every data path it sits at."""
     data_paths = [p for p in ph.paths if _root(p) in manifest.data]
     return bool(custom_objects) and len(data_paths) == len(ph.paths) and all(_under(p, custom_objects) for p in data_paths)
+
+
+def _given_by_custom_objects(
+    placeholders: Iterable[Placeholder], custom_objects: Mapping[str, Any], covered: frozenset[str]
+) -> dict[str, Any]:
+    """Placeholders whose object ``custom_objects`` supplies at one of their data paths (key -> object).
+
+    ``custom_objects={"policy_kwargs.vlm_model": expert}`` gives the expert for the policy's constructor;
+    the same object also sits in the module tree (``policy.q_net.vlm_model``), where it is rebound as if
+    passed with ``resources=``.
+    """
+    given: dict[str, Any] = {}
+    for ph in placeholders:
+        if ph.key in covered:
+            continue
+        for path in ph.paths:
+            for prefix, value in custom_objects.items():
+                if path == prefix:
+                    given.setdefault(ph.key, value)
+                elif _under(path, [prefix]):
+                    with contextlib.suppress(AttributeError, LookupError, TypeError, ValueError):
+                        given.setdefault(ph.key, resolve_attr(value, path[len(prefix) :]))
+    return given
 
 
 def _under(path: str, prefixes: Iterable[str]) -> bool:

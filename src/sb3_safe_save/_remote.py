@@ -41,7 +41,6 @@ Options such as an S3 endpoint or credentials come from fsspec's configuration, 
 from __future__ import annotations
 
 import contextlib
-import posixpath
 import struct
 from collections.abc import Iterator, Mapping
 from typing import IO, Any, TypeGuard
@@ -85,9 +84,9 @@ def _filesystem(url: str) -> tuple[Any, str]:
 
 
 def _with_suffix(url: str) -> str:
-    """The URL saved to, as for local paths: one without a suffix gets ``.safetensors``."""
-    name = url.rpartition("/")[2]
-    return url if posixpath.splitext(name)[1] else url + ".safetensors"
+    """The URL saved to, as for local paths: one without a suffix (or with SB3's ``.zip``/``.pkl``) gets ``.safetensors``."""
+    head, _, name = url.rpartition("/")
+    return f"{head}/{_weights.saved_name(name)}" if head else _weights.saved_name(name)
 
 
 def write(url: str, blobs: Mapping[str, _weights.Blob], metadata: Mapping[str, str]) -> None:
@@ -120,7 +119,8 @@ def file_bytes(blobs: Mapping[str, _weights.Blob], metadata: Mapping[str, str]) 
 def open_read(url: str) -> Iterator[tuple[IO[bytes], int]]:
     """Open the object ``url`` for reading (seekable), as ``_persist._open`` does a local file.
 
-    A URL without a suffix that names no object falls back to the URL with ``.safetensors``, as for paths.
+    A URL without a suffix (or with SB3's ``.zip``/``.pkl``) that names no object falls back to the URL
+    with ``.safetensors``, as for paths.
 
     :param url: the object's URL
     :return: a context manager yielding ``(file object, size in bytes)``
@@ -131,7 +131,7 @@ def open_read(url: str) -> Iterator[tuple[IO[bytes], int]]:
     except FileNotFoundError:
         if _with_suffix(url) == url:
             raise
-        f = fs.open(path + ".safetensors", "rb", block_size=READ_AHEAD, cache_type="readahead")
+        f = fs.open(_with_suffix(path), "rb", block_size=READ_AHEAD, cache_type="readahead")
     with f:
         f.seek(0, 2)
         size = f.tell()

@@ -43,6 +43,9 @@ from typing import Any, Literal
 TrustSpec = Iterable["type | str | Any"]
 #: How a file uses a reference: a class/function value (``ref``), the class of a plain object, of
 #: an enum member, of a named tuple, a resource factory, or the file's algorithm.
+#: In a qualname, a class defined inside a function: such a reference is never imported; it resolves
+#: only to the class itself, handed over in ``trusted=`` or ``safe_save_trusted``.
+LOCALS = "<locals>"
 RefKind = Literal["ref", "object", "enum", "namedtuple", "factory", "algorithm"]
 Why = Literal["explicit", "declared", "home", "default"]
 
@@ -337,9 +340,13 @@ class TrustList:
             )
         with _lock:
             extra = set(_registered)
+        items: list[Any] = []
         if trusted is not None:
             items = [trusted] if isinstance(trusted, (str, type)) or callable(trusted) else list(trusted)
             extra.update(_normalise(i) for i in items)
+        # classes defined inside a function: never importable by name, only the very class handed over
+        declared_items = _declared_items(home) if home is not None else []
+        self._local = {ref_of(c): c for c in (*items, *declared_items) if isinstance(c, type) and LOCALS in c.__qualname__}
         self._exact = {i for i in extra if not i.endswith(".*")}
         self._packages = tuple(i[:-1] for i in extra if i.endswith(".*"))  # "pkg.*" -> "pkg."
         self._home = home.__module__ if home is not None else None
@@ -352,6 +359,8 @@ class TrustList:
         ``declared`` (the class's ``safe_save_trusted``), ``home`` (the loading class's module),
         ``default`` (the default list), or None.
         """
+        if LOCALS in ref:
+            return "explicit" if ref in self._local else None
         dotted = _dotted(ref)
         if dotted in self._declared:
             return "declared"
@@ -404,8 +413,10 @@ class TrustList:
         why = self.why(ref, kind)
         if why is None:
             raise UntrustedTypeError([ref], {ref: [path]})
-        if why == "default":
-            obj: Any = default_trusted()[ref][0]
+        if ref in self._local:
+            obj: Any = self._local[ref]
+        elif why == "default":
+            obj = default_trusted()[ref][0]
         else:
             module_name, _, qualname = ref.partition(":")
             if why == "home":
@@ -431,9 +442,11 @@ class TrustList:
         return obj
 
 
+def _declared_items(cls: type) -> list[Any]:
+    items = getattr(cls, "safe_save_trusted", ())
+    return [items] if isinstance(items, (str, type)) else list(items)
+
+
 def declared_trust(cls: type) -> list[str]:
     """The references a class declares trusted (``safe_save_trusted``), normalised (``"pkg.*"`` kept as is)."""
-    items = getattr(cls, "safe_save_trusted", ())
-    if isinstance(items, (str, type)):
-        items = (items,)
-    return [_normalise(i) for i in items]
+    return [_normalise(i) for i in _declared_items(cls)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import json
@@ -42,6 +43,41 @@ from sb3_safe_save._manifest import check_encodable
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 _ALIGN = 8
+
+SUFFIX = ".safetensors"
+#: Suffixes of the formats SB3 itself writes (its zip, its pickles): our files never carry them.
+SB3_SUFFIXES = (".zip", ".pkl")
+
+
+def saved_name(name: str) -> str:
+    """The name a save writes to: files are named for what they are.
+
+    A name without a suffix, or with one of SB3's (``rl_model_N_steps.zip``, ``..._replay_buffer.pkl``,
+    as SB3's callbacks pass them), gets ``.safetensors``; any other name is kept.
+    """
+    stem, ext = os.path.splitext(name)
+    if not ext:
+        return name + SUFFIX
+    return stem + SUFFIX if ext.lower() in SB3_SUFFIXES else name
+
+
+def find_file(path: str | os.PathLike[str]) -> Path:
+    """The local file a load reads: ``path`` itself, else the file a save of ``path`` would have written.
+
+    So ``load("runs/ppo")`` and ``load("runs/ppo.zip")`` find ``runs/ppo.safetensors`` (what
+    ``save("runs/ppo")`` or ``save("runs/ppo.zip")`` wrote) when the name itself does not exist.
+
+    :raises FileNotFoundError: neither exists (the message names both)
+    """
+    target = Path(path)
+    if target.exists():
+        return target
+    ours = Path(saved_name(str(target)))
+    if ours != target and ours.exists():
+        return ours
+    also = f" (nor {ours}, which save({str(target)!r}) would write)" if ours != target else ""
+    raise FileNotFoundError(errno.ENOENT, f"No such file: {target}{also}", str(target))
+
 
 #: safetensors dtype name -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[th.dtype, int]] = {

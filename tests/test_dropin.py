@@ -1,0 +1,126 @@
+"""Drop-in: SB3 code that does not depend on pickle runs unchanged with ``safe(Algo)`` (issue 11)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+from stable_baselines3 import DQN, PPO, SAC
+from stable_baselines3.dqn.policies import DQNPolicy
+
+from _compare import assert_same_tree
+from lang_dqn import CustomDQN, UnpicklableExpert, make_model
+from sb3_safe_save import FormatError, SafeSaveError, SafeSaveMixin, UntrustedTypeError, audit, read_manifest, safe
+
+TINY_PPO = dict(n_steps=32, batch_size=16, n_epochs=1, policy_kwargs=dict(net_arch=[8]), seed=0)
+TINY_DQN = dict(buffer_size=100, learning_starts=1000, policy_kwargs=dict(net_arch=[8]), seed=0)
+
+
+# ----------------------------------------------------------------------------- 1. local classes
+def test_algorithm_class_defined_in_a_function(tmp_path: pathlib.Path, no_pickle: None) -> None:
+    class MyDQN(SafeSaveMixin, DQN):
+        pass
+
+    model = MyDQN("MlpPolicy", "CartPole-v1", **TINY_DQN)
+    assert audit(model).ok
+    model.save(tmp_path / "agent")
+    manifest = read_manifest(tmp_path / "agent.safetensors")
+    assert manifest.algorithm == f"{__name__}:test_algorithm_class_defined_in_a_function.<locals>.MyDQN"
+    assert manifest.base_algorithm == "stable_baselines3.dqn.dqn:DQN"
+    assert audit(tmp_path / "agent.safetensors").ok
+    loaded = MyDQN.load(tmp_path / "agent.safetensors")
+    assert type(loaded) is MyDQN
+    assert_same_tree(model.policy.state_dict(), loaded.policy.state_dict())
+
+
+def test_policy_class_defined_in_a_function(tmp_path: pathlib.Path, no_pickle: None) -> None:
+    class MyPolicy(DQNPolicy):
+        pass
+
+    model = safe(DQN)(MyPolicy, "CartPole-v1", **TINY_DQN)
+    model.save(tmp_path / "agent")
+    report = audit(tmp_path / "agent.safetensors")
+    (finding,) = [f for f in report.findings if f.code == "untrusted_reference"]
+    assert "trusted=[MyPolicy]" in finding.message
+    # the class cannot be imported by name: the file alone is refused, with the fix
+    with pytest.raises(UntrustedTypeError) as info:
+        safe(DQN).load(tmp_path / "agent.safetensors")
+    assert "<locals>.MyPolicy" in str(info.value) and "trusted=[MyPolicy]" in str(info.value)
+    # the caller hands the class over: it is used as is, nothing is imported
+    loaded = safe(DQN).load(tmp_path / "agent.safetensors", trusted=[MyPolicy])
+    assert type(loaded.policy) is MyPolicy and loaded.policy_class is MyPolicy
+    assert_same_tree(model.policy.state_dict(), loaded.policy.state_dict())
+    # or through custom_objects, as in SB3
+    assert type(safe(DQN).load(tmp_path / "agent.safetensors", custom_objects={"policy_class": MyPolicy}).policy) is MyPolicy
+    # a different class of the same name is not the one the file names
+    with pytest.raises(UntrustedTypeError):
+        safe(DQN).load(tmp_path / "agent.safetensors", trusted=[_module_level_policy()])
+
+
+def _module_level_policy() -> type:
+    class MyPolicy(DQNPolicy):  # same name, other qualname (_module_level_policy.<locals>.MyPolicy)
+        pass
+
+    return MyPolicy
+
+
+# ----------------------------------------------------------------------------- 3. custom_objects by dotted path
+def test_custom_objects_dotted_path_supplies_the_resource(tmp_path: pathlib.Path, no_pickle: None) -> None:
+    expert = UnpicklableExpert()
+    model = make_model(expert, net_arch=[16])
+    model.save(tmp_path / "agent")
+    other = UnpicklableExpert(name="other")
+    loaded = CustomDQN.load(tmp_path / "agent.safetensors", custom_objects={"policy_kwargs.vlm_model": other})
+    for where in (loaded.policy_kwargs["vlm_model"], loaded.policy.q_net.vlm_model, loaded.policy.q_net_target.vlm_model):
+        assert where is other  # the very object given, at every path the saved one was
+    obs = np.zeros((1, 4), np.float32)
+    loaded.policy.set_use_expert(True)
+    model.policy.set_use_expert(True)
+    assert np.array_equal(model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0])
+
+
+# ----------------------------------------------------------------------------- 4. missing directories
+def test_save_creates_missing_directories(tmp_path: pathlib.Path) -> None:
+    model = safe(SAC)("MlpPolicy", "Pendulum-v1", buffer_size=50, learning_starts=1000, policy_kwargs=dict(net_arch=[8]))
+    model.learn(5)
+    model.save(tmp_path / "a" / "b" / "sac")
+    model.save_replay_buffer(tmp_path / "c" / "buffer")
+    assert (tmp_path / "a" / "b" / "sac.safetensors").is_file() and (tmp_path / "c" / "buffer.safetensors").is_file()
+    assert safe(SAC).load(tmp_path / "a" / "b" / "sac").num_timesteps == 5
+
+
+# ----------------------------------------------------------------------------- 5. the .zip name
+def test_the_zip_name_sb3_users_write(tmp_path: pathlib.Path, no_pickle: None) -> None:
+    model = safe(PPO)("MlpPolicy", "CartPole-v1", **TINY_PPO)
+    model.save(tmp_path / "runs" / "ppo")  # SB3 would write runs/ppo.zip
+    loaded = safe(PPO).load(tmp_path / "runs" / "ppo.zip")  # ... and its users load that name
+    assert_same_tree(model.policy.state_dict(), loaded.policy.state_dict())
+    loaded.set_parameters(str(tmp_path / "runs" / "ppo.zip"))
+    # a .zip (or .pkl) name is not what the file is: it is written as .safetensors
+    model.save(tmp_path / "ppo.zip")
+    assert not (tmp_path / "ppo.zip").exists() and (tmp_path / "ppo.safetensors").is_file()
+    # neither name exists: both are named in the error
+    with pytest.raises(FileNotFoundError, match=r"missing\.zip.*missing\.safetensors"):
+        safe(PPO).load(tmp_path / "missing.zip")
+
+
+def test_a_real_zip_next_to_ours_is_named(tmp_path: pathlib.Path) -> None:
+    PPO("MlpPolicy", "CartPole-v1", **TINY_PPO).save(tmp_path / "ppo.zip")  # stock SB3: a pickle inside a zip
+    safe(PPO)("MlpPolicy", "CartPole-v1", **TINY_PPO).save(tmp_path / "ppo")
+    with pytest.raises(FormatError, match=r"zip file.*ppo\.safetensors next to it"):
+        safe(PPO).load(tmp_path / "ppo.zip")
+    assert safe(PPO).load(tmp_path / "ppo.safetensors").n_steps == 32
+
+
+# ----------------------------------------------------------------------------- 8. neither format
+def test_a_file_that_is_neither_format(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "not_a_zip.zip"
+    path.write_bytes(b"this is not a model file at all\n" * 4)
+    with pytest.raises(ValueError, match="wasn't a zip-file") as stock:
+        PPO.load(path)
+    with pytest.raises(ValueError, match="wasn't a zip-file") as ours:
+        safe(PPO).load(path)
+    assert isinstance(ours.value, SafeSaveError) and isinstance(ours.value, FormatError)
+    assert "neither a zip file nor an sb3_safe_save file" in str(ours.value)
+    assert "wasn't a zip-file" in str(stock.value)
