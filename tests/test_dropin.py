@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
+import gymnasium as gym
 import numpy as np
 import pytest
 from stable_baselines3 import DQN, PPO, SAC
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import DummyVecEnv
 from stable_baselines3.dqn.policies import DQNPolicy
 
 from _compare import assert_same_tree
 from lang_dqn import CustomDQN, UnpicklableExpert, make_model
-from sb3_safe_save import FormatError, SafeSaveError, SafeSaveMixin, UntrustedTypeError, audit, read_manifest, safe
+from sb3_safe_save import (
+    FormatError,
+    SafeSaveError,
+    SafeSaveMixin,
+    SafeVecNormalize,
+    UntrustedTypeError,
+    audit,
+    read_manifest,
+    safe,
+)
 
 TINY_PPO = dict(n_steps=32, batch_size=16, n_epochs=1, policy_kwargs=dict(net_arch=[8]), seed=0)
 TINY_DQN = dict(buffer_size=100, learning_starts=1000, policy_kwargs=dict(net_arch=[8]), seed=0)
@@ -124,3 +138,85 @@ def test_a_file_that_is_neither_format(tmp_path: pathlib.Path) -> None:
     assert isinstance(ours.value, SafeSaveError) and isinstance(ours.value, FormatError)
     assert "neither a zip file nor an sb3_safe_save file" in str(ours.value)
     assert "wasn't a zip-file" in str(stock.value)
+
+
+# ----------------------------------------------------------------------------- SB3's own examples, algorithm swapped
+# The patterns of SB3's docs (guide/examples.rst, guide/callbacks.rst) and rl-zoo3's enjoy.py, on tiny models,
+# with ``DQN``/``PPO``/``SAC`` replaced by ``safe(...)`` and nothing else changed.
+def test_example_train_save_delete_load_evaluate(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    env = gym.make("CartPole-v1")
+    model = safe(DQN)("MlpPolicy", env, verbose=0, **TINY_DQN)
+    model.learn(total_timesteps=48)
+    model.save("dqn_cartpole")
+    del model
+    model = safe(DQN).load("dqn_cartpole", env=env, print_system_info=True)
+    mean_reward, _ = evaluate_policy(model, model.get_env(), n_eval_episodes=1)
+    assert mean_reward > 0
+    model.learn(total_timesteps=20, reset_num_timesteps=False)  # continue training (4 steps per rollout)
+    assert model.num_timesteps == 68
+
+
+def test_example_callback_saving_into_a_folder_of_its_name(tmp_path: pathlib.Path) -> None:
+    """SB3's SaveOnBestTrainingRewardCallback creates the folder ``best_model`` and then saves to that name."""
+
+    class SaveEvery(BaseCallback):
+        def __init__(self, log_dir: str) -> None:
+            super().__init__()
+            self.save_path = os.path.join(log_dir, "best_model")
+
+        def _init_callback(self) -> None:
+            os.makedirs(self.save_path, exist_ok=True)
+
+        def _on_step(self) -> bool:
+            if self.n_calls % 16 == 0:
+                self.model.save(self.save_path)
+            return True
+
+    model = safe(PPO)("MlpPolicy", "CartPole-v1", **TINY_PPO)
+    model.learn(32, callback=SaveEvery(str(tmp_path)))
+    assert (tmp_path / "best_model.safetensors").is_file()  # SB3 writes best_model.zip next to the folder
+    for name in ("best_model", "best_model.zip"):
+        assert safe(PPO).load(tmp_path / name).num_timesteps == 32
+
+
+def test_example_advanced_saving_and_loading(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    model = safe(SAC)("MlpPolicy", "Pendulum-v1", learning_rate=1e-3, buffer_size=500, learning_starts=40)
+    model.learn(60)
+    model.save("sac_pendulum")
+    loaded_model = safe(SAC).load("sac_pendulum")
+    assert loaded_model.replay_buffer.size() == 0  # the saved model does not contain the replay buffer
+    model.save_replay_buffer("sac_replay_buffer")
+    loaded_model.load_replay_buffer("sac_replay_buffer")
+    assert loaded_model.replay_buffer.size() == 60
+    # parameters as dicts, in place
+    loaded_model.set_parameters(model.get_parameters())
+    assert_same_tree(model.policy.state_dict(), loaded_model.policy.state_dict())
+
+
+def test_example_vecnormalize_statistics(tmp_path: pathlib.Path) -> None:
+    """SB3's "Normalizing input features" example with ``SafeVecNormalize`` in place of ``VecNormalize``."""
+    env = SafeVecNormalize(DummyVecEnv([lambda: gym.make("Pendulum-v1")]), norm_obs=True, norm_reward=True, clip_obs=10.0)
+    model = safe(PPO)("MlpPolicy", env, **TINY_PPO)
+    model.learn(total_timesteps=32)
+    log_dir = str(tmp_path) + "/"
+    model.save(log_dir + "ppo_pendulum")
+    stats_path = os.path.join(log_dir, "vec_normalize.pkl")
+    env.save(stats_path)
+    mean = env.obs_rms.mean.copy()
+    del model, env
+    env = SafeVecNormalize.load(stats_path, DummyVecEnv([lambda: gym.make("Pendulum-v1")]))
+    env.training = False
+    env.norm_reward = False
+    model = safe(PPO).load(log_dir + "ppo_pendulum", env=env)
+    assert np.array_equal(model.get_vec_normalize_env().obs_rms.mean, mean)
+
+
+def test_example_rl_zoo_enjoy_custom_objects(tmp_path: pathlib.Path) -> None:
+    """rl-zoo3's enjoy.py replaces schedules it cannot (or need not) restore through custom_objects."""
+    model = safe(PPO)("MlpPolicy", "CartPole-v1", **TINY_PPO)
+    model.save(tmp_path / "ppo")
+    custom_objects = {"learning_rate": 0.0, "lr_schedule": lambda _: 0.0, "clip_range": lambda _: 0.0}
+    loaded = safe(PPO).load(tmp_path / "ppo.zip", custom_objects=custom_objects, device="cpu")
+    assert loaded.learning_rate == 0.0 and loaded.clip_range(1.0) == 0.0

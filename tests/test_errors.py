@@ -220,10 +220,17 @@ def test_unsupported_objects_are_all_reported_at_once(tmp_path: pathlib.Path) ->
 
 def test_save_to_a_directory(tmp_path: pathlib.Path) -> None:
     model = safe(DQN)("MlpPolicy", "CartPole-v1", policy_kwargs={"net_arch": [16]}, device="cpu")
+    (tmp_path / "best").mkdir()
+    model.save(tmp_path / "best")  # as SB3 (which writes best.zip): the suffix is added first, then it is a file
+    assert (tmp_path / "best.safetensors").is_file()
+    (tmp_path / "best.safetensors").unlink()
+    (tmp_path / "best.safetensors").mkdir()
     with pytest.raises(SafeSaveError) as info:
-        model.save(tmp_path)
-    assert isinstance(info.value, IsADirectoryError)  # what stock SB3 raises, still catchable as such
+        model.save(tmp_path / "best")
+    assert isinstance(info.value, IsADirectoryError)  # SB3 would write best.zip_2 instead; still catchable as such
     assert "is a directory" in str(info.value) and "model.safetensors" in str(info.value)
+    (tmp_path / "best").rmdir()
+    (tmp_path / "best.safetensors").rmdir()
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "file").write_bytes(b"")  # a missing directory is created, as in SB3; one that cannot be, raises
     with pytest.raises(SafeSaveError) as info:

@@ -214,11 +214,9 @@ def build_manifest(model: BaseAlgorithm, snapshot: Snapshot, tensors: Mapping[st
 
 
 def _target_path(path: str | os.PathLike[str]) -> pathlib.Path:
-    given = pathlib.Path(path)
-    target = pathlib.Path(_weights.saved_name(str(given)))
-    for p in (given, target):
-        if p.is_dir():
-            raise SaveTargetIsADirectoryError(f"{p} is a directory; give a file name such as {p / ('model' + SUFFIX)}")
+    target = pathlib.Path(_weights.saved_name(str(path)))  # a folder "best_model" -> "best_model.safetensors", as SB3
+    if target.is_dir():
+        raise SaveTargetIsADirectoryError(f"{target} is a directory; give a file name such as {target / ('model' + SUFFIX)}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)  # as SB3's save does
     except OSError as e:

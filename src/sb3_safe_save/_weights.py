@@ -65,16 +65,18 @@ def find_file(path: str | os.PathLike[str]) -> Path:
     """The local file a load reads: ``path`` itself, else the file a save of ``path`` would have written.
 
     So ``load("runs/ppo")`` and ``load("runs/ppo.zip")`` find ``runs/ppo.safetensors`` (what
-    ``save("runs/ppo")`` or ``save("runs/ppo.zip")`` wrote) when the name itself does not exist.
+    ``save("runs/ppo")`` or ``save("runs/ppo.zip")`` wrote) when the name itself is not a file.
 
     :raises FileNotFoundError: neither exists (the message names both)
     """
     target = Path(path)
-    if target.exists():
+    if target.is_file():
         return target
     ours = Path(saved_name(str(target)))
-    if ours != target and ours.exists():
+    if ours != target and ours.is_file():  # also past a folder of the same name ("best_model", as SB3's docs make)
         return ours
+    if target.exists():
+        return target  # not a regular file: open() says what it is
     also = f" (nor {ours}, which save({str(target)!r}) would write)" if ours != target else ""
     raise FileNotFoundError(errno.ENOENT, f"No such file: {target}{also}", str(target))
 
