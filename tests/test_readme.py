@@ -1,7 +1,9 @@
 """Every ```python block of README.md runs as written, so the README cannot drift from the code (issue 11).
 
-Each block runs in a fresh namespace, in a temporary working directory. An HTML comment right before a
-block (invisible on GitHub) says how, with these words, separated by commas:
+Each block runs in a fresh namespace, in a temporary working directory. A ```console block marked
+``continue`` runs too: each ``$ sb3-safe-save ...`` line through the command's ``main``, which must
+return 0. An HTML comment right before a block (invisible on GitHub) says how, with these words,
+separated by commas:
 
 * ``continue``: run in the namespace and directory of the block before (a continuation);
 * ``subprocess``: run in a fresh Python process (e.g. a block that says "in a fresh process");
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -30,6 +33,8 @@ from typing import Any
 
 import pytest
 from stable_baselines3.common.base_class import BaseAlgorithm
+
+from sb3_safe_save._cli import main as cli_main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MAX_STEPS = 256
@@ -42,6 +47,7 @@ _HEADING = re.compile(r"^#+ (.+)$", re.MULTILINE)
 @dataclass
 class Block:
     line: int
+    lang: str
     code: str
     marks: dict[str, str] = field(default_factory=dict)
 
@@ -71,10 +77,10 @@ def readme_chains() -> list[Chain]:
     text = README.read_text()
     chains: list[Chain] = []
     for m in _BLOCK.finditer(text):
-        if m["lang"] != "python":
+        if not (m["lang"] == "python" or (m["lang"] == "console" and m["marks"])):
             continue
         line = text.count("\n", 0, m.start("code")) + 1
-        block = Block(line, m["code"], _marks(m["marks"]))
+        block = Block(line, m["lang"], m["code"], _marks(m["marks"]))
         if "continue" in block.marks:
             assert chains, f"README.md line {line}: 'continue' needs a block before it"
             chains[-1].blocks.append(block)
@@ -152,6 +158,9 @@ def test_readme_block_runs_as_written(
     for block in chain.blocks:
         code = block.code if endpoint is None else block.code.replace("127.0.0.1:9000", endpoint)
         where = f"README.md, block at line {block.line}"
+        if block.lang == "console":
+            _run_commands(code, where)
+            continue
         if "subprocess" in block.marks:
             _run_in_subprocess(block.marks.get("setup", ""), code, where)
             continue
@@ -164,6 +173,14 @@ def test_readme_block_runs_as_written(
             assert tests, f"{where}: marked 'pytest' but defines no test_* function"
             for fn in tests:
                 fn()
+
+
+def _run_commands(code: str, where: str) -> None:
+    commands = [shlex.split(line[2:], comments=True) for line in code.splitlines() if line.startswith("$ ")]
+    assert commands, f"{where}: a console block without '$ ' lines"
+    for argv in commands:
+        assert argv[0] == "sb3-safe-save", f"{where}: only sb3-safe-save commands run here, not {argv[0]!r}"
+        assert cli_main(argv[1:]) == 0, f"{where}: {' '.join(argv)} failed"
 
 
 def _run_in_subprocess(setup: str, code: str, where: str) -> None:
