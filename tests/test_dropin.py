@@ -25,6 +25,7 @@ from sb3_safe_save import (
     audit,
     read_manifest,
     safe,
+    unwrap,
 )
 
 TINY_PPO = dict(n_steps=32, batch_size=16, n_epochs=1, policy_kwargs=dict(net_arch=[8]), seed=0)
@@ -87,7 +88,7 @@ def test_custom_objects_dotted_path_supplies_the_resource(tmp_path: pathlib.Path
     other = UnpicklableExpert(name="other")
     loaded = CustomDQN.load(tmp_path / "agent.safetensors", custom_objects={"policy_kwargs.vlm_model": other})
     for where in (loaded.policy_kwargs["vlm_model"], loaded.policy.q_net.vlm_model, loaded.policy.q_net_target.vlm_model):
-        assert where is other  # the very object given, at every path the saved one was
+        assert unwrap(where) is other  # the very object given, at every path the saved one was (in its external())
     obs = np.zeros((1, 4), np.float32)
     loaded.policy.set_use_expert(True)
     model.policy.set_use_expert(True)
