@@ -153,6 +153,12 @@ def test_her_round_trip(tmp_path: pathlib.Path, no_pickle: None) -> None:
         truncated.load_replay_buffer(tmp_path / "her")
     assert (truncated.replay_buffer._current_ep_start == truncated.replay_buffer.pos).all()
 
+    rebuilt = her_model()  # no buffer at all: one is built from the file, with the model's env (issue 11)
+    rebuilt.replay_buffer = None
+    rebuilt.load_replay_buffer(tmp_path / "her", truncate_last_traj=False)
+    assert_same_buffer(model.replay_buffer, rebuilt.replay_buffer)
+    assert rebuilt.replay_buffer.env is rebuilt.env
+
 
 def test_legacy_pickle_needs_explicit_trust(tmp_path: pathlib.Path) -> None:
     model = make("dqn")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import gymnasium as gym
 import numpy as np
@@ -221,3 +222,66 @@ def test_example_rl_zoo_enjoy_custom_objects(tmp_path: pathlib.Path) -> None:
     custom_objects = {"learning_rate": 0.0, "lr_schedule": lambda _: 0.0, "clip_range": lambda _: 0.0}
     loaded = safe(PPO).load(tmp_path / "ppo.zip", custom_objects=custom_objects, device="cpu")
     assert loaded.learning_rate == 0.0 and loaded.clip_range(1.0) == 0.0
+
+
+# ----------------------------------------------------------------------------- SB3's own save/load tests, swapped
+# The situations of SB3's tests/test_save_load.py that do not depend on pickle or on the ".zip" file name.
+def test_sb3_replay_buffer_into_a_model_without_one(tmp_path: pathlib.Path, no_pickle: None) -> None:
+    path = tmp_path / "logs" / "replay_buffer.pkl"  # SB3's name; the folder does not exist yet
+    model = safe(SAC)("MlpPolicy", "Pendulum-v1", buffer_size=100, policy_kwargs=dict(net_arch=[8]), learning_starts=1000)
+    model.learn(30)
+    old = model.replay_buffer
+    model.save_replay_buffer(path)
+    model.replay_buffer = None
+    model.load_replay_buffer(path)
+    assert model.replay_buffer is not old and model.replay_buffer.device == model.device
+    for name in ("observations", "actions", "rewards", "dones", "timeouts"):
+        assert np.array_equal(getattr(old, name), getattr(model.replay_buffer, name)), name
+    assert (model.replay_buffer.pos, model.replay_buffer.full) == (old.pos, old.full)
+
+
+@pytest.mark.filterwarnings("error")
+def test_sb3_no_resource_warning(tmp_path: pathlib.Path) -> None:
+    """Files are closed (SB3 #1751); an open file object stays open."""
+    model = safe(PPO)("MlpPolicy", "CartPole-v1", **TINY_PPO)
+    for path in (tmp_path / "ppo", str(tmp_path / "ppo")):
+        model.save(path)
+        safe(PPO).load(path)
+    with tempfile.TemporaryFile() as fp:
+        model.save(fp)
+        safe(PPO).load(fp)
+        assert not fp.closed
+    sac = safe(SAC)("MlpPolicy", "Pendulum-v1", buffer_size=200, policy_kwargs=dict(net_arch=[8]))
+    for path in (tmp_path / "replay", str(tmp_path / "replay")):
+        sac.save_replay_buffer(path)
+        sac.load_replay_buffer(path)
+    with tempfile.TemporaryFile() as fp:
+        sac.save_replay_buffer(fp)
+        fp.seek(0)
+        sac.load_replay_buffer(fp)
+        assert not fp.closed
+
+
+def test_sb3_exclude_include_and_custom_objects(tmp_path: pathlib.Path) -> None:
+    model = safe(DQN)("MlpPolicy", "CartPole-v1", verbose=2, **TINY_DQN)
+    model.save(tmp_path / "test_save", exclude=["verbose"])
+    assert safe(DQN).load(str(tmp_path / "test_save.zip")).verbose != 2
+    model.save(tmp_path / "test_save", exclude=["verbose"], include=["verbose"])
+    loaded = safe(DQN).load(str(tmp_path / "test_save.zip"), custom_objects=dict(learning_rate=2e-5, dummy=1.0))
+    assert loaded.verbose == 2 and loaded.learning_rate == 2e-5
+    assert not hasattr(loaded, "dummy")  # only attributes the file has are replaced
+
+
+def test_sb3_set_env_and_keep_timesteps(tmp_path: pathlib.Path) -> None:
+    model = safe(PPO)("MlpPolicy", "CartPole-v1", **TINY_PPO)
+    model.learn(32)
+    current_env = model.get_env()
+    model.save(tmp_path / "test_save.zip")
+    model = safe(PPO).load(tmp_path / "test_save.zip", env=current_env, force_reset=False)
+    assert model._last_obs is not None
+    model.learn(32, reset_num_timesteps=False)
+    assert model.num_timesteps == 64
+    model = safe(PPO).load(tmp_path / "test_save.zip", env=DummyVecEnv([lambda: gym.make("CartPole-v1")] * 2))
+    assert model._last_obs is None and model.n_envs == 2
+    model.learn(64, reset_num_timesteps=False)
+    assert model.num_timesteps == 32 + 64
