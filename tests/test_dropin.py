@@ -58,7 +58,7 @@ def test_policy_class_defined_in_a_function(tmp_path: pathlib.Path, no_pickle: N
     model.save(tmp_path / "agent")
     report = audit(tmp_path / "agent.safetensors")
     (finding,) = [f for f in report.findings if f.code == "untrusted_reference"]
-    assert "trusted=[MyPolicy]" in finding.message
+    assert "trusted=[MyPolicy (the class object" in finding.message
     # the class cannot be imported by name: the file alone is refused, with the fix
     with pytest.raises(UntrustedTypeError) as info:
         safe(DQN).load(tmp_path / "agent.safetensors")
@@ -67,6 +67,11 @@ def test_policy_class_defined_in_a_function(tmp_path: pathlib.Path, no_pickle: N
     loaded = safe(DQN).load(tmp_path / "agent.safetensors", trusted=[MyPolicy])
     assert type(loaded.policy) is MyPolicy and loaded.policy_class is MyPolicy
     assert_same_tree(model.policy.state_dict(), loaded.policy.state_dict())
+    # or declared on the algorithm class, as a pytest test would write it
+    class MyDQN(SafeSaveMixin, DQN):
+        safe_save_trusted = (MyPolicy,)
+
+    assert type(MyDQN.load(tmp_path / "agent.safetensors").policy) is MyPolicy
     # or through custom_objects, as in SB3
     assert type(safe(DQN).load(tmp_path / "agent.safetensors", custom_objects={"policy_class": MyPolicy}).policy) is MyPolicy
     # a different class of the same name is not the one the file names

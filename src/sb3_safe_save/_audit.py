@@ -84,7 +84,7 @@ from sb3_safe_save._persist import (
     refused_data_keys,
     snapshot_model,
 )
-from sb3_safe_save._trust import Refusal, TrustList, TrustSpec
+from sb3_safe_save._trust import LOCALS, Refusal, TrustList, TrustSpec
 from sb3_safe_save._walker import DEFAULT_MAX_OBJECT_BYTES
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -676,7 +676,7 @@ def _reference_findings(manifest: Manifest, trust: TrustList, algo: type | None)
                     code="untrusted_reference",
                     severity="warning",
                     message=f"{r.ref} (used by {', '.join(where[:3])}) is not trusted;"
-                    f" load needs trusted=[{r.ref!r}] (or safe_save_trusted on the algorithm class)",
+                    f" load needs trusted=[{_trust_fix(r.ref)}] (or safe_save_trusted on the algorithm class)",
                     paths=where,
                     type=r.ref,
                 )
@@ -713,6 +713,11 @@ def _reference_findings(manifest: Manifest, trust: TrustList, algo: type | None)
             )
         )
     return findings
+
+
+def _trust_fix(ref: str) -> str:
+    """What ``trusted=[...]`` takes for ``ref``: the class object itself for one defined in a function."""
+    return ref.rpartition(".")[2] + " (the class object: it is defined inside a function)" if LOCALS in ref else repr(ref)
 
 
 # ============================================================================================ render
