@@ -67,6 +67,7 @@ def test_policy_class_defined_in_a_function(tmp_path: pathlib.Path, no_pickle: N
     loaded = safe(DQN).load(tmp_path / "agent.safetensors", trusted=[MyPolicy])
     assert type(loaded.policy) is MyPolicy and loaded.policy_class is MyPolicy
     assert_same_tree(model.policy.state_dict(), loaded.policy.state_dict())
+
     # or declared on the algorithm class, as a pytest test would write it
     class MyDQN(SafeSaveMixin, DQN):
         safe_save_trusted = (MyPolicy,)
@@ -286,7 +287,8 @@ def test_sb3_set_env_and_keep_timesteps(tmp_path: pathlib.Path) -> None:
     assert model._last_obs is not None
     model.learn(32, reset_num_timesteps=False)
     assert model.num_timesteps == 64
-    model = safe(PPO).load(tmp_path / "test_save.zip", env=DummyVecEnv([lambda: gym.make("CartPole-v1")] * 2))
+    with pytest.warns(UserWarning, match="env generators"):  # 1 stored, 2 now: the envs keep their own
+        model = safe(PPO).load(tmp_path / "test_save.zip", env=DummyVecEnv([lambda: gym.make("CartPole-v1")] * 2))
     assert model._last_obs is None and model.n_envs == 2
     model.learn(64, reset_num_timesteps=False)
     assert model.num_timesteps == 32 + 64

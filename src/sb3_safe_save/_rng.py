@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import random
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
@@ -204,12 +205,15 @@ def prepare_restore(
     venv = model.get_env() if env_given else None
     envs = None
     if venv is not None and state.envs is not None:
-        if len(state.envs) != venv.num_envs:
-            raise StateMismatchError(
-                f"random_state.envs: the file has {len(state.envs)} env generators,"
-                f" the env given to load has {venv.num_envs} envs"
+        if len(state.envs) != venv.num_envs:  # SB3 loads into any number of envs: theirs keep their own generators
+            warnings.warn(
+                f"random_state.envs: the file has {len(state.envs)} env generators, the env given to load has"
+                f" {venv.num_envs} envs; the envs' generators are left as they are (the rest is restored)",
+                UserWarning,
+                stacklevel=2,
             )
-        envs = [None if s is None else _generator(s, f"random_state.envs[{i}]") for i, s in enumerate(state.envs)]
+        else:
+            envs = [None if s is None else _generator(s, f"random_state.envs[{i}]") for i, s in enumerate(state.envs)]
 
     def apply() -> None:
         _apply(model, venv, state, gsde, dists, spaces, envs)
