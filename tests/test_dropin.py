@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import tempfile
@@ -292,3 +293,22 @@ def test_sb3_set_env_and_keep_timesteps(tmp_path: pathlib.Path) -> None:
     assert model._last_obs is None and model.n_envs == 2
     model.learn(64, reset_num_timesteps=False)
     assert model.num_timesteps == 32 + 64
+
+
+def test_a_buffer_the_file_claims_too_large_is_refused(tmp_path: pathlib.Path) -> None:
+    """Building the file's buffer (no buffer in the model) is bounded by what can be allocated, with a clear error."""
+    from _stfile import read_raw, write_raw
+    from sb3_safe_save import StateMismatchError, _weights
+    from sb3_safe_save._buffers import META_BUFFER, META_BUFFER_CHECKSUM
+
+    model = safe(DQN)("MlpPolicy", "CartPole-v1", **TINY_DQN)
+    model.learn(10)
+    model.save_replay_buffer(tmp_path / "buffer")
+    header, body = read_raw(tmp_path / "buffer.safetensors")
+    text = json.dumps({**json.loads(header["__metadata__"][META_BUFFER]), "buffer_size": 10**12})
+    header["__metadata__"].update({META_BUFFER: text, META_BUFFER_CHECKSUM: _weights.checksum(text.encode())})
+    write_raw(tmp_path / "huge.safetensors", header, body)
+    model.replay_buffer = None
+    with pytest.raises(StateMismatchError, match="cannot be built"):
+        model.load_replay_buffer(tmp_path / "huge.safetensors")
+    assert model.replay_buffer is None

@@ -205,15 +205,21 @@ def buffer_for(model: OffPolicyAlgorithm, meta: ReplayBufferFile) -> ReplayBuffe
         if model.env is None:
             raise StateMismatchError("loading a HerReplayBuffer needs an env: Algo.load(path, env=env) or model.set_env(env)")
         kwargs["env"] = model.env
-    built: ReplayBuffer = buffer_class(
-        meta.buffer_size,
-        model.observation_space,
-        model.action_space,
-        device=model.device,
-        n_envs=meta.n_envs,
-        optimize_memory_usage=meta.optimize_memory_usage,
-        **kwargs,
-    )
+    try:
+        built: ReplayBuffer = buffer_class(
+            meta.buffer_size,
+            model.observation_space,
+            model.action_space,
+            device=model.device,
+            n_envs=meta.n_envs,
+            optimize_memory_usage=meta.optimize_memory_usage,
+            **kwargs,
+        )
+    except (MemoryError, ValueError) as e:  # a file that claims a buffer of 10**12 rows
+        raise StateMismatchError(
+            f"a replay buffer of buffer_size={meta.buffer_size}, n_envs={meta.n_envs} (as the file says)"
+            f" cannot be built: {type(e).__name__}: {e}"
+        ) from None
     return built
 
 
