@@ -146,3 +146,28 @@ def test_vecnormalize_file_with_a_tensor_missing_from_its_table_is_a_format_erro
     header["__metadata__"][META_VEC_NORMALIZE_CHECKSUM] = checksum(text.encode())
     with pytest.raises(FormatError, match="different tensors"):
         load_vecnormalize(io.BytesIO(join(header, body)), DummyVecEnv([lambda: gym.make("CartPole-v1")]))
+
+
+# ------------------------------------------------------------------------- unhashable JSON where a name goes
+def test_a_header_dtype_that_is_not_a_string_is_a_format_error() -> None:
+    header, body = split(saved_bytes("PPO"))
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["dtype"] = ["F32"]
+    with pytest.raises(FormatError, match="dtype"):
+        read_manifest(io.BytesIO(join(header, body)))
+
+
+def test_a_bit_generator_name_that_is_not_a_string_is_a_format_error() -> None:
+    def forge(m: dict[str, Any]) -> None:
+        m["data"]["action_space"]["rng"] = {"bit_generator": {"kind": "device"}, "state": {}}
+
+    with pytest.raises(FormatError, match="bit generator"):
+        load_ppo(edit_manifest(saved_bytes("PPO"), forge))
+
+
+def test_a_random_state_bit_generator_that_is_not_a_string_is_a_format_error() -> None:
+    def forge(m: dict[str, Any]) -> None:
+        m["random_state"]["spaces"]["action_space"]["bit_generator"] = {"kind": "device"}
+
+    with pytest.raises(FormatError, match="bit generator"):
+        load_ppo(edit_manifest(saved_bytes("PPO"), forge))

@@ -452,7 +452,7 @@ class SpaceCodec(Codec):
     @staticmethod
     def _decode_rng(state: dict[str, Any], path: str) -> np.random.Generator:
         name = state.get("bit_generator")
-        if name not in _RNGS:
+        if not isinstance(name, str) or name not in _RNGS:
             raise FormatError(f"{path}: unknown bit generator {name!r}")
         bitgen = getattr(np.random, name)()
         try:

@@ -397,9 +397,12 @@ def load_model(
             unread = set(header.tensors) - body.read_keys - _skipped_tensors(manifest, custom_objects)
             if unread:
                 raise FormatError(f"the file holds tensors the manifest never uses: {sorted(unread)[:5]}")
-        except BaseException:
+        except BaseException as e:
             _restore_env_seeds(seeds)
-            raise
+            if isinstance(e, (SafeSaveError, OSError)) or not isinstance(e, Exception):
+                raise
+            # last line of defence: whatever else a file made fail here is still a SafeSaveError
+            raise FormatError(f"the file cannot be loaded: {type(e).__name__}: {e}") from e
         if commit_vec_normalize is not None:
             commit_vec_normalize()
     if restore_rng is not None and restore_random_state:

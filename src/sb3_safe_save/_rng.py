@@ -266,7 +266,7 @@ def _check(apply: Callable[[], Any], what: str) -> None:
 
 def _generator(state: dict[str, Any], path: str) -> np.random.Generator:
     name = state.get("bit_generator")
-    if name not in _BIT_GENERATORS:
+    if not isinstance(name, str) or name not in _BIT_GENERATORS:
         raise FormatError(f"{path}: unknown bit generator {name!r}")
     bitgen = getattr(np.random, name)()
     _check(lambda: setattr(bitgen, "state", _unjsonable(state)), path.removeprefix("random_state."))

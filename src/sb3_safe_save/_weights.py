@@ -346,7 +346,7 @@ def _tensor_info(key: str, entry: Any, body_start: int) -> TensorInfo:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise FormatError(f"tensor {key!r}: header entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise FormatError(f"tensor {key!r}: unsupported dtype {dtype!r}")
     if not (isinstance(shape, list) and len(shape) <= 64 and all(type(d) is int and 0 <= d < 2**48 for d in shape)):
         raise FormatError(f"tensor {key!r}: shape must be a list of non-negative integers, got {shape!r}")
