@@ -35,6 +35,7 @@ if _typing.TYPE_CHECKING:
     from sb3_safe_save._hub import load_from_hub, package_for_hub, push_to_hub
     from sb3_safe_save._manifest import FORMAT_VERSION, Hazard, Manifest, Placeholder, ResourceSpec
     from sb3_safe_save._persist import load_model, read_manifest, save_model
+    from sb3_safe_save._policy import load_policy, save_policy
     from sb3_safe_save._resources import LazyResource, factory, lazy, register_resource, unregister_resource
     from sb3_safe_save._vecnormalize import SafeVecNormalize, load_vecnormalize, save_vecnormalize
     from sb3_safe_save._weights import file_sha256
@@ -61,6 +62,8 @@ _LAZY = {
     "load_model": "sb3_safe_save._persist",
     "read_manifest": "sb3_safe_save._persist",
     "save_model": "sb3_safe_save._persist",
+    "load_policy": "sb3_safe_save._policy",
+    "save_policy": "sb3_safe_save._policy",
     "LazyResource": "sb3_safe_save._resources",
     "factory": "sb3_safe_save._resources",
     "lazy": "sb3_safe_save._resources",
@@ -126,6 +129,7 @@ __all__ = [
     "load_checkpoint",
     "load_from_hub",
     "load_model",
+    "load_policy",
     "load_vecnormalize",
     "package_for_hub",
     "push_to_hub",
@@ -134,6 +138,7 @@ __all__ = [
     "safe",
     "save_checkpoint",
     "save_model",
+    "save_policy",
     "save_vecnormalize",
     "trust",
     "unregister_resource",

@@ -480,6 +480,9 @@ class Manifest(_Model):
     hazards: list[Hazard] = items_field(default_factory=list, max_length=1000)
     vec_normalize: VecNormalizeState | None = None
     random_state: RandomState | None = None
+    #: ``"policy"``: a policy-only file written by ``save_policy`` (``algorithm`` then names the policy class).
+    #: Left out of the JSON when ``"agent"``, so agent files read the same as before the field existed.
+    content: Literal["agent", "policy"] = Field(default="agent", exclude_if=lambda v: v == "agent")
 
     @field_validator("algorithm", "base_algorithm")
     @classmethod

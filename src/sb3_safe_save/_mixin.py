@@ -112,6 +112,7 @@ class SafeSaveMixin:
         expected_sha256: str | None = None,
         strict: bool = True,
         restore_random_state: bool = True,
+        training: bool = True,
         **kwargs: Any,
     ):
         """Load the model from a file written by ``save``.
@@ -140,6 +141,10 @@ class SafeSaveMixin:
             ``random``, the spaces', gSDE noise and, when ``env`` is given, each env's generator), so
             that training continues exactly as if it had never stopped. ``False``: SB3's behaviour,
             which reseeds from ``model.seed``
+        :param training: ``False`` loads for evaluation (``predict``, ``evaluate_policy``): the optimizer
+            state is neither read nor verified, and no optimizer is built (constructing one imports
+            ``torch._dynamo``, about a second in a fresh process). ``learn()``, ``save()`` or
+            ``set_parameters()`` afterwards build a fresh optimizer on first use and warn
         :param kwargs: extra arguments to change the model when loading
         :return: new model instance with loaded parameters
         """
@@ -149,7 +154,8 @@ class SafeSaveMixin:
             cls,
             path, env, device, custom_objects, print_system_info, force_reset,
             resources=resources, trusted=trusted, allow_pickle=allow_pickle, verify=verify,
-            expected_sha256=expected_sha256, strict=strict, restore_random_state=restore_random_state, **kwargs,
+            expected_sha256=expected_sha256, strict=strict, restore_random_state=restore_random_state,
+            training=training, **kwargs,
         )  # fmt: skip
 
     def set_parameters(

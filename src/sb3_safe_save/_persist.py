@@ -45,6 +45,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_safe_save import _remote, _rng, _weights
 from sb3_safe_save._codecs import BY_KIND, schedule_class_missing
+from sb3_safe_save._deferred import DeferredOptimizer, deferred_optimizers
 from sb3_safe_save._errors import (
     AlgorithmMismatchError,
     FormatError,
@@ -71,6 +72,7 @@ from sb3_safe_save._manifest import (
     ResourceSpec,
     TensorMeta,
     Versions,
+    iter_nodes,
     iter_paths,
     node_refs,
     parse_manifest,
@@ -337,6 +339,7 @@ def load_model(
     expected_sha256: str | None = None,
     strict: bool = True,
     restore_random_state: bool = True,
+    training: bool = True,
     **kwargs: Any,
 ) -> SelfAlgo:
     """Load a model saved by ``save_model``. See ``SafeSaveMixin.load``."""
@@ -344,10 +347,12 @@ def load_model(
     with _open(path) as (f, size):
         # ---- phase 1: parse
         header, manifest = _parse(f, size)
-        if expected_sha256 is not None:
-            found = _weights.sha256_of(f)
-            if found != expected_sha256.lower():
-                raise IntegrityError(f"SHA-256 mismatch: expected {expected_sha256}, the file has {found}")
+        check_sha256(f, expected_sha256)
+        if manifest.content != "agent":
+            raise FormatError(
+                f"this file holds a {manifest.content} only (written by save_policy), not an agent;"
+                " load it with sb3_safe_save.load_policy(path)"
+            )
         if print_system_info:
             print(
                 "== SAVED WITH ==",
@@ -364,16 +369,7 @@ def load_model(
                 f"this file holds a {manifest.algorithm} (a {manifest.base_algorithm}) model, but it is being loaded with"
                 f" {cls.__qualname__} (a {expected_base}); load it with the matching algorithm class"
             )
-        trust = TrustList(trusted, home=cls)
-        refs, pickles = references(manifest, custom_objects)
-        check_references(trust, refs, cls)
-        check_data_keys(cls, manifest)
-        bad_paths = rebind_problems(manifest, cls)
-        if bad_paths:
-            raise FormatError("; ".join(f"placeholder {k!r}: cannot rebind at {p!r}: {why}" for k, p, why in bad_paths[:5]))
-        if pickles and not allow_pickle:
-            raise PickleRefusedError(pickles)
-        covered = frozenset(p.key for p in manifest.placeholders if _covered(p, manifest, custom_objects))
+        trust, covered = audit_phase(manifest, custom_objects, trusted=trusted, cls=cls, allow_pickle=allow_pickle)
         resources = {**_given_by_custom_objects(manifest.placeholders, custom_objects, covered), **(resources or {})}
 
         # ---- phase 3: construct (every check passed; only now is anything the file names called). The caller's
@@ -388,13 +384,15 @@ def load_model(
             if manifest.vec_normalize is not None:
                 env, commit_vec_normalize = _attach_vec_normalize(cls, manifest, body, env)
             decoder = _Decoder(body, trust, bound, custom_objects, manifest, allow_pickle=allow_pickle, budget=size)
-            model = _build(cls, manifest, decoder, env, device, custom_objects, force_reset, kwargs)
-            _load_state(model, manifest, decoder, body, provided)
+            model = _build(cls, manifest, decoder, env, device, custom_objects, force_reset, kwargs, training=training)
+            _load_state(model, manifest, decoder, body, provided, training=training)
             _rebind(model, manifest, decoder)
             _check_external(model, manifest, provided)
             if manifest.random_state is not None:
                 restore_rng = _rng.prepare_restore(model, manifest.random_state, body.read_tensor, env_given=env is not None)
             unread = set(header.tensors) - body.read_keys - _skipped_tensors(manifest, custom_objects)
+            if not training:
+                unread -= optimizer_tensors(manifest)
             if unread:
                 raise FormatError(f"the file holds tensors the manifest never uses: {sorted(unread)[:5]}")
         except BaseException as e:
@@ -426,6 +424,56 @@ def _env_seeds(env: Any) -> list[tuple[Any, dict[str, Any]]]:
 def _restore_env_seeds(saved: list[tuple[Any, dict[str, Any]]]) -> None:
     for env, state in saved:
         env.__dict__.update(state)
+
+
+def check_sha256(f: IO[bytes], expected_sha256: str | None) -> None:
+    """Refuse the file unless its SHA-256 is ``expected_sha256`` (no check when None)."""
+    if expected_sha256 is not None:
+        found = _weights.sha256_of(f)
+        if found != expected_sha256.lower():
+            raise IntegrityError(f"SHA-256 mismatch: expected {expected_sha256}, the file has {found}")
+
+
+def audit_phase(
+    manifest: Manifest,
+    custom_objects: Mapping[str, Any],
+    *,
+    trusted: TrustSpec | None,
+    cls: type[BaseAlgorithm] | None,
+    allow_pickle: bool,
+) -> tuple[TrustList, frozenset[str]]:
+    """Phase 2 (imports and calls nothing the file names): references trusted, data keys allowed,
+    placeholder paths rebindable, pickles allowed.
+
+    Every load path (``load_model``, ``load_policy``) runs this on the part of the manifest it will decode,
+    then binds the placeholders (``resolve``) first thing in phase 3.
+
+    :param cls: the class ``load`` was called on (its data keys are checked against it); None for
+        ``load_policy``, whose view of the manifest holds only the policy's constructor data
+    :return: the trust list and the placeholder keys ``custom_objects`` makes unnecessary
+    """
+    trust = TrustList(trusted, home=cls)
+    refs, pickles = references(manifest, custom_objects)
+    check_references(trust, refs, cls)
+    if cls is not None:
+        check_data_keys(cls, manifest)
+    bad_paths = rebind_problems(manifest, cls)
+    if bad_paths:
+        raise FormatError("; ".join(f"placeholder {k!r}: cannot rebind at {p!r}: {why}" for k, p, why in bad_paths[:5]))
+    if pickles and not allow_pickle:
+        raise PickleRefusedError(pickles)
+    return trust, frozenset(p.key for p in manifest.placeholders if _covered(p, manifest, custom_objects))
+
+
+def optimizer_tensors(manifest: Manifest) -> set[str]:
+    """The tensor keys that hold optimizer state (an evaluation load leaves them unread)."""
+    return {
+        key
+        for entry in manifest.state_dicts
+        if isinstance(entry, OptimizerState)
+        for node in iter_nodes(entry.state)
+        if (key := getattr(node, "tensor", None)) is not None
+    }
 
 
 def is_sb3_zip(path: PathLike) -> bool:
@@ -697,8 +745,10 @@ def _build(
     custom_objects: Mapping[str, Any],
     force_reset: bool,
     kwargs: dict[str, Any],
+    *,
+    training: bool = True,
 ) -> SelfAlgo:
-    """Rebuild the model as ``BaseAlgorithm.load`` does, from decoded data."""
+    """Rebuild the model as ``BaseAlgorithm.load`` does, from decoded data (``training=False``: no optimizer yet)."""
     data = {name: decoder.decode(node, name) for name, node in manifest.data.items()}
     if "policy_kwargs" in data and isinstance(data["policy_kwargs"], dict):
         data["policy_kwargs"].pop("device", None)
@@ -707,15 +757,7 @@ def _build(
             "the policy_kwargs passed to load differ from the stored ones; to replace single entries use"
             " custom_objects={'policy_kwargs.<key>': value}, and for live objects resources={...}"
         )
-    for key in ("observation_space", "action_space", "policy_class"):
-        if key not in data:
-            raise FormatError(f"the file has no {key!r}; it cannot be rebuilt (was it left out with exclude=?)")
-    policy_class = data["policy_class"]
-    if not (isinstance(policy_class, type) and issubclass(policy_class, BasePolicy)):
-        raise FormatError(f"the stored policy_class {policy_class!r:.100} is not a stable_baselines3 policy class")
-    for key in ("observation_space", "action_space"):
-        if not isinstance(data[key], gym_spaces.Space):
-            raise FormatError(f"the stored {key} is a {type(data[key]).__name__}, not a gymnasium space")
+    check_policy_data(data)
     if env is not None:
         try:
             env = cls._wrap_env(env, data.get("verbose", 0))
@@ -729,7 +771,7 @@ def _build(
         model = cls(policy=data["policy_class"], env=env, device=device, _init_setup_model=False)  # type: ignore[call-arg]
         model.__dict__.update(data)
         model.__dict__.update(kwargs)
-        with no_weight_init():
+        with no_weight_init(), contextlib.nullcontext() if training else deferred_optimizers(model):
             model._setup_model()
         _restore_session_state(model, data)
     except SafeSaveError:
@@ -747,6 +789,19 @@ def _equal(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # e.g. arrays, whose == is elementwise
         return False
+
+
+def check_policy_data(data: Mapping[str, Any]) -> None:
+    """The decoded values a policy is built from: ``policy_class`` a policy class, the spaces gymnasium spaces."""
+    for key in ("observation_space", "action_space", "policy_class"):
+        if key not in data:
+            raise FormatError(f"the file has no {key!r}; it cannot be rebuilt (was it left out with exclude=?)")
+    policy_class = data["policy_class"]
+    if not (isinstance(policy_class, type) and issubclass(policy_class, BasePolicy)):
+        raise FormatError(f"the stored policy_class {policy_class!r:.100} is not a stable_baselines3 policy class")
+    for key in ("observation_space", "action_space"):
+        if not isinstance(data[key], gym_spaces.Space):
+            raise FormatError(f"the stored {key} is a {type(data[key]).__name__}, not a gymnasium space")
 
 
 def _attach_vec_normalize(
@@ -839,6 +894,7 @@ def _load_state_dicts(
     exact_match: bool = True,
     in_place: bool = False,
     provided: Iterable[Any] = (),
+    optimizers: bool = True,
 ) -> None:
     """Put module and optimizer state dicts back, like SB3's ``set_parameters``.
 
@@ -847,6 +903,7 @@ def _load_state_dicts(
     checksum of every tensor to be copied before the first copy.
 
     :param provided: the caller's objects (resources): their tensors are never written into
+    :param optimizers: False (an evaluation load): optimizer state is neither read nor loaded
     """
     expected, _ = model._get_torch_save_params()
     stored = [e.name for e in manifest.state_dicts]
@@ -859,6 +916,8 @@ def _load_state_dicts(
     commits: list[Commit] = []
     reads: list[str] = []
     for entry in manifest.state_dicts:
+        if isinstance(entry, OptimizerState) and not optimizers:
+            continue
         target = _state_target(model, entry)
         if isinstance(entry, ModuleState):
             plan = _plan_module if exact_match else _plan_module_partial
@@ -880,6 +939,8 @@ def _state_target(model: BaseAlgorithm, entry: ModuleState | OptimizerState) -> 
         target = resolve_attr(model, entry.name)
     except (AttributeError, KeyError, IndexError, TypeError):
         raise StateMismatchError(f"the file has state dict {entry.name!r}, which the model does not have") from None
+    if isinstance(target, DeferredOptimizer):  # loaded with training=False: the real optimizer is built now (it warns)
+        target = target.materialize()
     kind = th.nn.Module if isinstance(entry, ModuleState) else th.optim.Optimizer
     if not isinstance(target, kind):
         raise StateMismatchError(
@@ -947,11 +1008,17 @@ def _same_kind(a: Any, b: Any) -> bool:
 
 
 def _load_state(
-    model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder, body: _weights.Body, provided: Iterable[Any] = ()
+    model: BaseAlgorithm,
+    manifest: Manifest,
+    decoder: _Decoder,
+    body: _weights.Body,
+    provided: Iterable[Any] = (),
+    *,
+    training: bool = True,
 ) -> None:
-    """Put state dicts, optimizer state and torch variables back (SB3's ``set_parameters`` + variables)."""
+    """Put state dicts, optimizer state (unless not ``training``) and torch variables back."""
     provided = list(provided)
-    _load_state_dicts(model, manifest, decoder, body, provided=provided)
+    _load_state_dicts(model, manifest, decoder, body, provided=provided, optimizers=training)
     device = model.device
     variables = set(model._get_torch_save_params()[1])
     foreign = sorted(set(manifest.torch_variables) - variables)  # only the model's own torch variables are written

@@ -36,6 +36,7 @@ from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from sb3_safe_save._codecs import SCHEDULE_NAMES, NotEncodable, codec_for, sample_schedule
+from sb3_safe_save._deferred import DeferredOptimizer
 from sb3_safe_save._errors import UnsupportedObjectError
 from sb3_safe_save._external import External, unwrap
 from sb3_safe_save._manifest import (
@@ -155,6 +156,8 @@ class Walker:
         optimizers: list[tuple[str, th.optim.Optimizer]] = []
         for name in state_names:
             obj = resolve_attr(model, name)
+            if isinstance(obj, DeferredOptimizer):  # loaded with training=False: save a fresh optimizer (it warns)
+                obj = obj.materialize()
             if isinstance(obj, th.optim.Optimizer):
                 optimizers.append((name, obj))
             else:
