@@ -37,6 +37,7 @@ from sb3_safe_save import (
     read_manifest,
     safe,
     save_policy,
+    unwrap,
 )
 from sb3_safe_save._deferred import DeferredOptimizer
 from sb3_safe_save._manifest import OptimizerState, iter_nodes
@@ -193,7 +194,7 @@ def test_load_policy_needs_trust_for_a_custom_policy_class(tmp_path: pathlib.Pat
         load_policy(path, device="cpu", trusted=[CustomDQNPolicy])
     policy = load_policy(path, device="cpu", trusted=[CustomDQNPolicy], resources={key: expert})
     assert isinstance(policy, CustomDQNPolicy)
-    assert policy.q_net.vlm_model is expert and policy.q_net_target.vlm_model is expert  # rebound by identity
+    assert unwrap(policy.q_net.vlm_model) is expert and unwrap(policy.q_net_target.vlm_model) is expert  # rebound by identity
     policy.set_use_expert(True)
     model.policy.set_use_expert(True)
     _same_policy(policy, model.policy)
@@ -279,13 +280,13 @@ def test_save_policy_keeps_external_modules_out(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "policy.safetensors"
     save_policy(model.policy, path)
     manifest = read_manifest(path)
-    assert [p.reason for p in manifest.placeholders] == ["external_module"]
+    assert len(manifest.placeholders) == 1 and manifest.placeholders[0].reason.startswith("external")
     assert not any("vlm_model." in k for k in manifest.tensors)  # the expert's weights are not in the file
     key = manifest.placeholders[0].key
     with pytest.raises(MissingResourceError, match=key):
         load_policy(path, device="cpu", trusted=[ReportingPolicy])
     policy = load_policy(path, device="cpu", trusted=[ReportingPolicy], resources={key: expert})
-    assert policy.q_net.vlm_model is expert and policy.q_net_target.vlm_model is expert
+    assert unwrap(policy.q_net.vlm_model) is expert and unwrap(policy.q_net_target.vlm_model) is expert
     policy.set_use_expert(True)
     model.policy.set_use_expert(True)
     _same_policy(policy, model.policy)
