@@ -610,7 +610,9 @@ def _findings(
 def _attribute_findings(manifest: Manifest, algo: type | None) -> list[Finding]:
     """What ``load`` refuses about the file's algorithm, stored attributes and rebind paths."""
     findings: list[Finding] = []
-    if algo is None:
+    if manifest.content == "policy":
+        pass  # a policy file (save_policy): no algorithm loads it, load_policy does; its policy_class is a reference
+    elif algo is None:
         findings.append(
             Finding(
                 code="refused_reference",
