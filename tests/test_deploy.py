@@ -358,3 +358,13 @@ def test_load_policy_to_cuda(saved: tuple[BaseAlgorithm, pathlib.Path]) -> None:
     policy = load_policy(path, device="cuda")
     assert all(p.device.type == "cuda" for p in policy.parameters())
     _same_policy(policy.to("cpu"), model.policy)
+
+
+def test_evaluation_load_then_set_parameters_restores_the_optimizer_state(tmp_path: pathlib.Path) -> None:
+    model = _ppo()
+    path = tmp_path / "agent.safetensors"
+    model.save(path)
+    loaded = safe(PPO).load(path, device="cpu", training=False)
+    with pytest.warns(UserWarning, match="training=False"):
+        loaded.set_parameters(path)
+    assert_same_tree(loaded.policy.optimizer.state_dict(), model.policy.optimizer.state_dict(), "optimizer")
