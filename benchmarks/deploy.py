@@ -37,8 +37,8 @@ FLOOR_METHODS = ("ours", "ours_eval", "load_policy", "floor_readinto", "floor_st
 LABELS = {
     "stock": "stock `PPO.load` (zip)",
     "stock_policy": "stock `ActorCriticPolicy.load` (`policy.save` pickle)",
-    "ours": "`safe(PPO).load`",
-    "ours_eval": "`safe(PPO).load(training=False)`",
+    "ours": "`safe(Algo).load`",
+    "ours_eval": "`safe(Algo).load(training=False)`",
     "load_policy": "`load_policy`",
     "floor_readinto": "**floor**: `readinto` into fresh `torch.empty` tensors",
     "floor_st": "`safetensors.torch.load_file` (mmap: returns before reading)",
@@ -387,6 +387,17 @@ def main() -> None:
     print(f"done in {results['duration_s']:.0f}s")
 
 
+def rewrite() -> None:
+    """Regenerate ``DEPLOY.md`` from ``deploy.json`` (after editing ``DEPLOY_NOTES.md``)."""
+    results = json.loads((HERE / "deploy.json").read_text())
+    notes_file = HERE / "DEPLOY_NOTES.md"
+    results["notes"] = notes_file.read_text().splitlines() if notes_file.exists() else []
+    (HERE / "DEPLOY.md").write_text(markdown(results))
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT / "examples"))
-    main()
+    if sys.argv[1:] == ["--rewrite"]:
+        rewrite()
+    else:
+        main()
