@@ -18,18 +18,15 @@ checks both directions against the safetensors library.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import functools
 import hashlib
 import json
-import mmap
 import os
 import struct
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -366,43 +363,6 @@ def _read_exact(f: IO[bytes], n: int) -> bytes:
     return data
 
 
-_HUGE_MIN = 4 << 20
-_MADV_HUGEPAGE = 14
-
-
-@functools.cache
-def _madvise() -> Callable[[int, int, int], int] | None:
-    if sys.platform != "linux":
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):  # pragma: no cover - no libc symbol
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _advise_huge_pages(dest: np.ndarray) -> None:
-    """Hint Linux to back a large destination with transparent huge pages before it is first touched.
-
-    A model built at load has never touched its parameter memory (weight init is off), so reading
-    into it page-faults every 4 KiB page; with huge pages that costs 512x fewer faults (measured: 440
-    MB read in 104 ms instead of 302 ms). Only a hint: the kernel may ignore it, and errors are ignored.
-    """
-    madvise = _madvise()
-    if madvise is None:
-        return
-    start = dest.ctypes.data
-    end = start + dest.nbytes
-    aligned = (start + _PAGE - 1) & ~(_PAGE - 1)
-    if end - aligned >= _HUGE_MIN:
-        madvise(aligned, end - aligned, _MADV_HUGEPAGE)
-
-
-_PAGE = mmap.PAGESIZE
-
-
 class Body:
     """Reads tensor bytes from an open file into caller-provided memory, checking each checksum.
 
@@ -458,13 +418,17 @@ class Body:
             self._check(key, h.hexdigest())
 
     def read_into(self, key: str, dest: np.ndarray) -> None:
-        """Fill ``dest`` (a writable, C-contiguous byte array of the right size) with tensor ``key``."""
+        """Fill ``dest`` (a writable, C-contiguous byte array of the right size) with tensor ``key``.
+
+        One ``readinto`` straight into ``dest``, with no huge-page hint: on kernels where THP is
+        ``madvise`` with ``defrag=madvise``, ``MADV_HUGEPAGE`` made first-touch page faults stall on
+        compaction, up to 5x the whole load at 100M parameters (``benchmarks/SCALE.md``, issue 16).
+        Plain ``readinto`` measured at the fresh-memory floor; copying from a mapping was slower.
+        """
         info = self.info(key)
         view = dest.data.cast("B")
         if view.nbytes != info.nbytes:
             raise FormatError(f"tensor {key!r}: stored as {info.nbytes} bytes but the destination holds {view.nbytes}")
-        if info.nbytes >= _HUGE_MIN:
-            _advise_huge_pages(dest)
         self._f.seek(info.start)
         got = 0
         while got < info.nbytes:
