@@ -1253,14 +1253,30 @@ def rebind_problems(manifest: Manifest, algo: type | None) -> list[tuple[str, st
                 continue  # decoded with the data, not rebound
             parts = path.split(".")
             inside = next((q for q in (".".join(parts[:i]) for i in range(1, len(parts))) if q in resource_paths), None)
+            stored = _stored_at(manifest, path)
             problem = (
                 f"it goes through {inside!r}, where a resource is bound (not the model's own object)"
                 if inside is not None
+                else f"the file stores {stored!r} there (a resource would replace what was just loaded)"
+                if stored is not None
                 else rebind_problem(path, algo, entry[0] if entry is not None else None)
             )
             if problem is not None:
                 out.append((ph.key, path, problem))
     return out
+
+
+def _stored_at(manifest: Manifest, path: str) -> str | None:
+    """A state dict, stored weight or torch variable at or below ``path`` (which no resource may replace), or None."""
+    for entry in manifest.state_dicts:
+        if entry.name == path or entry.name.startswith(path + "."):
+            return entry.name
+        if isinstance(entry, ModuleState) and path.startswith(entry.name + "."):
+            rel = path[len(entry.name) + 1 :]
+            for key in (*entry.keys, *entry.aliases):
+                if key == rel or key.startswith(rel + "."):
+                    return f"{entry.name}/{key}"
+    return next((name for name in manifest.torch_variables if name == path or name.startswith(path + ".")), None)
 
 
 def rebind_target(model: BaseAlgorithm, path: str, key: str, resources: set[int]) -> tuple[Any, str]:

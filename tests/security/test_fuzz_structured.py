@@ -442,8 +442,11 @@ def _assert_faithful(model: Any, manifest: dict[str, Any], tensors: dict[str, th
             stored = tensors.get(f"{entry['name']}/{canonical}")
             assert stored is not None, f"{entry['name']}.{key} was not filled from the file"
             assert value.device.type == "cpu"
-            assert value.shape == stored.shape and th.equal(value, stored.to(value.dtype)), key
-    model.predict(model.observation_space.sample(), deterministic=True)
+            expected = stored.to(value.dtype)
+            assert value.shape == stored.shape, key
+            assert np.array_equal(value.numpy(), expected.numpy(), equal_nan=value.is_floating_point()), key
+    if all(p.isfinite().all() for p in model.policy.parameters()):  # NaN weights are the file's, and cannot act
+        model.predict(model.observation_space.sample(), deterministic=True)
 
 
 def _check(a: Arena, data: st.DataObject) -> None:

@@ -177,6 +177,10 @@ ATTACKS: dict[str, Attack] = {
     "rebind a module's forward": _rebind("policy.action_net.forward"),
     "rebind a property": _rebind("policy.squash_output"),
     "rebind a space's method": _rebind("policy.observation_space.sample"),
+    "rebind a stand-in over a child module": _rebind("policy.mlp_extractor"),
+    "rebind over the whole policy": _rebind("policy"),
+    "rebind over a loaded weight": _rebind("policy.action_net.weight"),
+    "rebind over the optimizer": _rebind("policy.optimizer"),
     # 9. audit must make load's decisions, not trust what the file says about itself
     "algorithm builtins:PPO with a builtins ref": _top(
         "algorithm", "builtins:PPO", _kw("activation_fn", _ref("builtins:ReferenceError"))
@@ -185,6 +189,9 @@ ATTACKS: dict[str, Attack] = {
         "algorithm", f"{c.canary.module}:PPO", _kw("activation_fn", _ref(c.canary.ref))
     )(c),
 }
+
+
+AUDITED = list(ATTACKS)
 
 
 def _forged(name: str, ctx: Ctx) -> bytes:
@@ -235,7 +242,7 @@ def test_plain_load_refuses(name: str, ctx: Ctx, popen_calls: list[Any]) -> None
     assert th.optim.Adam.step is adam_step
 
 
-@pytest.mark.parametrize("name", list(ATTACKS))
+@pytest.mark.parametrize("name", AUDITED)
 def test_audit_does_not_call_it_ok(name: str, ctx: Ctx) -> None:
     path = write(ctx.tmp, _forged(name, ctx))
     try:
@@ -251,13 +258,13 @@ def test_cli_audit_fails_every_forged_file(tmp_path: Path, canary: Canary, victi
     """One ``sb3-safe-save audit --fail-on warning`` over all forged files: none is OK, exit status 1 or 2."""
     ctx = Ctx(tmp_path, canary, victim)
     (tmp_path / "cwd").mkdir()
-    paths = [write(tmp_path, _forged(name, ctx), f"attack{i}.safetensors") for i, name in enumerate(ATTACKS)]
+    paths = [write(tmp_path, _forged(name, ctx), f"attack{i}.safetensors") for i, name in enumerate(AUDITED)]
     done = run_cli("audit", *map(str, paths), "--fail-on", "warning", "--format", "json", cwd=tmp_path / "cwd")
     assert done.returncode in (1, 2), done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     doc = json.loads(done.stdout)
     assert doc["ok"] is False
-    names = dict(zip(map(str, paths), ATTACKS, strict=True))
+    names = dict(zip(map(str, paths), AUDITED, strict=True))
     ok = [names.get(r["source"], r["source"]) for r in doc["reports"] if r["ok"]]
     assert ok == [], f"the CLI calls these forged files OK: {ok}"
     _check_no_side_effects(ctx)
