@@ -18,6 +18,7 @@ from _naive import make_naive_model
 from lang_dqn import ModuleExpert, UnpicklableExpert, make_model
 from sb3_safe_save import HazardWarning, file_sha256, read_manifest, safe
 from sb3_safe_save._cli import _color, main
+from sb3_safe_save._manifest import FORMAT_VERSION
 
 EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
 
@@ -49,7 +50,7 @@ def test_inspect_text(files: dict[str, Path], capsys: pytest.CaptureFixture[str]
     assert main(["inspect", str(files["lang"])]) == 0
     out = capsys.readouterr().out
     assert file_sha256(files["lang"]) in out
-    assert "Format      sb3_safe_save 1" in out and "stable_baselines3 2." in out
+    assert f"Format      sb3_safe_save {FORMAT_VERSION}" in out and "stable_baselines3 2." in out
     assert "vlm_model" in out and "lang_dqn.ModuleExpert" in out and "external_module" in out
     assert "policy/q_net.q_net.0.weight" in out and "F32" in out and "8x4" in out and "128 B" in out
     assert "shared_with_target" in out
@@ -58,7 +59,9 @@ def test_inspect_text(files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 def test_inspect_json(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", "--format", "json", str(files["ppo"])]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["schema_version"] == 1 and doc["format_version"] == 1 and doc["sha256"] == file_sha256(files["ppo"])
+    assert (
+        doc["schema_version"] == 1 and doc["format_version"] == FORMAT_VERSION and doc["sha256"] == file_sha256(files["ppo"])
+    )
     assert doc["algorithm"] == "stable_baselines3.ppo.ppo:PPO" and doc["size_bytes"] == files["ppo"].stat().st_size
     weight = next(t for t in doc["tensors"] if t["name"] == "policy/action_net.weight")
     assert weight == {"name": "policy/action_net.weight", "dtype": "F32", "shape": [2, 8], "bytes": 64}

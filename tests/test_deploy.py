@@ -255,7 +255,7 @@ def test_policy_file_is_inspected_and_audited_and_refused_by_load(tmp_path: path
     assert out.returncode == 0 and "ActorCriticPolicy" in out.stdout
     with pytest.raises(FormatError, match="load_policy"):
         safe(PPO).load(path)
-    assert "content" not in read_manifest_json(tmp_path, model)  # agent files do not carry the new field
+    assert read_manifest_json(tmp_path, model)["content"] == "agent"
 
 
 def read_manifest_json(tmp_path: pathlib.Path, model: BaseAlgorithm) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from stable_baselines3 import DQN, PPO
 
 from _hostile import ALGOS, join, manifest_of, saved_bytes, split, tiny_model, with_manifest_text
 from sb3_safe_save import FormatError, IntegrityError, SafeSaveError, UnsupportedObjectError, _weights, file_sha256, safe
+from sb3_safe_save._manifest import FORMAT_VERSION
 
 LOAD_SECONDS = 10.0  # a generous bound per load; typical loads of these files take ~30 ms
 
@@ -149,7 +150,7 @@ def test_future_format_version_is_refused() -> None:
     from sb3_safe_save import UnsupportedVersionError
 
     data = saved_bytes("DQN")
-    text = json.dumps({**manifest_of(data), "format_version": 2})
+    text = json.dumps({**manifest_of(data), "format_version": FORMAT_VERSION + 1})
     with pytest.raises(UnsupportedVersionError, match="upgrade"):
         _load("DQN", with_manifest_text(data, text))
 

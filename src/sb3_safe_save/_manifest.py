@@ -15,6 +15,11 @@ every older version (see ``_load_manifest``), and add a golden file for the new 
 ``tests/data/``. Adding an optional field with a default that old files implicitly have is not a bump.
 
 * **1** (sb3_safe_save 0.1): first version.
+* **2** (sb3_safe_save 0.2): the ``schedule`` node kind (schedules stored as data), ``random_state``
+  (exact resume), ``Placeholder.external_paths`` (``external()``), ``content`` (``"agent"`` or
+  ``"policy"`` for ``save_policy`` files). A 0.1 loader would refuse these files with a validation
+  error; with the bump it says to upgrade. Version 1 files load unchanged (every new field has the
+  default they implicitly have).
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ from pydantic import (
 from sb3_safe_save._errors import FormatError, UnsupportedVersionError
 
 FORMAT_NAME: Final = "sb3_safe_save"
-FORMAT_VERSION: Final = 1
-SUPPORTED_VERSIONS = frozenset({1})
+FORMAT_VERSION: Final = 2
+SUPPORTED_VERSIONS = frozenset({1, 2})
 
 #: ``__metadata__`` keys of the safetensors header.
 META_MANIFEST = "sb3_safe_save"
@@ -468,7 +473,7 @@ class Manifest(_Model):
     """Everything in a saved agent except tensor bytes."""
 
     format: Literal["sb3_safe_save"] = FORMAT_NAME
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1, 2] = FORMAT_VERSION
     versions: Versions
     algorithm: str
     base_algorithm: str
@@ -481,8 +486,7 @@ class Manifest(_Model):
     vec_normalize: VecNormalizeState | None = None
     random_state: RandomState | None = None
     #: ``"policy"``: a policy-only file written by ``save_policy`` (``algorithm`` then names the policy class).
-    #: Left out of the JSON when ``"agent"``, so agent files read the same as before the field existed.
-    content: Literal["agent", "policy"] = Field(default="agent", exclude_if=lambda v: v == "agent")
+    content: Literal["agent", "policy"] = "agent"
 
     @field_validator("algorithm", "base_algorithm")
     @classmethod

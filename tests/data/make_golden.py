@@ -1,11 +1,12 @@
-"""Regenerate the golden files of format version 1 in ``tests/data/v1/``.
+"""Write the golden files of the current format version into ``tests/data/v<FORMAT_VERSION>/``.
 
 Golden files pin the file format: ``tests/test_format_compat.py`` loads each one with the current code
 and compares its predictions with those recorded here when it was written. They must keep loading
-for as long as format version 1 is supported, so **do not regenerate them casually**: regenerate
-only if they are lost or the recorded predictions need a new field. When the format changes
-(``FORMAT_VERSION`` bumps, see ``sb3_safe_save._manifest``), copy this script's recipe into a new
-``tests/data/v<N>/`` directory and keep the old one untouched.
+for as long as their format version is supported, so **they are never regenerated**: the script
+refuses a directory that exists. When the format changes (``FORMAT_VERSION`` bumps, see
+``sb3_safe_save._manifest``), run it once to write ``tests/data/v<N>/``; older directories stay untouched.
+Version 2 added a schedule (PPO's ``learning_rate`` is a lambda, stored as a ``schedule`` node) and the
+saved random state.
 
 Run from the repository root::
 
@@ -38,7 +39,6 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "v1"
 sys.path.insert(0, str(HERE.parent.parent / "examples"))
 
 N_OBS = 16
@@ -71,7 +71,10 @@ def build() -> dict[str, Any]:
         seed=0,
     )
     models["sac"] = (sac.learn(96), {})
-    ppo = safe(PPO)("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=16, n_epochs=2, policy_kwargs={"net_arch": [8]}, seed=0)
+    ppo = safe(PPO)(
+        "MlpPolicy", "CartPole-v1", n_steps=32, batch_size=16, n_epochs=2, policy_kwargs={"net_arch": [8]}, seed=0,
+        learning_rate=lambda progress: 3e-4 * progress,  # a schedule without a class: a ``schedule`` node (v2)
+    )  # fmt: skip
     models["ppo"] = (ppo.learn(64), {})
     lang = make_model(UnpicklableExpert(), net_arch=[8])
     lang.learn(96)
@@ -82,11 +85,13 @@ def build() -> dict[str, Any]:
 def main() -> None:
     from sb3_safe_save import FORMAT_VERSION, file_sha256, read_manifest
 
-    assert FORMAT_VERSION == 1, "this script writes format version 1; make a new directory for a new version"
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = HERE / f"v{FORMAT_VERSION}"
+    if out.exists():
+        sys.exit(f"{out} exists: golden files are never rewritten (see the module docstring)")
+    out.mkdir(parents=True)
     expected: dict[str, Any] = {}
     for name, (model, load) in build().items():
-        path = OUT / f"{name}.safetensors"
+        path = out / f"{name}.safetensors"
         model.save(path)
         if load.get("use_expert"):  # a plain module attribute: not stored, switched on after load
             model.policy.set_use_expert(True)
@@ -107,7 +112,7 @@ def main() -> None:
             entry["log_ent_coef"] = float(model.log_ent_coef.item())
         expected[name] = entry
         print(f"{path.relative_to(HERE.parent.parent)}: {path.stat().st_size} bytes")
-    (OUT / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+    (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
 
 
 if __name__ == "__main__":
