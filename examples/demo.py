@@ -57,8 +57,8 @@ def main() -> None:
     for ph in manifest.placeholders:
         print(f"   placeholder {ph.key!r} ({ph.type}, {ph.reason}) at {', '.join(ph.paths)}")
 
-    print("\n4. audit (reads the header only):")
-    report = sss.audit(path, max_bytes="1 MB")
+    print("\n4. audit (reads the header only; decides as CustomDQN.load would):")
+    report = sss.audit(path, max_bytes="1 MB", algo=CustomDQN)
     print("   " + report.table().replace("\n", "\n   "))
     print(f"   verdict: {report.summary()}")
 
