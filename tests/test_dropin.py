@@ -312,3 +312,12 @@ def test_a_buffer_the_file_claims_too_large_is_refused(tmp_path: pathlib.Path) -
     with pytest.raises(StateMismatchError, match="cannot be built"):
         model.load_replay_buffer(tmp_path / "huge.safetensors")
     assert model.replay_buffer is None
+
+
+def test_load_keyword_overrides_a_stored_tensorboard_log(tmp_path: pathlib.Path) -> None:
+    """SECURITY.md: a stored ``tensorboard_log`` is the file's choice; ``load(tensorboard_log=...)`` is the caller's."""
+    model = safe(PPO)("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, tensorboard_log=str(tmp_path / "theirs"))
+    model.save(tmp_path / "m")
+    assert safe(PPO).load(tmp_path / "m").tensorboard_log == str(tmp_path / "theirs")  # kept, as SB3 does
+    mine = str(tmp_path / "mine")
+    assert safe(PPO).load(tmp_path / "m", tensorboard_log=mine).tensorboard_log == mine
