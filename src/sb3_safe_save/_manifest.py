@@ -41,6 +41,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    create_model,
     field_validator,
 )
 
@@ -56,7 +57,20 @@ META_CHECKSUM = "sb3_safe_save.xxh3_128"
 
 #: ``items_field`` passes these to ``Field``: a list or dict field stops at its first bad item (pydantic >= 2.8),
 #: so a bad manifest yields a handful of errors, not one per value; with older pydantic ``_short`` caps the text.
-FAIL_FAST: dict[str, Any] = {"fail_fast": True} if tuple(map(int, PYDANTIC_VERSION.split(".")[:2])) >= (2, 8) else {}
+
+
+def _fail_fast_everywhere() -> bool:
+    """pydantic takes ``fail_fast`` on lists from 2.8 but on dicts only later (2.8-2.11 refuse it): probe a dict."""
+    if tuple(map(int, PYDANTIC_VERSION.split(".")[:2])) < (2, 8):  # older ones warn about an unknown Field argument
+        return False
+    try:
+        create_model("_FailFastProbe", d=(dict[str, int], Field(default_factory=dict, fail_fast=True)))
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+FAIL_FAST: dict[str, Any] = {"fail_fast": True} if _fail_fast_everywhere() else {}
 
 
 def items_field(**constraints: Any) -> Any:
