@@ -28,6 +28,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import GymEnv
 
+from sb3_safe_save import _weights
 from sb3_safe_save._errors import FormatError, StateMismatchError
 
 SelfAlgo = TypeVar("SelfAlgo", bound=BaseAlgorithm)
@@ -95,7 +96,7 @@ def save_checkpoint(
         if buffer is not None:
             save_buffer(buffer, tmp / BUFFER_FILE)
         _write_synced(tmp / INDEX_FILE, json.dumps(index.model_dump(), indent=2).encode())  # json: keeps -inf
-        _fsync_dir(tmp)
+        _weights._fsync_dir(tmp)
         _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,14 +120,6 @@ def _write_synced(path: pathlib.Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(directory: pathlib.Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _swap_in(tmp: pathlib.Path, target: pathlib.Path) -> None:
     """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first and removed after."""
     old = None
@@ -134,7 +127,7 @@ def _swap_in(tmp: pathlib.Path, target: pathlib.Path) -> None:
         old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(target, old)
     os.rename(tmp, target)
-    _fsync_dir(target.parent)
+    _weights._fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -380,11 +380,25 @@ _RNGS = {"PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"}
 MAX_SPACE_ELEMENTS = 2**26  # 67M elements: far above any image observation
 
 
-def _rng_state(rng: np.random.Generator | None) -> dict[str, Any] | None:
+def generator_state(rng: np.random.Generator | None) -> dict[str, Any] | None:
+    """A numpy generator's state as JSON (``bit_generator`` name plus its state), or None; see ``decode_generator``."""
     if rng is None:
         return None
     state = rng.bit_generator.state
     return _jsonable(state)  # type: ignore[no-any-return]
+
+
+def decode_generator(state: dict[str, Any], path: str) -> np.random.Generator:
+    """The generator ``generator_state`` describes; ``FormatError`` (naming ``path``) for an unknown or invalid one."""
+    name = state.get("bit_generator")
+    if not isinstance(name, str) or name not in _RNGS:
+        raise FormatError(f"{path}: unknown bit generator {name!r}")
+    bitgen = getattr(np.random, name)()
+    try:
+        bitgen.state = _unjsonable(state)
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError) as e:
+        raise FormatError(f"{path}: invalid RNG state: {e}") from None
+    return np.random.Generator(bitgen)
 
 
 def _jsonable(x: Any) -> Any:
@@ -424,7 +438,7 @@ class SpaceCodec(Codec):
     def encode(self, value: spaces.Space[Any], path: str, enc: Encoder) -> Node:
         names = self._ARGS[type(value)]
         args = {n: enc.encode(getattr(value, n), child_path(path, n)) for n in names}
-        return SpaceNode(space=type(value).__name__, args=args, rng=_rng_state(value._np_random))  # type: ignore[arg-type]
+        return SpaceNode(space=type(value).__name__, args=args, rng=generator_state(value._np_random))  # type: ignore[arg-type]
 
     def decode(self, node: SpaceNode, path: str, dec: Decoder) -> spaces.Space[Any]:
         cls = getattr(spaces, node.space)
@@ -446,20 +460,8 @@ class SpaceCodec(Codec):
         except (TypeError, ValueError, AssertionError) as e:
             raise FormatError(f"{path}: cannot rebuild the {node.space} space: {e}") from None
         if node.rng is not None:
-            space._np_random = self._decode_rng(node.rng, path)
+            space._np_random = decode_generator(node.rng, path)
         return space  # type: ignore[no-any-return]
-
-    @staticmethod
-    def _decode_rng(state: dict[str, Any], path: str) -> np.random.Generator:
-        name = state.get("bit_generator")
-        if not isinstance(name, str) or name not in _RNGS:
-            raise FormatError(f"{path}: unknown bit generator {name!r}")
-        bitgen = getattr(np.random, name)()
-        try:
-            bitgen.state = _unjsonable(state)
-        except (TypeError, ValueError, KeyError) as e:
-            raise FormatError(f"{path}: invalid RNG state: {e}") from None
-        return np.random.Generator(bitgen)
 
 
 class RefCodec(Codec):

@@ -32,7 +32,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.distributions import StateDependentNoiseDistribution
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
-from sb3_safe_save._codecs import _jsonable, _unjsonable
+from sb3_safe_save._codecs import decode_generator, generator_state
 from sb3_safe_save._errors import FormatError, StateMismatchError
 from sb3_safe_save._manifest import RandomState
 
@@ -40,7 +40,6 @@ PREFIX = "rng/"
 P = ParamSpec("P")
 R = TypeVar("R")
 _GSDE_TENSORS = ("exploration_mat", "exploration_matrices")
-_BIT_GENERATORS = {"PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"}
 
 
 # =============================================================================================== save
@@ -57,7 +56,7 @@ def capture(model: BaseAlgorithm) -> tuple[RandomState, dict[str, th.Tensor]]:
     tensors[PREFIX + "numpy_key"] = _bytes(np.asarray(numpy_state["state"]["key"], dtype=np.uint32))
     tensors[PREFIX + "python"] = _bytes(np.asarray(internal, dtype=np.uint32))
     spaces = {
-        name: _generator_state(space._np_random)
+        name: generator_state(space._np_random)
         for name in ("observation_space", "action_space")
         if (space := getattr(model, name, None)) is not None and getattr(space, "_np_random", None) is not None
     }
@@ -96,10 +95,6 @@ def _uint32(tensor: th.Tensor, n: int, what: str) -> np.ndarray:
     return tensor.numpy().view("<u4").astype(np.uint32)
 
 
-def _generator_state(rng: np.random.Generator) -> dict[str, Any]:
-    return _jsonable(rng.bit_generator.state)  # type: ignore[no-any-return]
-
-
 def _gsde_distributions(model: BaseAlgorithm) -> list[tuple[str, StateDependentNoiseDistribution]]:
     policy = getattr(model, "policy", None)
     if not isinstance(policy, th.nn.Module):
@@ -126,7 +121,7 @@ def _env_state(venv: VecEnv | None) -> tuple[list[dict[str, Any] | None] | None,
         generators = venv.get_attr("_np_random")
     except (AttributeError, NotImplementedError):  # a VecEnv that cannot show its envs' generators
         generators = [None] * venv.num_envs
-    envs = [_generator_state(g) if isinstance(g, np.random.Generator) else None for g in generators]
+    envs = [generator_state(g) if isinstance(g, np.random.Generator) else None for g in generators]
     seeds = getattr(_base_vec_env(venv), "_seeds", None)
     return envs, (list(seeds) if isinstance(seeds, list) else None)
 
@@ -186,7 +181,7 @@ def prepare_restore(
     python_state = (state.python_version, tuple(int(x) for x in internal), state.python_gauss)
     _check(lambda: random.Random().setstate(python_state), "python")
     spaces: dict[str, np.random.Generator] = {
-        name: _generator(s, f"random_state.spaces.{name}") for name, s in state.spaces.items()
+        name: decode_generator(s, f"random_state.spaces.{name}") for name, s in state.spaces.items()
     }
     gsde: dict[str, dict[str, th.Tensor]] = {
         path: {a: read(f"{PREFIX}gsde/{path}/{a}") for a in attrs} for path, attrs in state.gsde.items()
@@ -213,7 +208,7 @@ def prepare_restore(
                 stacklevel=2,
             )
         else:
-            envs = [None if s is None else _generator(s, f"random_state.envs[{i}]") for i, s in enumerate(state.envs)]
+            envs = [None if s is None else decode_generator(s, f"random_state.envs[{i}]") for i, s in enumerate(state.envs)]
 
     def apply() -> None:
         _apply(model, venv, state, gsde, dists, spaces, envs)
@@ -262,12 +257,3 @@ def _check(apply: Callable[[], Any], what: str) -> None:
         apply()
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError, OverflowError) as e:
         raise FormatError(f"random_state.{what}: the stored generator state is invalid: {e}") from None
-
-
-def _generator(state: dict[str, Any], path: str) -> np.random.Generator:
-    name = state.get("bit_generator")
-    if not isinstance(name, str) or name not in _BIT_GENERATORS:
-        raise FormatError(f"{path}: unknown bit generator {name!r}")
-    bitgen = getattr(np.random, name)()
-    _check(lambda: setattr(bitgen, "state", _unjsonable(state)), path.removeprefix("random_state."))
-    return np.random.Generator(bitgen)
