@@ -223,6 +223,36 @@ def test_enjoy_refuses_untrusted_wrappers_in_a_saved_config(tmp_path: Path) -> N
     assert hyperparams["normalize"] is False
 
 
+def test_a_trusted_package_vouches_only_for_its_wrapper_classes(tmp_path: Path) -> None:
+    """Under a trusted package, functions, modules and classes of the wrong kind are refused, before any call."""
+    from sb3_safe_save._zoo import get_saved_hyperparams
+
+    (tmp_path / "config.yml").write_text(
+        "env_wrapper:\n"
+        "- gymnasium.wrappers.TimeLimit: {max_episode_steps: 5}\n"  # re-exported from gymnasium.wrappers.common
+        "- sb3_contrib.common.wrappers.TimeFeatureWrapper\n"
+        "- gymnasium.wrappers.common.deepcopy\n"  # a function imported there
+        "- stable_baselines3.common.vec_env.vec_video_recorder.os\n"  # a module
+        "- stable_baselines3.common.vec_env.VecFrameStack\n"  # a VecEnvWrapper, not a gymnasium Wrapper
+        "vec_env_wrapper:\n"
+        "- stable_baselines3.common.vec_env.VecFrameStack: {n_stack: 2}\n"
+        "- stable_baselines3.common.vec_env.DummyVecEnv\n"  # a VecEnv, not a wrapper
+        "callback: stable_baselines3.common.vec_env.sync_envs_normalization\n"
+    )
+    with pytest.raises(UntrustedTypeError, match="--trust") as info:
+        get_saved_hyperparams(str(tmp_path))
+    assert info.value.refs == [
+        "gymnasium.wrappers.common.deepcopy",
+        "stable_baselines3.common.vec_env.DummyVecEnv",
+        "stable_baselines3.common.vec_env.VecFrameStack",
+        "stable_baselines3.common.vec_env.sync_envs_normalization",
+        "stable_baselines3.common.vec_env.vec_video_recorder.os",
+    ]
+    assert "VecFrameStack (env_wrapper, vec_env_wrapper): is not a VecEnvWrapper and Wrapper class" in str(info.value)
+    hyperparams, _ = get_saved_hyperparams(str(tmp_path), trusted=[*info.value.refs])  # the caller's own decision
+    assert hyperparams["callback"] == "stable_baselines3.common.vec_env.sync_envs_normalization"
+
+
 def test_enjoy_refuses_a_stock_zip_with_the_way_out(tmp_path: Path) -> None:
     from sb3_safe_save._zoo import get_model_path
 

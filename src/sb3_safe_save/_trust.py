@@ -442,6 +442,65 @@ class TrustList:
         return obj
 
 
+# ------------------------------------------------------------------------------ rl-zoo3 configs
+#: Packages whose wrappers and callbacks a saved rl-zoo3 ``config.yml`` may name without ``--trust``
+ZOO_PACKAGES = (
+    "rl_zoo3.wrappers",
+    "rl_zoo3.gym_patches",  # importing rl_zoo3 replaces gymnasium.wrappers.TimeLimit with its PatchedTimeLimit
+    "gymnasium.wrappers",
+    "stable_baselines3.common.atari_wrappers",
+    "stable_baselines3.common.vec_env",
+    "sb3_contrib.common.wrappers",
+)
+#: The config keys rl-zoo3 imports and calls (``module.Class`` names), with the base each must derive from
+ZOO_SLOTS = {
+    "env_wrapper": "gymnasium.core:Wrapper",
+    "vec_env_wrapper": "stable_baselines3.common.vec_env.base_vec_env:VecEnvWrapper",
+    "callback": "stable_baselines3.common.callbacks:BaseCallback",
+}
+
+
+def _in_packages(module: str, packages: Iterable[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def zoo_refusals(names: Mapping[str, list[str]], trusted: TrustSpec | None) -> list[Refusal]:
+    """The ``module.Class`` names of an rl-zoo3 config that ``sb3_safe_save.zoo`` must not let rl-zoo3 import and call.
+
+    :param names: name -> the config keys (``ZOO_SLOTS``) it appears under
+    :param trusted: the caller's ``--trust`` (exact names or ``"pkg.*"``): trusted as given, as ``trusted=`` is
+    :return: one ``Refusal`` per name that is neither trusted by the caller nor a class derived from its
+        key's base and defined in ``ZOO_PACKAGES`` (checked by importing the trusted module, as rl-zoo3
+        itself would next; a function, a module or any other class there is refused)
+    """
+    trust = TrustList(trusted)
+    out: list[Refusal] = []
+    for name, keys in sorted(names.items()):
+        module_name, _, class_name = name.rpartition(".")
+        if trust.why(f"{module_name}:{class_name}") == "explicit":
+            continue
+        if not module_name or not _in_packages(module_name, ZOO_PACKAGES):
+            out.append(Refusal(name, keys, "not trusted", trustable=True))
+            continue
+        try:
+            obj = vars(importlib.import_module(module_name)).get(class_name)
+        except ImportError as e:
+            out.append(Refusal(name, keys, f"cannot be imported: {e}", trustable=False))
+            continue
+        bases = [_import_ref(ZOO_SLOTS[key]) for key in keys]
+        if not (
+            isinstance(obj, type) and _in_packages(obj.__module__, ZOO_PACKAGES) and all(issubclass(obj, b) for b in bases)
+        ):
+            what = " and ".join(sorted({b.__qualname__ for b in bases}))
+            out.append(Refusal(name, keys, f"is not a {what} class defined in those packages", trustable=True))
+    return out
+
+
+def _import_ref(ref: str) -> Any:
+    module_name, _, qualname = ref.partition(":")
+    return lookup(importlib.import_module(module_name), qualname)
+
+
 def _declared_items(cls: type) -> list[Any]:
     items = getattr(cls, "safe_save_trusted", ())
     return [items] if isinstance(items, (str, type)) else list(items)

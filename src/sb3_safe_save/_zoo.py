@@ -29,7 +29,7 @@ What rl-zoo3 does unsafely and what happens here instead:
 * ``normalize: "dict(norm_obs=True, norm_reward=False)"`` is ``eval()``-ed (rl-zoo #505): here only a dict
   literal or ``dict(key=literal, ...)`` is accepted.
 * ``env_wrapper``/``vec_env_wrapper`` named in a saved config are imported and called by ``enjoy``: here
-  they must be under ``ZOO_TRUSTED_WRAPPERS`` or given with ``--trust``.
+  they must be wrapper or callback classes defined under ``_trust.ZOO_PACKAGES``, or given with ``--trust``.
 """
 
 from __future__ import annotations
@@ -53,20 +53,13 @@ from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecNormalize
 
 from sb3_safe_save._errors import FormatError, PickleRefusedError, UntrustedTypeError
 from sb3_safe_save._mixin import safe
+from sb3_safe_save._trust import ZOO_PACKAGES, ZOO_SLOTS, zoo_refusals
 
 #: rl-zoo3 versions (major, minor) whose ``ExperimentManager``/``enjoy`` this module was written against and tested on.
 SUPPORTED_RL_ZOO3: tuple[tuple[int, int], ...] = ((2, 9),)
 SUFFIX = ".safetensors"
 VECNORMALIZE = "vecnormalize" + SUFFIX
 REPLAY_BUFFER = "replay_buffer" + SUFFIX
-#: Modules whose wrappers a saved config may name (``env_wrapper``, ``vec_env_wrapper``); more with ``--trust``.
-ZOO_TRUSTED_WRAPPERS = (
-    "rl_zoo3.wrappers.",
-    "gymnasium.wrappers.",
-    "stable_baselines3.common.atari_wrappers.",
-    "stable_baselines3.common.vec_env.",
-    "sb3_contrib.common.wrappers.",
-)
 
 
 class ZooUsageError(Exception):
@@ -184,22 +177,21 @@ def _check_kwargs(kwargs: Any, where: str) -> dict[str, Any]:
 
 
 def check_wrappers(hyperparams: dict[str, Any], trusted: Sequence[str], where: str) -> None:
-    """Refuse ``env_wrapper``/``vec_env_wrapper``/``callback`` names outside ``ZOO_TRUSTED_WRAPPERS`` and ``trusted``."""
-    prefixes = (*ZOO_TRUSTED_WRAPPERS, *(t[:-1] if t.endswith("*") else t for t in trusted))
-    exact = {t.replace(":", ".") for t in trusted if not t.endswith("*")}
-    bad: dict[str, list[str]] = {}
-    for key in ("env_wrapper", "vec_env_wrapper", "callback"):
+    """Refuse ``env_wrapper``/``vec_env_wrapper``/``callback`` names that ``_trust.zoo_refusals`` refuses."""
+    names: dict[str, list[str]] = {}
+    for key in ZOO_SLOTS:
         value = hyperparams.get(key)
         for item in value if isinstance(value, list) else [] if value is None else [value]:
             name = str(next(iter(item)) if isinstance(item, dict) and len(item) == 1 else item)
-            if name.replace(":", ".") not in exact and not name.startswith(prefixes):
-                bad.setdefault(name, []).append(f"{where}: {key}")
-    if bad:
-        error = UntrustedTypeError(sorted(bad), bad)
+            names.setdefault(name, []).append(key)
+    refusals = zoo_refusals(names, list(trusted))
+    if refusals:
+        error = UntrustedTypeError([r.ref for r in refusals], {r.ref: [f"{where}: {k}" for k in r.paths] for r in refusals})
+        lines = [f"  {r.ref} ({', '.join(r.paths)}): {r.reason}" for r in refusals]
         error.args = (
-            f"{error.args[0]}\nenjoy would import and call them. Trusted without asking: wrappers under"
-            f" {', '.join(p + '*' for p in ZOO_TRUSTED_WRAPPERS)}; to trust more, pass --trust NAME"
-            " (or --trust 'package.*') to python -m sb3_safe_save.zoo",
+            f"{where} names wrappers or callbacks that enjoy would import and call:\n" + "\n".join(lines) + "\n"
+            f"Trusted without asking: wrapper and callback classes defined under {', '.join(p + '.*' for p in ZOO_PACKAGES)}."
+            " To trust more, pass --trust NAME (or --trust 'package.*') to python -m sb3_safe_save.zoo",
         )
         raise error
 
