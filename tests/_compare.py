@@ -1,4 +1,4 @@
-"""Exactness checks shared by the tests: two models are the same agent, bit for bit."""
+"""Exactness checks shared by the tests: two models are the same agent, bit for bit; a buffer is unchanged."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ from typing import Any
 
 import numpy as np
 import torch as th
+from stable_baselines3 import DQN
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.envs import BitFlippingEnv
+from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
+
+from sb3_safe_save import safe
 
 
 def assert_same_tree(a: Any, b: Any, path: str = "") -> None:
@@ -60,3 +65,31 @@ def _sample_obs(model: BaseAlgorithm, n: int) -> Any:
     if isinstance(samples[0], dict):
         return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
     return np.stack(samples)
+
+
+def her_model() -> Any:
+    """A tiny ``safe(DQN)`` with a ``HerReplayBuffer`` on a 4-bit BitFlippingEnv."""
+    return safe(DQN)(
+        "MultiInputPolicy",
+        BitFlippingEnv(n_bits=4, continuous=False, max_steps=5),
+        buffer_size=64,
+        learning_starts=1000,
+        replay_buffer_class=HerReplayBuffer,
+        replay_buffer_kwargs=dict(n_sampled_goal=2, goal_selection_strategy="future"),
+        policy_kwargs=dict(net_arch=[8]),
+        seed=0,
+    )
+
+
+def buffer_state(buffer: Any) -> dict[str, Any]:
+    """A copy of every array, dict of arrays and scalar of a replay buffer (compare with ``assert_same_tree``)."""
+    out: dict[str, Any] = {}
+    for name, value in vars(buffer).items():
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            out[name] = value.copy()
+        elif isinstance(value, dict) and all(isinstance(v, np.ndarray) for v in value.values()):
+            out[name] = {k: v.copy() for k, v in value.items()}
+        elif isinstance(value, (int, float, bool, str)) or value is None:
+            out[name] = value
+    out["goal_selection_strategy"] = getattr(buffer, "goal_selection_strategy", None)
+    return out

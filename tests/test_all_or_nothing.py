@@ -17,11 +17,10 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from stable_baselines3 import DQN, PPO
-from stable_baselines3.common.envs import BitFlippingEnv
+from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
-from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
+from _compare import assert_same_tree, buffer_state, her_model
 from _hostile import drop_tensors, edit_manifest, join, manifest_of, saved_bytes, split, tiny_kwargs, tiny_model
 from sb3_safe_save import FormatError, IntegrityError, SafeSaveError, StateMismatchError, safe
 from sb3_safe_save._buffers import META_BUFFER, META_BUFFER_CHECKSUM
@@ -166,26 +165,6 @@ def test_failed_load_leaves_the_callers_vecnormalize_unchanged(vn_file: bytes, w
 
 
 # ---------------------------------------------------------------------------------------- HER buffer
-def her_model() -> Any:
-    return safe(DQN)(
-        "MultiInputPolicy",
-        BitFlippingEnv(n_bits=4, continuous=False, max_steps=5),
-        buffer_size=64,
-        learning_starts=1000,
-        replay_buffer_class=HerReplayBuffer,
-        replay_buffer_kwargs=dict(n_sampled_goal=2, goal_selection_strategy="future"),
-        policy_kwargs=dict(net_arch=[8]),
-        seed=0,
-    )
-
-
-def buffer_state(buffer: Any) -> dict[str, Any]:
-    out = {k: v.tobytes() for k, v in vars(buffer).items() if isinstance(v, np.ndarray) and v.dtype != object}
-    out.update({f"observations/{k}": v.tobytes() for k, v in buffer.observations.items()})
-    out.update({k: getattr(buffer, k) for k in ("pos", "full", "n_sampled_goal", "her_ratio", "goal_selection_strategy")})
-    return out
-
-
 def forge_buffer(data: bytes, edit: Any) -> bytes:
     header, body = split(data)
     meta = json.loads(header["__metadata__"][META_BUFFER])
@@ -219,7 +198,7 @@ def test_her_buffer_is_validated_before_it_is_filled(her_file: bytes, edit: Any)
     before = buffer_state(model.replay_buffer)
     with pytest.raises(FormatError):
         model.load_replay_buffer(io.BytesIO(forge_buffer(her_file, edit)))
-    assert buffer_state(model.replay_buffer) == before
+    assert_same_tree(before, buffer_state(model.replay_buffer))
 
 
 def test_her_episode_bookkeeping_out_of_range_is_refused_before_filling(her_file: bytes) -> None:
@@ -236,7 +215,7 @@ def test_her_episode_bookkeeping_out_of_range_is_refused_before_filling(her_file
     before = buffer_state(model.replay_buffer)
     with pytest.raises(FormatError, match="out of range"):
         model.load_replay_buffer(io.BytesIO(forge_buffer(bytes(forged), fix)))
-    assert buffer_state(model.replay_buffer) == before
+    assert_same_tree(before, buffer_state(model.replay_buffer))
 
 
 # ------------------------------------------------------------------------- every parameter is filled

@@ -13,9 +13,9 @@ import pytest
 import torch as th
 from stable_baselines3 import DQN, SAC
 from stable_baselines3.common.buffers import ReplayBuffer
-from stable_baselines3.common.envs import BitFlippingEnv
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
+from _compare import her_model
 from sb3_safe_save import FormatError, PickleRefusedError, StateMismatchError, safe
 from sb3_safe_save._buffers import load_buffer_into, save_buffer
 
@@ -126,17 +126,6 @@ def test_omu_keeps_the_next_observation_row(tmp_path: pathlib.Path) -> None:
 
 
 def test_her_round_trip(tmp_path: pathlib.Path, no_pickle: None) -> None:
-    def her_model() -> Any:
-        return safe(DQN)(
-            "MultiInputPolicy",
-            BitFlippingEnv(n_bits=4, continuous=False, max_steps=5),
-            buffer_size=64,
-            learning_starts=1000,
-            replay_buffer_class=HerReplayBuffer,
-            replay_buffer_kwargs=dict(n_sampled_goal=2, goal_selection_strategy="future"),
-            policy_kwargs=dict(net_arch=[8]),
-            seed=0,
-        )
 
     model = her_model()
     model.learn(23)  # ends mid-episode

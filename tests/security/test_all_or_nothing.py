@@ -17,13 +17,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from stable_baselines3 import DQN, PPO
-from stable_baselines3.common.envs import BitFlippingEnv
+from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
-from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 from _attack import base, forge, manifest, refused, write
-from _compare import assert_same_tree
+from _compare import assert_same_tree, buffer_state, her_model
 from _hostile import split, tiny_kwargs
 from sb3_safe_save import load_vecnormalize, safe, save_vecnormalize
 from sb3_safe_save._buffers import META_BUFFER, META_BUFFER_CHECKSUM
@@ -213,35 +211,9 @@ def test_load_vecnormalize_failure_leaves_the_callers_vecnormalize_unchanged(tmp
 
 
 # --------------------------------------------------------------------------------- replay buffers
-def _her_model() -> Any:
-    return safe(DQN)(
-        "MultiInputPolicy",
-        BitFlippingEnv(n_bits=4, continuous=False, max_steps=5),
-        buffer_size=64,
-        learning_starts=1000,
-        replay_buffer_class=HerReplayBuffer,
-        replay_buffer_kwargs=dict(n_sampled_goal=2, goal_selection_strategy="future"),
-        policy_kwargs=dict(net_arch=[8]),
-        seed=0,
-    )
-
-
-def _buffer_state(buffer: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in vars(buffer).items():
-        if isinstance(value, np.ndarray) and value.dtype != object:
-            out[name] = value.copy()
-        elif isinstance(value, dict) and all(isinstance(v, np.ndarray) for v in value.values()):
-            out[name] = {k: v.copy() for k, v in value.items()}
-        elif isinstance(value, (int, float, bool, str)) or value is None:
-            out[name] = value
-    out["goal_selection_strategy"] = getattr(buffer, "goal_selection_strategy", None)
-    return out
-
-
 @pytest.fixture(scope="module")
 def her_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    model = _her_model()
+    model = her_model()
     model.learn(23)
     path = tmp_path_factory.mktemp("her") / "her.safetensors"
     model.save_replay_buffer(path)
@@ -258,19 +230,19 @@ HER_EDITS = {
 def test_her_buffer_is_not_filled_and_then_rejected(tmp_path: Path, her_bytes: bytes, edit: Any) -> None:
     forged = forge(her_bytes, edit, meta_key=META_BUFFER, checksum_key=META_BUFFER_CHECKSUM)
     path = write(tmp_path, forged)
-    model = _her_model()
+    model = her_model()
     model.learn(7)
-    before = _buffer_state(model.replay_buffer)
+    before = buffer_state(model.replay_buffer)
     refused(lambda: model.load_replay_buffer(path))
-    assert_same_tree(before, _buffer_state(model.replay_buffer))
+    assert_same_tree(before, buffer_state(model.replay_buffer))
 
 
 def test_corrupt_replay_buffer_leaves_the_buffer_unchanged(tmp_path: Path, her_bytes: bytes) -> None:
     header, _ = split(her_bytes)
     last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
     path = write(tmp_path, _corrupt_tensor(her_bytes, last))
-    model = _her_model()
+    model = her_model()
     model.learn(7)
-    before = _buffer_state(model.replay_buffer)
+    before = buffer_state(model.replay_buffer)
     refused(lambda: model.load_replay_buffer(path))
-    assert_same_tree(before, _buffer_state(model.replay_buffer))
+    assert_same_tree(before, buffer_state(model.replay_buffer))
