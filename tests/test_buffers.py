@@ -126,7 +126,6 @@ def test_omu_keeps_the_next_observation_row(tmp_path: pathlib.Path) -> None:
 
 
 def test_her_round_trip(tmp_path: pathlib.Path, no_pickle: None) -> None:
-
     model = her_model()
     model.learn(23)  # ends mid-episode
     model.save_replay_buffer(tmp_path / "her")
