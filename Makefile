@@ -3,6 +3,8 @@
 #   make test   - lint (ruff), strict types (mypy) and the whole test suite (what .ci/run calls)
 #   make test-min - the whole suite on the lowest versions pyproject.toml declares, on Python 3.10
 #                   (constraints-min.txt; its own .venv-min; not in .ci/run: see README "Supported versions")
+#   make test-newest - save/load/audit/CLI/security tests on the newest release of everything, on Python 3.13
+#                   (its own .venv-newest, nothing pinned; not in .ci/run: see README "Supported versions")
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,8 +14,14 @@ STAMP := $(VENV)/.installed-stamp
 MIN_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
 MIN_VENV ?= .venv-min
 MIN_STAMP := $(MIN_VENV)/.installed-stamp
+NEWEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
+NEWEST_VENV ?= .venv-newest
+NEWEST_STAMP := $(NEWEST_VENV)/.installed-stamp
+#: what test-newest runs: save, load, audit, the CLI, the format and the hostile-input tests
+NEWEST_TESTS ?= tests/test_roundtrip.py tests/test_scenario.py tests/test_audit.py tests/test_cli.py \
+	tests/test_cli_safety.py tests/test_format_compat.py tests/test_bounds.py tests/test_security.py tests/security
 
-.PHONY: demo test test-min lint bench bench-quick clean
+.PHONY: demo test test-min test-newest lint bench bench-quick clean
 
 $(STAMP): pyproject.toml constraints.txt tests/resource_plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +43,19 @@ $(MIN_STAMP): pyproject.toml constraints-min.txt tests/resource_plugin/pyproject
 test-min: $(MIN_STAMP)
 	$(MIN_VENV)/bin/python -m pytest -n 2 -p no:cacheprovider
 
+# Nothing pinned: pip takes the newest release of each (torch's CUDA build, ~3 GB with its nvidia-* wheels).
+# Remove $(NEWEST_VENV) to move it to the releases of the day.
+$(NEWEST_STAMP): pyproject.toml tests/resource_plugin/pyproject.toml
+	$(NEWEST_PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade -e ".[contrib]" pytest pytest-timeout pytest-xdist hypothesis
+	$(NEWEST_VENV)/bin/python -m pip install -q --no-deps -e tests/resource_plugin
+	touch $(NEWEST_STAMP)
+
+test-newest: $(NEWEST_STAMP)
+	$(NEWEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|stable.baselines3|sb3.contrib|gymnasium|numpy|pydantic|safetensors|xxhash|cloudpickle) '
+	$(NEWEST_VENV)/bin/python -m pytest -n 2 -p no:cacheprovider $(NEWEST_TESTS)
+
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
@@ -53,4 +74,4 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) $(NEWEST_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -23,13 +23,14 @@ import shutil
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
+from pydantic import Field, StrictFloat, StrictInt, ValidationError
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import GymEnv
 
 from sb3_safe_save import _weights
 from sb3_safe_save._errors import FormatError, StateMismatchError
+from sb3_safe_save._manifest import _Model, items_field, list_field
 
 SelfAlgo = TypeVar("SelfAlgo", bound=BaseAlgorithm)
 MODEL_FILE = "model.safetensors"
@@ -37,27 +38,25 @@ BUFFER_FILE = "replay_buffer.safetensors"
 INDEX_FILE = "checkpoint.json"
 
 
-class CallbackState(BaseModel):
+class CallbackState(_Model):
     """A callback's counters: its class name and its int and float attributes that are not settings.
 
     Settings are attributes named like a parameter of the callback's ``__init__`` (``save_freq``,
     ``eval_freq``, ``verbose``): the callback given at resume keeps its own.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     type: str = Field(max_length=500)
-    counters: dict[str, StrictInt | StrictFloat] = Field(max_length=1000)
+    counters: dict[str, StrictInt | StrictFloat] = items_field(max_length=1000)
 
 
-class CheckpointIndex(BaseModel):
+class CheckpointIndex(_Model):
     """``checkpoint.json``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     format: Literal["sb3_safe_save.checkpoint"] = "sb3_safe_save.checkpoint"
     version: Literal[1] = 1
     num_timesteps: int = Field(ge=0)
     replay_buffer: bool
-    callbacks: list[CallbackState] = Field(default_factory=list, max_length=1000)
+    callbacks: list[CallbackState] = list_field(default_factory=list, max_length=1000)
 
 
 # =============================================================================================== save

@@ -24,26 +24,34 @@ every older version (see ``_load_manifest``), and add a golden file for the new 
 
 from __future__ import annotations
 
+import functools
 import json
 import keyword
 import re
 from collections.abc import Callable, Iterable
-from typing import Annotated, Any, Final, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
 
+import annotated_types
 from pydantic import VERSION as PYDANTIC_VERSION
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
+    Tag,
     ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
     create_model,
     field_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticKnownError
 
 from sb3_safe_save._errors import FormatError, UnsupportedVersionError
 
@@ -55,27 +63,37 @@ SUPPORTED_VERSIONS = frozenset({1, 2})
 META_MANIFEST = "sb3_safe_save"
 META_CHECKSUM = "sb3_safe_save.xxh3_128"
 
-#: ``items_field`` passes these to ``Field``: a list or dict field stops at its first bad item (pydantic >= 2.8),
-#: so a bad manifest yields a handful of errors, not one per value; with older pydantic ``_short`` caps the text.
 
-
-def _fail_fast_everywhere() -> bool:
-    """pydantic takes ``fail_fast`` on lists from 2.8 but on dicts only later (2.8-2.11 refuse it): probe a dict."""
+def _takes_fail_fast(annotation: Any) -> bool:
+    """Whether this pydantic takes ``Field(fail_fast=True)`` on a field of this type: lists from 2.8, dicts from 2.14."""
     if tuple(map(int, PYDANTIC_VERSION.split(".")[:2])) < (2, 8):  # older ones warn about an unknown Field argument
         return False
     try:
-        create_model("_FailFastProbe", d=(dict[str, int], Field(default_factory=dict, fail_fast=True)))
-    except (RuntimeError, TypeError):
+        create_model("_FailFastProbe", x=(annotation, Field(fail_fast=True)))
+    except (RuntimeError, TypeError):  # 2.8-2.13 on a dict: "Unable to apply constraint 'fail_fast' to schema of type 'dict'"
         return False
     return True
 
 
-FAIL_FAST: dict[str, Any] = {"fail_fast": True} if _fail_fast_everywhere() else {}
+#: Whether pydantic itself stops a list / a dict field at its first bad item (``Field(fail_fast=True)``). Where it
+#: cannot, ``_Model`` validates such a field one item at a time (``_first_bad_item``): either way a bad manifest
+#: yields a handful of errors, not one (or six) per value, which cost kilobytes each.
+LIST_FAIL_FAST: Final = _takes_fail_fast(list[int])
+DICT_FAIL_FAST: Final = _takes_fail_fast(dict[str, int])
+
+
+def list_field(**constraints: Any) -> Any:
+    """``Field(**constraints)`` for a list field, failing fast natively where pydantic can (``LIST_FAIL_FAST``)."""
+    return Field(**constraints, **_fail_fast(LIST_FAIL_FAST))
 
 
 def items_field(**constraints: Any) -> Any:
-    """``Field(**constraints)`` for a list or dict field, failing fast where pydantic can (``FAIL_FAST``)."""
-    return Field(**constraints, **FAIL_FAST)
+    """``Field(**constraints)`` for a dict (or list) field, failing fast natively where pydantic can on both kinds."""
+    return Field(**constraints, **_fail_fast(DICT_FAIL_FAST))
+
+
+def _fail_fast(native: bool) -> dict[str, Any]:
+    return {"fail_fast": True} if native else {}
 
 
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -141,8 +159,85 @@ Ref = Annotated[str, AfterValidator(check_ref)]
 AttrPath = Annotated[str, AfterValidator(check_path)]
 
 
+#: The names of the list and dict fields of the models here, in ``_buffers`` and in ``_vecnormalize`` whose items can
+#: be bad (not ``dict[str, Any]``): ``_Model`` validates these one item at a time where pydantic cannot fail fast on
+#: them. Not ``"*"``: pydantic refuses a wrap validator on a discriminator field (``kind``). ``tests/test_bounds.py``
+#: checks that the list is complete.
+CONTAINER_FIELDS: Final = (
+    *("items", "args", "state", "fields", "shape", "knots", "fingerprint", "hint", "paths", "external_paths"),
+    *("keys", "aliases", "external_prefixes", "dropped", "norm_obs_keys", "obs_keys", "old_obs_keys", "numpy_scalars"),
+    *("spaces", "envs", "env_seeds", "gsde", "data", "state_dicts", "torch_variables", "placeholders", "tensors"),
+    *("hazards", "counters", "callbacks"),
+)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    if not DICT_FAIL_FAST:  # pydantic < 2.14: see LIST_FAIL_FAST
+
+        @field_validator(*CONTAINER_FIELDS, mode="wrap", check_fields=False)
+        @classmethod
+        def _first_bad_item(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+            assert info.field_name is not None  # a field validator always has one
+            return _one_item_at_a_time(value, handler, _container(cls, info.field_name))
+
+
+@functools.cache
+def _container(model: type[BaseModel], name: str) -> tuple[type, int | None] | None:
+    """``(list or dict, max_length)`` of a container field that pydantic does not fail fast on, else None.
+
+    None too for a ``min_length`` over 1, which a one-item list would fail (no field here has one).
+    """
+    field = model.model_fields[name]
+    annotation = field.annotation
+    if get_origin(annotation) in (Union, UnionType):  # ``list[str] | None``
+        (annotation, *others) = [a for a in get_args(annotation) if a is not type(None)]
+        if others:
+            return None
+    kind = get_origin(annotation)
+    if kind not in (list, dict) or any(getattr(m, "fail_fast", False) for m in field.metadata):
+        return None
+    min_len = max((m.min_length for m in field.metadata if isinstance(m, annotated_types.MinLen)), default=0)
+    max_len = min((m.max_length for m in field.metadata if isinstance(m, annotated_types.MaxLen)), default=None)
+    return None if min_len > 1 else (kind, max_len)
+
+
+def _one_item_at_a_time(value: Any, handler: ValidatorFunctionWrapHandler, container: tuple[type, int | None] | None) -> Any:
+    """Validate a list or dict field one item at a time through ``handler``, stopping at the first bad item.
+
+    Each item is validated once (``handler([item])``, ``handler({key: item})``), so the cost stays linear in the
+    input however deep it nests; a field that is not a container, an input of another type and one of at most
+    one item go to ``handler`` whole.
+    """
+    if container is None or not isinstance(value, (list, dict)) or type(value) is not container[0] or len(value) <= 1:
+        return handler(value)  # not a container field, not its type, or at most one item (none: for min_length)
+    kind, max_len = container
+    if max_len is not None and len(value) > max_len:  # pydantic's own error, before looking at any item
+        field_type = "List" if kind is list else "Dictionary"
+        raise PydanticKnownError("too_long", {"field_type": field_type, "max_length": max_len, "actual_length": len(value)})
+    if isinstance(value, dict):  # an error's location starts with the key already
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            out.update(handler({key: item}))
+        return out
+    items: list[Any] = []
+    for i, item in enumerate(value):
+        try:
+            items.extend(handler([item]))
+        except ValidationError as e:
+            raise _at_index(e, i) from None
+    return items
+
+
+def _at_index(e: ValidationError, index: int) -> ValidationError:
+    """``e``, raised for the one-item list ``[item]``, as if for the item at ``index`` (locations start with ``index``)."""
+    errors = e.errors(include_url=False, include_context=False)
+    line_errors: list[InitErrorDetails] = [
+        {"type": PydanticCustomError(err["type"], err["msg"]), "loc": (index, *err["loc"][1:]), "input": err["input"]}
+        for err in errors
+    ]
+    return ValidationError.from_exception_data(e.title, line_errors)
 
 
 # --------------------------------------------------------------------------------------------- nodes
@@ -151,12 +246,12 @@ Scalar = Union[None, StrictBool, StrictInt, StrictFloat, StrictStr]  # noqa: UP0
 
 class ListNode(_Model):
     kind: Literal["list"] = "list"
-    items: list[Node] = items_field(max_length=MAX_ITEMS)
+    items: list[Node] = list_field(max_length=MAX_ITEMS)
 
 
 class TupleNode(_Model):
     kind: Literal["tuple"] = "tuple"
-    items: list[Node] = items_field(max_length=MAX_ITEMS)
+    items: list[Node] = list_field(max_length=MAX_ITEMS)
 
 
 class DictNode(_Model):
@@ -168,7 +263,7 @@ class DictNode(_Model):
 
 class DequeNode(_Model):
     kind: Literal["deque"] = "deque"
-    items: list[Node] = items_field(max_length=MAX_ITEMS)
+    items: list[Node] = list_field(max_length=MAX_ITEMS)
     maxlen: int | None = Field(default=None, ge=0, le=MAX_ITEMS)
 
 
@@ -192,7 +287,7 @@ class ArrayNode(_Model):
     kind: Literal["ndarray"] = "ndarray"
     tensor: str
     dtype: str
-    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]] = items_field(max_length=64)
+    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]] = list_field(max_length=64)
 
 
 class NumpyScalarNode(_Model):
@@ -278,8 +373,8 @@ class ScheduleNode(_Model):
 
     kind: Literal["schedule"] = "schedule"
     schedule: Literal["constant", "linear", "float", "piecewise_linear"]
-    args: dict[str, Node] = Field(default_factory=dict, max_length=8)
-    knots: list[tuple[StrictFloat, StrictFloat]] = Field(default_factory=list, max_length=MAX_KNOTS)
+    args: dict[str, Node] = items_field(default_factory=dict, max_length=8)
+    knots: list[tuple[StrictFloat, StrictFloat]] = list_field(default_factory=list, max_length=MAX_KNOTS)
     source: str | None = Field(default=None, max_length=500)
     checked_points: int = Field(default=0, ge=0)
     max_error: StrictFloat = 0.0
@@ -293,29 +388,49 @@ class PickleNode(_Model):
     type: str = Field(max_length=500)
 
 
+def _kind(value: Any) -> str | None:
+    """``TaggedNode``'s discriminator: the ``kind`` of a JSON object or of a built node."""
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if isinstance(kind, str) else None
+
+
+def _node_branch(value: Any) -> str:
+    """``Node``'s discriminator: a tagged node for a JSON object (or a built node), a scalar otherwise."""
+    return "node" if isinstance(value, (dict, BaseModel)) else "scalar"
+
+
+# Both unions are discriminated by a function, so pydantic validates the one branch that fits. A plain union tries
+# each branch (before pydantic 2.6 each twice, strict then lax) and keeps all their errors: ten levels of nested bad
+# nodes cost pydantic 2.5.3 1.5 million errors, 4 GB and two minutes. Not ``Field(discriminator="kind")``: pydantic
+# 2.5 drops that one inside these recursive models and falls back to a plain union.
 TaggedNode = Annotated[
-    ListNode
-    | TupleNode
-    | DictNode
-    | DequeNode
-    | FloatNode
-    | RefNode
-    | ArrayNode
-    | NumpyScalarNode
-    | TensorNode
-    | DeviceNode
-    | TorchDtypeNode
-    | NumpyDtypeNode
-    | SpaceNode
-    | ObjectNode
-    | EnumNode
-    | NamedTupleNode
-    | PlaceholderNode
-    | PickleNode
-    | ScheduleNode,
-    Field(discriminator="kind"),
+    Union[  # noqa: UP007 - a runtime alias pydantic reads
+        Annotated[ListNode, Tag("list")],
+        Annotated[TupleNode, Tag("tuple")],
+        Annotated[DictNode, Tag("dict")],
+        Annotated[DequeNode, Tag("deque")],
+        Annotated[FloatNode, Tag("float")],
+        Annotated[RefNode, Tag("ref")],
+        Annotated[ArrayNode, Tag("ndarray")],
+        Annotated[NumpyScalarNode, Tag("np_scalar")],
+        Annotated[TensorNode, Tag("tensor")],
+        Annotated[DeviceNode, Tag("device")],
+        Annotated[TorchDtypeNode, Tag("torch_dtype")],
+        Annotated[NumpyDtypeNode, Tag("np_dtype")],
+        Annotated[SpaceNode, Tag("space")],
+        Annotated[ObjectNode, Tag("object")],
+        Annotated[EnumNode, Tag("enum")],
+        Annotated[NamedTupleNode, Tag("namedtuple")],
+        Annotated[PlaceholderNode, Tag("placeholder")],
+        Annotated[PickleNode, Tag("pickle")],
+        Annotated[ScheduleNode, Tag("schedule")],
+    ],
+    Discriminator(_kind),
 ]
-Node = Union[Scalar, TaggedNode]  # noqa: UP007 - a runtime alias pydantic reads
+Node = Annotated[
+    Union[Annotated[Scalar, Tag("scalar")], Annotated[TaggedNode, Tag("node")]],  # noqa: UP007 - as above
+    Discriminator(_node_branch),
+]
 # The models are built on first use (``defer_build``): building the recursive node schema costs
 # ~100 ms, which ``import sb3_safe_save`` should not pay.
 
@@ -332,7 +447,7 @@ class ResourceSpec(_Model):
 
     factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    fingerprint: dict[str, Scalar] | None = None
+    fingerprint: dict[str, Scalar] | None = items_field(default=None, max_length=1000)
     lazy: bool = False
 
     @field_validator("factory")
@@ -357,15 +472,15 @@ class Placeholder(_Model):
     """One live resource left out of the file, found at one or more attribute paths."""
 
     key: str = Field(min_length=1, max_length=200)
-    paths: list[str] = items_field(min_length=1, max_length=10_000)
+    paths: list[str] = list_field(min_length=1, max_length=10_000)
     type: str = Field(max_length=500)
     reason: Reason
     size_bytes: int | None = Field(default=None, ge=0)
-    hint: dict[str, Scalar] = Field(default_factory=dict)
+    hint: dict[str, Scalar] = items_field(default_factory=dict, max_length=1000)
     optional: bool = False
     spec: ResourceSpec | None = None
     #: the paths (a subset of ``paths``) that held it through ``external()``: load puts a wrapper back there
-    external_paths: list[str] = Field(default_factory=list, max_length=10_000)
+    external_paths: list[str] = list_field(default_factory=list, max_length=10_000)
 
     @field_validator("paths", "external_paths")
     @classmethod
@@ -379,9 +494,9 @@ class ModuleState(_Model):
 
     kind: Literal["module"] = "module"
     name: AttrPath
-    keys: list[str] = items_field(max_length=MAX_ITEMS)
+    keys: list[str] = list_field(max_length=MAX_ITEMS)
     aliases: dict[str, str] = items_field(default_factory=dict, max_length=MAX_ITEMS)
-    external_prefixes: list[str] = items_field(default_factory=list, max_length=10_000)
+    external_prefixes: list[str] = list_field(default_factory=list, max_length=10_000)
 
 
 class OptimizerState(_Model):
@@ -394,7 +509,7 @@ class OptimizerState(_Model):
     kind: Literal["optimizer"] = "optimizer"
     name: AttrPath
     state: Node
-    dropped: list[int] = items_field(default_factory=list, max_length=MAX_ITEMS)
+    dropped: list[int] = list_field(default_factory=list, max_length=MAX_ITEMS)
 
 
 StateEntry = Annotated[ModuleState | OptimizerState, Field(discriminator="kind")]
@@ -402,7 +517,7 @@ StateEntry = Annotated[ModuleState | OptimizerState, Field(discriminator="kind")
 
 class TensorMeta(_Model):
     dtype: str = Field(max_length=16)
-    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]] = items_field(max_length=64)
+    shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]] = list_field(max_length=64)
     xxh3: str
 
     @field_validator("xxh3")
@@ -419,7 +534,7 @@ class Hazard(_Model):
     code: Literal["shared_with_target", "external_in_optimizer", "reinitialised_on_build"]
     severity: Literal["info", "warning", "error"]
     message: str = Field(max_length=2000)
-    paths: list[str] = items_field(default_factory=list, max_length=10_000)
+    paths: list[str] = list_field(default_factory=list, max_length=10_000)
 
 
 VersionText = Annotated[str, Field(max_length=100)]
@@ -453,12 +568,14 @@ class VecNormalizeState(_Model):
     clip_reward: JsonFloat
     gamma: JsonFloat
     epsilon: JsonFloat
-    norm_obs_keys: list[str] | None = None
+    norm_obs_keys: list[str] | None = list_field(default=None, max_length=MAX_ITEMS)
     has_obs_rms: bool = True
-    obs_keys: list[str] | None = None
+    obs_keys: list[str] | None = list_field(default=None, max_length=MAX_ITEMS)
     old_obs: Literal["none", "array", "dict"] = "none"
-    old_obs_keys: list[str] | None = None
-    numpy_scalars: list[str] = Field(default_factory=list, max_length=1000)  # 0-d tensors that were np.float64, not arrays
+    old_obs_keys: list[str] | None = list_field(default=None, max_length=MAX_ITEMS)
+    numpy_scalars: list[str] = list_field(
+        default_factory=list, max_length=1000
+    )  # 0-d tensors that were np.float64, not arrays
 
 
 class RandomState(_Model):
@@ -477,10 +594,14 @@ class RandomState(_Model):
     numpy_gauss: StrictFloat
     python_version: Literal[3] = 3
     python_gauss: StrictFloat | None = None
-    spaces: dict[Literal["observation_space", "action_space"], dict[str, Any]] = Field(default_factory=dict)
-    envs: list[dict[str, Any] | None] | None = Field(default=None, max_length=4096)
-    env_seeds: list[StrictInt | None] | None = Field(default=None, max_length=4096)
-    gsde: dict[AttrPath, list[Literal["exploration_mat", "exploration_matrices"]]] = Field(default_factory=dict, max_length=64)
+    spaces: dict[Literal["observation_space", "action_space"], dict[str, Any]] = items_field(
+        default_factory=dict, max_length=2
+    )
+    envs: list[dict[str, Any] | None] | None = list_field(default=None, max_length=4096)
+    env_seeds: list[StrictInt | None] | None = list_field(default=None, max_length=4096)
+    gsde: dict[AttrPath, list[Literal["exploration_mat", "exploration_matrices"]]] = items_field(
+        default_factory=dict, max_length=64
+    )
 
 
 class Manifest(_Model):
@@ -492,11 +613,11 @@ class Manifest(_Model):
     algorithm: str
     base_algorithm: str
     data: dict[str, Node] = items_field(max_length=100_000)
-    state_dicts: list[StateEntry] = items_field(max_length=1000)
+    state_dicts: list[StateEntry] = list_field(max_length=1000)
     torch_variables: dict[str, Node] = items_field(default_factory=dict, max_length=1000)
-    placeholders: list[Placeholder] = items_field(default_factory=list, max_length=10_000)
+    placeholders: list[Placeholder] = list_field(default_factory=list, max_length=10_000)
     tensors: dict[str, TensorMeta] = items_field(max_length=MAX_ITEMS)
-    hazards: list[Hazard] = items_field(default_factory=list, max_length=1000)
+    hazards: list[Hazard] = list_field(default_factory=list, max_length=1000)
     vec_normalize: VecNormalizeState | None = None
     random_state: RandomState | None = None
     #: ``"policy"``: a policy-only file written by ``save_policy`` (``algorithm`` then names the policy class).
@@ -605,7 +726,7 @@ def _short(e: Exception, limit: int = 2000) -> str:
             return f"{e.error_count()} validation errors (the first: {e.title} at {_first_loc(e)})"
         errors = e.errors(include_url=False, include_input=False)  # few: every container field fails fast
         errors.sort(key=lambda err: -len(err["loc"]))  # the deepest error says most; union alternatives say little
-        lines = [f"{'.'.join(map(str, err['loc']))[:300]}: {err['msg'][:300]}" for err in errors[:3]]
+        lines = [f"{_clip('.'.join(map(str, err['loc'])))}: {err['msg'][:300]}" for err in errors[:3]]
         text = f"{len(errors)} validation error(s): " + "; ".join(lines)
     else:
         text = str(e)
@@ -614,7 +735,12 @@ def _short(e: Exception, limit: int = 2000) -> str:
 
 def _first_loc(e: ValidationError) -> str:
     first = next(iter(e.errors(include_url=False, include_input=False, include_context=False)), None)
-    return "?" if first is None else ".".join(map(str, first["loc"]))[:300]
+    return "?" if first is None else _clip(".".join(map(str, first["loc"])))
+
+
+def _clip(loc: str) -> str:
+    """A location of at most 300 characters: its start (the attribute) and its end (where the error is)."""
+    return loc if len(loc) <= 300 else f"{loc[:100]} ... {loc[-195:]}"
 
 
 def child_path(path: str, key: object) -> str:
