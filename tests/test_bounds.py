@@ -37,8 +37,8 @@ from sb3_safe_save._manifest import (
     Node,
     TaggedNode,
     _container,
+    _kind,
     _Model,
-    _node_branch,
     _one_item_at_a_time,
     check_path,
     check_ref,
@@ -148,7 +148,7 @@ def test_every_kind_of_container_fails_at_its_first_bad_item(edit: tuple[Callabl
         parse_manifest(text)
     message = str(info.value)
     assert where in message and len(message) < 1500
-    assert int(re.search(r"(\d+) validation error", message)[1]) <= 5  # type: ignore[index]  # not one per item
+    assert int(re.search(r"(\d+) validation error", message)[1]) <= 10  # type: ignore[index]  # not one per item
     assert c["peak_bytes"] < 40 * len(text)  # 593 MB for the 3 MB vec-normalize-keys before, on pydantic 2.14
 
 
@@ -160,14 +160,15 @@ def nested_lists(depth: int, width: int, leaf: Any) -> dict[str, Any]:
     return node
 
 
-def json_values(value: Any) -> int:
-    return 1 + sum(map(json_values, value.values() if isinstance(value, dict) else value if isinstance(value, list) else []))
+def json_objects(value: Any) -> int:
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return isinstance(value, dict) + sum(map(json_objects, children))
 
 
 @pytest.mark.parametrize("leaf", [1, {"kind": "bogus"}], ids=["valid", "bad-leaf"])
 def test_nested_nodes_are_validated_once(leaf: Any) -> None:
-    """Each value is sent to one branch of ``Node`` once, however deep: no union retried per branch or per mode
-    (pydantic 2.5.3 took two minutes and 4 GB on ten levels of nested bad nodes), no item validated again."""
+    """Each node is validated once, however deep: no union retried per mode or without its discriminator (pydantic
+    2.5.3 took two minutes and 4 GB on ten levels of nested bad nodes), no item validated again."""
     manifest = manifest_of(saved_bytes("PPO"))
     manifest["data"]["gamma"] = nested_lists(60, 100, leaf)  # 60 levels: 123 JSON levels of the 128 allowed
     text = json.dumps(manifest)
@@ -176,22 +177,24 @@ def test_nested_nodes_are_validated_once(leaf: Any) -> None:
 
     def profile(frame: FrameType, event: str, arg: object) -> None:
         nonlocal calls
-        calls += event == "call" and frame.f_code is _node_branch.__code__
+        calls += event == "call" and frame.f_code is _kind.__code__
 
     with cost() as c:
         sys.setprofile(profile)
         try:
             parse_manifest(text)
         except FormatError as e:
-            message = str(e)  # the one error, the deepest: a long location keeps its start and its end
-            assert "1 validation error(s): data.gamma.node.list.items.100.node." in message
+            message = str(e)  # the deepest error first: a long location keeps its start and its end
+            assert "validation error(s): data.gamma.node.list.items.100.node." in message
             assert ".list.items.100.node: Input tag 'bogus'" in message and len(message) < 1500
         else:
             assert leaf == 1
         finally:
             sys.setprofile(None)
-    assert 60 * 101 < calls <= json_values(manifest)
-    assert c["peak_bytes"] < 40 * len(text)
+    assert 60 <= calls <= json_objects(manifest)  # a call per JSON object (and some), not 2 ** 60
+    # 1.3-1.7 MB: the errors of a chain grow with its depth squared (each level keeps its five scalar alternatives,
+    # each location is as long as its depth), and MAX_JSON_DEPTH caps the depth
+    assert c["peak_bytes"] < 4 * MiB
 
 
 def test_the_one_item_at_a_time_fallback() -> None:
@@ -229,11 +232,13 @@ def test_the_one_item_at_a_time_fallback() -> None:
         ({"paths": ["a", "b", 3, 4]}, [("paths", 2)], "valid string"),
         ({"items": {"a": 1}}, [("items",)], "valid list"),
     ]
-    for kwargs, locs, message in cases:
+    for kwargs, locs, message in cases:  # only the first bad item, at its own index or key
         with pytest.raises(ValidationError) as info:
             Probe(**kwargs)
-        assert [e["loc"] for e in info.value.errors()] == locs, kwargs
-        assert message in info.value.errors()[0]["msg"]
+        errors = info.value.errors()
+        assert {e["loc"][:2] for e in errors} == {locs[0][:2]}, kwargs  # there, with the scalar alternatives
+        meant = [e for e in errors if "scalar" not in e["loc"]]  # not a scalar but a bad node
+        assert [e["loc"] for e in meant] == locs and message in meant[0]["msg"], kwargs
 
 
 #: ``ReplayBufferFile.obs_keys`` (``list[str] | None``, no ``max_length``) is in ``_buffers.py``, left to its owner

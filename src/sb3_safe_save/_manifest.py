@@ -394,15 +394,11 @@ def _kind(value: Any) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def _node_branch(value: Any) -> str:
-    """``Node``'s discriminator: a tagged node for a JSON object (or a built node), a scalar otherwise."""
-    return "node" if isinstance(value, (dict, BaseModel)) else "scalar"
-
-
-# Both unions are discriminated by a function, so pydantic validates the one branch that fits. A plain union tries
-# each branch (before pydantic 2.6 each twice, strict then lax) and keeps all their errors: ten levels of nested bad
-# nodes cost pydantic 2.5.3 1.5 million errors, 4 GB and two minutes. Not ``Field(discriminator="kind")``: pydantic
-# 2.5 drops that one inside these recursive models and falls back to a plain union.
+# Each value goes through one branch once, however deep it nests. Before pydantic 2.6 a plain union tries each branch
+# twice (strict, then lax) and keeps every error, and pydantic 2.5 drops ``Field(discriminator="kind")`` inside these
+# recursive models (a plain union again): ten levels of nested bad nodes cost pydantic 2.5.3 1.5 million errors, 4 GB
+# and two minutes. So ``TaggedNode`` is discriminated by a function and ``Node`` tries its two branches left to right
+# (scalar first: a Python call per scalar value would make large lists several times slower to validate).
 TaggedNode = Annotated[
     Union[  # noqa: UP007 - a runtime alias pydantic reads
         Annotated[ListNode, Tag("list")],
@@ -429,7 +425,7 @@ TaggedNode = Annotated[
 ]
 Node = Annotated[
     Union[Annotated[Scalar, Tag("scalar")], Annotated[TaggedNode, Tag("node")]],  # noqa: UP007 - as above
-    Discriminator(_node_branch),
+    Field(union_mode="left_to_right"),  # the tags name the branches in error locations
 ]
 # The models are built on first use (``defer_build``): building the recursive node schema costs
 # ~100 ms, which ``import sb3_safe_save`` should not pay.
@@ -722,12 +718,14 @@ def check_json_shape(value: Any, what: str) -> None:
 
 def _short(e: Exception, limit: int = 2000) -> str:
     if isinstance(e, ValidationError):  # str(e) repeats every input: megabytes for a deep, hostile manifest
-        if e.error_count() > 1000:  # pydantic < 2.8 (no fail_fast): formatting them all costs gigabytes
+        if e.error_count() > 1000:  # not from a model here (they fail fast): formatting them all costs gigabytes
             return f"{e.error_count()} validation errors (the first: {e.title} at {_first_loc(e)})"
         errors = e.errors(include_url=False, include_input=False)  # few: every container field fails fast
-        errors.sort(key=lambda err: -len(err["loc"]))  # the deepest error says most; union alternatives say little
+        # the deepest error says most, and union alternatives say little: a bad node was not meant as a scalar
+        errors.sort(key=lambda err: -len(err["loc"]))
+        errors = [err for err in errors if "scalar" not in err["loc"]] or errors
         lines = [f"{_clip('.'.join(map(str, err['loc'])))}: {err['msg'][:300]}" for err in errors[:3]]
-        text = f"{len(errors)} validation error(s): " + "; ".join(lines)
+        text = f"{e.error_count()} validation error(s): " + "; ".join(lines)
     else:
         text = str(e)
     return text if len(text) <= limit else text[:limit] + " ..."
