@@ -6,6 +6,8 @@ import io
 import json
 import pathlib
 import struct
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,7 @@ from stable_baselines3 import DQN, PPO
 
 import sb3_safe_save
 from _stfile import read_raw, write_raw
-from sb3_safe_save import FormatError, IntegrityError, SafeSaveError, safe
+from sb3_safe_save import FormatError, IntegrityError, SafeSaveError, _weights, safe
 from sb3_safe_save._manifest import META_CHECKSUM, META_MANIFEST
 from sb3_safe_save._weights import Body, checksum, read_header, to_blob, write_atomic, write_stream
 
@@ -298,3 +300,90 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: pathlib.Path) -> N
         write_atomic(path, {"a": to_blob(th.ones(3)), "b": Boom()}, {}, fsync=False)  # type: ignore[dict-item]
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+# ------------------------------------------------------------------------------ parallel reads
+@pytest.fixture
+def small_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send tensors of 64 KiB and up through the threaded reader, in 4 KiB pieces, with 3 threads."""
+    monkeypatch.setattr(_weights, "PARALLEL_MIN", 1 << 16)
+    monkeypatch.setattr(_weights, "CHUNK", 1 << 12)
+    monkeypatch.setattr(_weights, "read_workers", lambda: 3)
+
+
+def _big_file(tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict[str, th.Tensor], dict[str, str]]:
+    g = th.Generator().manual_seed(0)
+    tensors = {
+        "big": th.randn(70_001, generator=g),  # 280,004 bytes: 68 whole pieces and a short one
+        "exact": th.randn(1 << 14, generator=g),  # exactly 16 pieces
+        "small": th.randn(100, generator=g),  # below PARALLEL_MIN: the sequential path
+    }
+    blobs = {k: to_blob(v) for k, v in tensors.items()}
+    path = tmp_path / "big.safetensors"
+    write_atomic(path, blobs, {"m": "1"}, fsync=False)
+    return path, tensors, {k: checksum(b.data) for k, b in blobs.items()}
+
+
+@pytest.mark.usefixtures("small_parallel")
+def test_threaded_read_is_bitwise_and_hashes_the_whole_tensor(tmp_path: pathlib.Path) -> None:
+    path, tensors, sums = _big_file(tmp_path)
+    with open(path, "rb", buffering=0) as f:
+        body = Body(f, read_header(f, path.stat().st_size), sums)
+        for key, tensor in tensors.items():
+            assert th.equal(body.read_tensor(key), tensor), key
+    assert body.read_keys == set(tensors)
+
+
+@pytest.mark.usefixtures("small_parallel")
+@pytest.mark.parametrize("at", [0, 4096 * 33 + 7, 280_003])  # first piece, a middle one, the last byte
+def test_threaded_read_catches_a_flipped_byte_in_any_piece(tmp_path: pathlib.Path, at: int) -> None:
+    path, tensors, sums = _big_file(tmp_path)
+    with open(path, "rb", buffering=0) as f:
+        header = read_header(f, path.stat().st_size)
+    raw = bytearray(path.read_bytes())
+    raw[header.tensors["big"].start + at] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with open(path, "rb", buffering=0) as f:
+        body = Body(f, read_header(f, path.stat().st_size), sums)
+        with pytest.raises(IntegrityError, match="'big': checksum mismatch"):
+            body.read_tensor("big")
+        assert th.equal(body.read_tensor("exact"), tensors["exact"])  # the reader is still usable
+
+
+@pytest.mark.usefixtures("small_parallel")
+def test_threaded_read_stops_every_thread_before_raising(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Piece 5 fails while piece 6 is still being read: read_into raises only after piece 6 is done."""
+    path, _, sums = _big_file(tmp_path)
+    real = _weights._pread_exact
+    started, finished = threading.Event(), threading.Event()
+
+    def pread(fd: int, view: memoryview, offset: int, key: str, at: int) -> None:
+        if at == 4096 * 5:
+            assert started.wait(5)
+            raise IntegrityError(f"tensor {key!r}: unexpected end of file")
+        if at == 4096 * 6:
+            started.set()
+            time.sleep(0.3)  # still writing when piece 5 fails
+            real(fd, view, offset, key, at)
+            finished.set()
+            return
+        real(fd, view, offset, key, at)
+
+    monkeypatch.setattr(_weights, "_pread_exact", pread)
+    dest = np.zeros(280_004, dtype=np.uint8)
+    with open(path, "rb", buffering=0) as f:
+        body = Body(f, read_header(f, path.stat().st_size), sums)
+        with pytest.raises(IntegrityError, match="unexpected end of file"):
+            body.read_into("big", dest)
+    assert finished.is_set()
+    assert "big" not in body.read_keys
+
+
+def test_buffered_and_in_memory_files_read_sequentially(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_weights, "PARALLEL_MIN", 1 << 16)
+    monkeypatch.setattr(_weights, "_read_parallel", None)  # calling it would raise TypeError
+    path, tensors, sums = _big_file(tmp_path)
+    for f in (io.BytesIO(path.read_bytes()), open(path, "rb")):  # closed by the with below
+        with f:
+            body = Body(f, read_header(f, path.stat().st_size), sums)
+            assert th.equal(body.read_tensor("big"), tensors["big"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import struct
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -420,24 +422,31 @@ class Body:
     def read_into(self, key: str, dest: np.ndarray) -> None:
         """Fill ``dest`` (a writable, C-contiguous byte array of the right size) with tensor ``key``.
 
-        One ``readinto`` straight into ``dest``, with no huge-page hint: on kernels where THP is
+        Bytes go straight from the file into ``dest``, with no huge-page hint: on kernels where THP is
         ``madvise`` with ``defrag=madvise``, ``MADV_HUGEPAGE`` made first-touch page faults stall on
         compaction, up to 5x the whole load at 100M parameters (``benchmarks/SCALE.md``, issue 16).
-        Plain ``readinto`` measured at the fresh-memory floor; copying from a mapping was slower.
+        From a local file, a tensor of ``PARALLEL_MIN`` bytes or more is read in ``CHUNK``-sized pieces
+        by ``read_workers()`` threads while this thread hashes the pieces in order (``_read_parallel``):
+        the cost of a large load is first-touch page faults, which then run on every core.
         """
         info = self.info(key)
         view = dest.data.cast("B")
         if view.nbytes != info.nbytes:
             raise FormatError(f"tensor {key!r}: stored as {info.nbytes} bytes but the destination holds {view.nbytes}")
-        self._f.seek(info.start)
-        got = 0
-        while got < info.nbytes:
-            n = self._f.readinto(view[got:])  # type: ignore[attr-defined]
-            if not n:
-                raise IntegrityError(f"tensor {key!r}: unexpected end of file after {got} of {info.nbytes} bytes")
-            got += n
-        if self._verify:
-            self._check(key, checksum(view))
+        workers = read_workers()
+        if isinstance(self._f, io.FileIO) and info.nbytes >= PARALLEL_MIN and workers > 1:
+            found = _read_parallel(self._f.fileno(), info.start, view, key, workers, verify=self._verify)
+        else:
+            self._f.seek(info.start)
+            got = 0
+            while got < info.nbytes:
+                n = self._f.readinto(view[got:])  # type: ignore[attr-defined]
+                if not n:
+                    raise IntegrityError(f"tensor {key!r}: unexpected end of file after {got} of {info.nbytes} bytes")
+                got += n
+            found = checksum(view) if self._verify else None
+        if found is not None:
+            self._check(key, found)
         self.read_keys.add(key)
 
     def read_tensor(self, key: str) -> th.Tensor:
@@ -464,6 +473,54 @@ class Body:
                 self.read_into(key, dest.detach().reshape(-1).view(th.uint8).numpy())
             else:
                 dest.copy_(self.read_tensor(key))
+
+
+#: Tensors of at least this many bytes are read by several threads (``Body.read_into``)
+PARALLEL_MIN = 32 << 20
+#: The piece each thread reads at a time, and the unit hashed in order behind them
+CHUNK = 8 << 20
+
+
+def read_workers() -> int:
+    """Threads for one large tensor: the cores this process may run on, at most 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(4, cores) if hasattr(os, "preadv") else 1
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int, key: str, at: int) -> None:
+    got = 0
+    while got < view.nbytes:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if not n:
+            raise IntegrityError(f"tensor {key!r}: unexpected end of file after {at + got} bytes of the tensor")
+        got += n
+
+
+def _read_parallel(fd: int, start: int, view: memoryview, key: str, workers: int, *, verify: bool) -> str | None:
+    """Read ``view.nbytes`` bytes at file offset ``start`` into ``view`` with ``workers`` threads.
+
+    The pieces are hashed in file order as they arrive, so the XXH3 is the one of the whole tensor.
+    Every thread has stopped writing into ``view`` before this returns or raises.
+    """
+    h = xxhash.xxh3_128() if verify else None
+    offsets = range(0, view.nbytes, CHUNK)
+    with ThreadPoolExecutor(workers, thread_name_prefix="sb3_safe_save-read") as pool:
+        futures: list[Future[None]] = [
+            pool.submit(_pread_exact, fd, view[lo : lo + CHUNK], start + lo, key, lo) for lo in offsets
+        ]
+        try:
+            for lo, future in zip(offsets, futures, strict=True):
+                future.result()
+                if h is not None:
+                    h.update(view[lo : lo + CHUNK])
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return None if h is None else h.hexdigest()
 
 
 def iter_chunks(f: IO[bytes], size: int = 1 << 22) -> Iterator[bytes]:
