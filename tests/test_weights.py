@@ -387,3 +387,34 @@ def test_buffered_and_in_memory_files_read_sequentially(tmp_path: pathlib.Path, 
         with f:
             body = Body(f, read_header(f, path.stat().st_size), sums)
             assert th.equal(body.read_tensor("big"), tensors["big"])
+
+
+def test_device_bound_tensors_go_through_two_host_buffers(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The staging used for CUDA, run on CPU tensors: alternating buffers, grown when a tensor is larger."""
+    monkeypatch.setattr(_weights, "staged", lambda device: True)
+    path, tensors, sums = _big_file(tmp_path)
+    order = ["small", "big", "exact", "small", "big"]
+    with open(path, "rb", buffering=0) as f:
+        body = Body(f, read_header(f, path.stat().st_size), sums)
+        dests = [th.empty_like(tensors[key]) for key in order]
+        buffers = []
+        for key, dest in zip(order, dests, strict=True):
+            body.read_into_tensor(key, dest)
+            buffers.append([b.data_ptr() if b is not None else None for b in body._staging])
+        body.finish()
+    for key, dest in zip(order, dests, strict=True):
+        assert th.equal(dest, tensors[key]), key
+    assert buffers[0][1] is None and buffers[1][1] is not None  # the second tensor used the second buffer
+    assert buffers[2][0] != buffers[1][0]  # buffer 0 grew for "exact" (64 KiB > 400 bytes)
+    assert buffers[3][1] == buffers[2][1]  # buffer 1 was large enough for "small": reused
+
+
+def test_staging_checks_the_checksum_on_host_bytes(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_weights, "staged", lambda device: True)
+    path, tensors, sums = _big_file(tmp_path)
+    dest = th.zeros_like(tensors["exact"])
+    with open(path, "rb", buffering=0) as f:
+        body = Body(f, read_header(f, path.stat().st_size), {**sums, "exact": sums["big"]})
+        with pytest.raises(IntegrityError, match="'exact': checksum mismatch"):
+            body.read_into_tensor("exact", dest)
+    assert not dest.any()  # nothing was copied to the destination

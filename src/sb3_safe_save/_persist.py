@@ -395,6 +395,7 @@ def load_model(
                 unread -= optimizer_tensors(manifest)
             if unread:
                 raise FormatError(f"the file holds tensors the manifest never uses: {sorted(unread)[:5]}")
+            body.finish()
         except BaseException as e:
             _restore_env_seeds(seeds)
             if isinstance(e, (SafeSaveError, OSError)) or not isinstance(e, Exception):
@@ -880,6 +881,7 @@ def load_parameters(model: BaseAlgorithm, path: PathLike, *, exact_match: bool =
         decoder = _Decoder(body, TrustList(None), {}, {}, manifest, budget=size)
         _check_external(model, manifest, None)
         _load_state_dicts(model, manifest, decoder, body, exact_match=exact_match, in_place=True)
+        body.finish()
 
 
 Commit = Callable[[], None]

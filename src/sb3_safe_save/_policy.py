@@ -144,15 +144,14 @@ def load_policy(
         resources = {**_given_by_custom_objects(manifest.placeholders, custom_objects, covered), **(resources or {})}
         bound = resolve(manifest.placeholders, resources, trust, strict=strict, skip=covered)
         checksums = {k: m.xxh3 for k, m in full.tensors.items()}
-        body = (StagedBody if target.type == "cuda" else _weights.Body)(f, header, checksums, verify=verify)
+        body = _weights.Body(f, header, checksums, verify=verify)
         decoder = _Decoder(body, trust, bound, custom_objects, manifest, allow_pickle=allow_pickle, budget=size)
         data = {name: decoder.decode(node, name) for name, node in manifest.data.items()}
         data.update({k: v for k, v in custom_objects.items() if k in POLICY_DATA and k not in data})
         holder = _PolicyHolder(policy=_build_policy(data, target))
         _load_state_dicts(cast(BaseAlgorithm, holder), manifest, decoder, body)
         _rebind(cast(BaseAlgorithm, holder), manifest, decoder)
-        if isinstance(body, StagedBody):
-            body.finish()
+        body.finish()
     policy: BasePolicy = holder.policy
     policy.set_training_mode(False)
     if data.get("use_sde") or getattr(policy, "use_sde", False):
@@ -181,52 +180,6 @@ def _build_policy(data: dict[str, Any], device: th.device) -> BasePolicy:
     except (RuntimeError, *_DECODE_ERRORS) as e:
         raise FormatError(f"the stored values cannot build a {policy_class.__qualname__}: {type(e).__name__}: {e}") from e
     return policy
-
-
-class StagedBody(_weights.Body):
-    """Reads tensors bound for a CUDA device through two pinned host buffers, overlapping disk and copy.
-
-    Each tensor is read into a pinned (page-locked) buffer, its checksum is checked on those host bytes,
-    and an asynchronous host-to-device copy starts; the next tensor is read into the other buffer
-    meanwhile. A buffer is reused only after its previous copy has finished (a CUDA event). Other
-    destinations (CPU, non-contiguous, empty) go through ``Body.read_into_tensor``.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._buffers: list[th.Tensor | None] = [None, None]
-        self._events: list[Any] = [None, None]
-        self._slot = 0
-
-    def read_into_tensor(self, key: str, dest: th.Tensor) -> None:
-        if dest.device.type != "cuda" or not dest.is_contiguous() or not dest.numel():
-            super().read_into_tensor(key, dest)
-            return
-        info = self.info(key)
-        dtype, _ = _weights.DTYPES[info.dtype]
-        if dest.dtype != dtype or tuple(dest.shape) != info.shape:
-            raise FormatError(
-                f"tensor {key!r}: stored as {info.dtype} {list(info.shape)} but the model has {dest.dtype} {list(dest.shape)}"
-            )
-        slot, self._slot = self._slot, 1 - self._slot
-        if self._events[slot] is not None:
-            self._events[slot].synchronize()  # the copy out of this buffer has finished
-        buffer = self._buffers[slot]
-        if buffer is None or buffer.numel() < info.nbytes:
-            buffer = self._buffers[slot] = th.empty(info.nbytes, dtype=th.uint8, pin_memory=True)
-        host = buffer[: info.nbytes]
-        self.read_into(key, host.numpy())  # checksum on the host bytes
-        with th.no_grad():
-            dest.view(-1).view(th.uint8).copy_(host, non_blocking=True)
-        event = th.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record(th.cuda.current_stream(dest.device))
-        self._events[slot] = event
-
-    def finish(self) -> None:
-        """Wait for the last copies (before the pinned buffers can be released)."""
-        for event in self._events:
-            if event is not None:
-                event.synchronize()
 
 
 def _declares(policy_class: type, name: str) -> bool:

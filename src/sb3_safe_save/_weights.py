@@ -381,6 +381,9 @@ class Body:
         self._checksums = checksums
         self._verify = verify
         self.read_keys: set[str] = set()
+        self._staging: list[th.Tensor | None] = [None, None]  # two host buffers for device-bound tensors
+        self._copied: list[Any] = [None, None]  # the CUDA event of the last copy out of each buffer
+        self._slot = 0
 
     def info(self, key: str) -> TensorInfo:
         try:
@@ -461,7 +464,10 @@ class Body:
         return out
 
     def read_into_tensor(self, key: str, dest: th.Tensor) -> None:
-        """Copy tensor ``key`` into the existing tensor ``dest`` (same dtype and shape), in place."""
+        """Copy tensor ``key`` into the existing tensor ``dest`` (same dtype and shape), in place.
+
+        CPU destinations are filled straight from the file; CUDA ones through ``_read_staged``.
+        """
         info = self.info(key)
         dtype, _ = DTYPES[info.dtype]
         if dest.dtype != dtype or tuple(dest.shape) != info.shape:
@@ -469,10 +475,46 @@ class Body:
                 f"tensor {key!r}: stored as {info.dtype} {list(info.shape)} but the model has {dest.dtype} {list(dest.shape)}"
             )
         with th.no_grad():
-            if dest.device.type == "cpu" and dest.is_contiguous() and dest.numel():
+            if not dest.is_contiguous() or not dest.numel():
+                dest.copy_(self.read_tensor(key))
+            elif staged(dest.device):
+                self._read_staged(key, info, dest)
+            elif dest.device.type == "cpu":
                 self.read_into(key, dest.detach().reshape(-1).view(th.uint8).numpy())
             else:
                 dest.copy_(self.read_tensor(key))
+
+    def _read_staged(self, key: str, info: TensorInfo, dest: th.Tensor) -> None:
+        """Read into one of two pinned host buffers, check the checksum there, start an asynchronous copy.
+
+        The next tensor is read into the other buffer while this copy runs; a buffer is reused only
+        after the copy out of it has finished (its CUDA event).
+        """
+        slot, self._slot = self._slot, 1 - self._slot
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()
+        buffer = self._staging[slot]
+        if buffer is None or buffer.numel() < info.nbytes:
+            pin = dest.device.type == "cuda"
+            buffer = self._staging[slot] = th.empty(info.nbytes, dtype=th.uint8, pin_memory=pin)
+        host = buffer[: info.nbytes]
+        self.read_into(key, host.numpy())  # the checksum is checked on the host bytes, before any copy
+        dest.detach().view(-1).view(th.uint8).copy_(host, non_blocking=True)
+        if dest.device.type == "cuda":
+            event = th.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(th.cuda.current_stream(dest.device))
+            self._copied[slot] = event
+
+    def finish(self) -> None:
+        """Wait until every copy to a device has finished (call once all tensors are read)."""
+        for event in self._copied:
+            if event is not None:
+                event.synchronize()
+
+
+def staged(device: th.device) -> bool:
+    """Whether tensors bound for ``device`` go through pinned staging buffers (CUDA: ``Body._read_staged``)."""
+    return device.type == "cuda"
 
 
 #: Tensors of at least this many bytes are read by several threads (``Body.read_into``)
