@@ -110,7 +110,7 @@ def child(variant: str, kind: str, n: int) -> None:
         cls = safe(PPO if kind == "PPO" else SAC)
         cls.load(path_for(kind, WARMUP_PARAMS), device="cpu")  # imports (torch._dynamo, ...) out of the timing
     before = _rss_kb()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     if variant == "floor_st":
         out: Any = {k: v.clone() for k, v in load_file(path).items()}
     elif variant.startswith("floor_readinto"):
@@ -128,10 +128,10 @@ def child(variant: str, kind: str, n: int) -> None:
         out = model.replay_buffer
     else:
         out = cls.load(path, device="cpu")
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     del out, th
-    print(json.dumps({"time_s": dt, "peak_rss_kb": peak, "before_rss_kb": before}))
+    print(json.dumps({"time_s": dt, "cpu_s": cpu, "peak_rss_kb": peak, "before_rss_kb": before}))
 
 
 def measure(kind: str, n: int, rounds: int) -> None:
@@ -193,18 +193,20 @@ def report() -> None:
         "ratio: (peak RSS) / (RSS before loading + file bytes). `load` verifies every XXH3 checksum; the floors",
         "check nothing. Variants are explained in `scale.py`.",
         "",
-        "| what | file | measured | load avg | variant | median time | GB/s | time / floor_st | time / floor_readinto"
-        " | peak RSS ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| what | file | measured | load avg | variant | median time | CPU time | GB/s | time / floor_st"
+        " | time / floor_readinto | peak RSS ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in sorted(data["points"], key=lambda p: (p["algo"], p["n_params"])):
         for variant, runs in p["runs"].items():
             times = [r["time_s"] for r in runs]
             rss = statistics.median(r["peak_rss_kb"] / (r["before_rss_kb"] + p["file_bytes"] / 1024) for r in runs)
             median = statistics.median(times)
+            cpu = [r["cpu_s"] for r in runs if "cpu_s" in r]
+            cpu_text = f"{statistics.median(cpu):.2f} s" if cpu else "-"
             lines.append(
                 f"| {_label(p)} | {p['file_bytes'] / 1e9:.2f} GB | {p['date']} | {p['loadavg'][0]:.1f} | {variant}"
-                f" | {median:.2f} s | {p['file_bytes'] / 1e9 / median:.2f}"
+                f" | {median:.2f} s | {cpu_text} | {p['file_bytes'] / 1e9 / median:.2f}"
                 f" | {_fmt(_ratio(p, variant, 'floor_st'))} | {_fmt(_ratio(p, variant, 'floor_readinto'))} | {rss:.2f}x |"
             )
     lines += ["", FINDINGS()]

@@ -247,7 +247,7 @@ def load_buffer_into(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buf
                 raise StateMismatchError(
                     f"replay buffer {key!r}: the file has {info.dtype}, the model's buffer {current.dtype}"
                 )
-            array = np.zeros(current.shape, dtype=current.dtype)  # calloc: pages past the stored rows stay unallocated
+            array = _weights.fresh_zeros(current.shape, current.dtype)  # rows past the stored ones stay unallocated
             if info.nbytes:
                 body.read_into(key, array[: info.shape[0]])
             else:

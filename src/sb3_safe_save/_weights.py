@@ -22,6 +22,7 @@ import errno
 import hashlib
 import io
 import json
+import mmap
 import os
 import struct
 import sys
@@ -515,6 +516,23 @@ class Body:
 def staged(device: th.device) -> bool:
     """Whether tensors bound for ``device`` go through pinned staging buffers (CUDA: ``Body._read_staged``)."""
     return device.type == "cuda"
+
+
+#: numpy asks for transparent huge pages on arrays of this size and more (``_madvise_hugepage``)
+NUMPY_HUGE_MIN = 4 << 20
+
+
+def fresh_zeros(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """A zeroed array whose pages are allocated on first touch, like ``np.zeros``, without the huge-page hint.
+
+    ``np.zeros`` of 4 MiB or more calls ``madvise(MADV_HUGEPAGE)``: where THP defrag is ``madvise``, the first
+    write to each page can then stall on memory compaction (5.6x the plain read for a 2 GB replay buffer,
+    ``benchmarks/SCALE.md``). An anonymous mapping gets the same lazily zeroed pages without asking.
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if nbytes < NUMPY_HUGE_MIN:
+        return np.zeros(shape, dtype=dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
 
 
 #: Tensors of at least this many bytes are read by several threads (``Body.read_into``)
