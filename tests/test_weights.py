@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pathlib
+import signal
 import struct
 import threading
 import time
@@ -418,3 +420,28 @@ def test_staging_checks_the_checksum_on_host_bytes(tmp_path: pathlib.Path, monke
         with pytest.raises(IntegrityError, match="'exact': checksum mismatch"):
             body.read_into_tensor("exact", dest)
     assert not dest.any()  # nothing was copied to the destination
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.usefixtures("small_parallel")
+def test_a_forked_child_reads_with_threads_of_its_own(tmp_path: pathlib.Path) -> None:
+    """The reader threads are kept between loads; a fork (SubprocVecEnv's default) must not wait on the parent's."""
+    path, tensors, sums = _big_file(tmp_path)
+
+    def read_all() -> bool:
+        with open(path, "rb", buffering=0) as f:
+            body = Body(f, read_header(f, path.stat().st_size), sums)
+            return all(th.equal(body.read_tensor(k), v) for k, v in tensors.items())
+
+    assert read_all()  # the parent's pool now exists
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os._exit(0 if read_all() else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung reading with the parent's (absent) reader threads")
+    assert os.waitstatus_to_exitcode(done[1]) == 0

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -559,6 +559,31 @@ def _pread_exact(fd: int, view: memoryview, offset: int, key: str, at: int) -> N
         got += n
 
 
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _reader_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's reader threads: started on first use and kept (starting two threads per tensor cost ms)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != workers:
+            if _pool is not None:
+                _pool[1].shutdown(wait=False)
+            _pool = (workers, ThreadPoolExecutor(workers, thread_name_prefix="sb3_safe_save-read"))
+        return _pool[1]
+
+
+def _forget_pool() -> None:
+    """In a forked child the parent's threads do not exist: start new ones when needed."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _read_parallel(fd: int, start: int, view: memoryview, key: str, workers: int, *, verify: bool) -> str | None:
     """Read ``view.nbytes`` bytes at file offset ``start`` into ``view`` with ``workers`` threads.
 
@@ -567,19 +592,18 @@ def _read_parallel(fd: int, start: int, view: memoryview, key: str, workers: int
     """
     h = xxhash.xxh3_128() if verify else None
     offsets = range(0, view.nbytes, CHUNK)
-    with ThreadPoolExecutor(workers, thread_name_prefix="sb3_safe_save-read") as pool:
-        futures: list[Future[None]] = [
-            pool.submit(_pread_exact, fd, view[lo : lo + CHUNK], start + lo, key, lo) for lo in offsets
-        ]
-        try:
-            for lo, future in zip(offsets, futures, strict=True):
-                future.result()
-                if h is not None:
-                    h.update(view[lo : lo + CHUNK])
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+    pool = _reader_pool(workers)
+    futures: list[Future[None]] = [pool.submit(_pread_exact, fd, view[lo : lo + CHUNK], start + lo, key, lo) for lo in offsets]
+    try:
+        for lo, future in zip(offsets, futures, strict=True):
+            future.result()
+            if h is not None:
+                h.update(view[lo : lo + CHUNK])
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        wait(futures)  # the pieces already being read finish before this raises
+        raise
     return None if h is None else h.hexdigest()
 
 
