@@ -8,7 +8,7 @@
 Variants, for a model (``safe(PPO).load`` / ``safe(SAC).load``) or a replay buffer (``load_replay_buffer``
 into a freshly built SAC):
 
-- ``load``: as shipped (tensors of 32 MiB and more read by one thread per core, hashed in order)
+- ``load``: as shipped (tensors of 8 MiB and more read by one thread per core, hashed in order)
 - ``load_1thread``: the same with ``read_workers()`` forced to 1 (one ``readinto`` per tensor, then XXH3)
 - ``floor_st`` (models): ``safetensors.torch.load_file`` then ``.clone()`` of every tensor (new memory, no checks)
 - ``floor_readinto``: one ``readinto`` per tensor into fresh ``np.empty`` buffers (no checks), with numpy's

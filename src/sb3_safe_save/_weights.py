@@ -535,10 +535,11 @@ def fresh_zeros(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
 
 
-#: Tensors of at least this many bytes are read by several threads (``Body.read_into``)
-PARALLEL_MIN = 32 << 20
+#: Tensors of at least this many bytes are read by several threads (``Body.read_into``); measured with
+#: ``benchmarks/deploy.py``: SAC-10M (8 MB layers) went from 1.53x to 1.44x the floor with 8 MiB instead of 32 MiB
+PARALLEL_MIN = 8 << 20
 #: The piece each thread reads at a time, and the unit hashed in order behind them
-CHUNK = 8 << 20
+CHUNK = 4 << 20
 
 
 def read_workers() -> int:
