@@ -163,7 +163,31 @@ def measure(kind: str, n: int, rounds: int) -> None:
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
 
 
-FINDINGS = (HERE / "SCALE_FINDINGS.md").read_text if (HERE / "SCALE_FINDINGS.md").exists() else str
+FINDINGS = """\
+## Findings (2026-12-02, 4 interleaved rounds per point, 16:12-16:22 UTC)
+
+- **Linear in bytes.** Our `load` costs 0.53-0.66 s per GB for PPO from 0.12 to 2.4 GB, and 0.86 s (0.44 GB) and
+  0.95 s (1.76 GB; 0.74 s in the reruns below) for SAC: flat lines in the right panel. That is 0.91x-1.27x
+  `floor_readinto` for PPO 10M-200M, 1.44x for SAC 50M, 1.2-1.65x for SAC 200M, while verifying every checksum.
+  SAC's extra is SB3's own `SACPolicy._build`, which copies the critic into the critic target while the model is
+  built (about 60 ms at 50M), and its three optimizer states read into new tensors. Peak RSS is 1.00x (interpreter + tensors) at every size. Before issue 16 the `MADV_HUGEPAGE` hint made
+  it 2.7x the floor at 25M and 4.9x at 100M (kept under `earlier` in scale.json).
+- **Replay buffers had the same stall, from numpy.** `np.zeros` asks for huge pages on arrays of 4 MiB and more;
+  reading into such memory cost 5.0-5.7x the plain read (`floor_readinto_nphint`, 7.0 s for 2.18 GB). The buffer
+  load now allocates lazily zeroed anonymous mappings (`_weights.fresh_zeros`): 1.02 s for 2.18 GB, 0.80x the plain
+  single-threaded read, 1.00x peak RSS (`tests/test_buffers.py` checks the mapping carries no huge-page flag).
+- **Threads.** Tensors of 8 MiB and more are read by one thread per core in 4 MiB pieces and hashed in order.
+  They help where the page faults can run in parallel: PPO 10M 0.07 s vs 0.10 s with one thread, PPO 25M 0.16 vs
+  0.22, buffers 0.30 vs 0.47 (0.54 GB) and 1.02 vs 1.94 (2.18 GB). From 0.6 GB of model weights on, both run at the
+  same speed (PPO 50M-200M, SAC 50M), with the process's CPU time equal to its wall time: the page allocations
+  serialise in the kernel of this 2-vCPU VM. In the 4-round run SAC 200M was slower with threads (1.67 s vs
+  1.24 s, CPU 3.2 s vs 1.4 s); six reruns in a quiet moment right after gave 1.30-1.60 s vs 1.25-1.39 s, and with
+  `OMP_NUM_THREADS=1` the same: an interaction with other load on the machine at that moment, not reproduced.
+- **`floor_st`** (`safetensors` `load_file` + `.clone()`) is faster than a plain `readinto` at some points because
+  torch's `clone` of the mapped file runs on both cores; its peak RSS is 1.3-1.9x (the mapped file pages count).
+- The machine was shared with one other job (load average 1.3-3.5); the ratios are per round, so both sides of
+  each ratio saw the same conditions.
+"""
 
 
 def _label(p: dict[str, Any]) -> str:
@@ -209,7 +233,7 @@ def report() -> None:
                 f" | {median:.2f} s | {cpu_text} | {p['file_bytes'] / 1e9 / median:.2f}"
                 f" | {_fmt(_ratio(p, variant, 'floor_st'))} | {_fmt(_ratio(p, variant, 'floor_readinto'))} | {rss:.2f}x |"
             )
-    lines += ["", FINDINGS()]
+    lines += ["", FINDINGS]
     (HERE / "SCALE.md").write_text("\n".join(lines).rstrip() + "\n")
     _plot(data)
 
