@@ -284,8 +284,8 @@ def markdown(results: dict[str, Any]) -> str:
         f" {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}, at the end:"
         f" {', '.join(f'{x:.1f}' for x in results['load_average_at_end'])}.",
         "",
-        "**Conditions.** The 2 cores are shared with other jobs (about 8 other agents building and testing), so"
-        " absolute times are noisy and inflated; every ratio below compares methods measured in the same run,"
+        "**Conditions.** The 2 cores may be shared with other jobs (the load average above says how much), so"
+        " absolute times are noisy; every ratio below compares methods measured in the same run,"
         " interleaved round by round, as medians over the repetitions shown. Files are in the page cache (each was"
         " just written). Time to first action: one fresh interpreter per run, from its first line to the first"
         " `predict` returning. Floor: one process per case, `MALLOC_MMAP_THRESHOLD_=65536` (every large allocation"
