@@ -170,8 +170,9 @@ FINDINGS = """\
   0.95 s (1.76 GB; 0.74 s in the reruns below) for SAC: flat lines in the right panel. That is 0.91x-1.27x
   `floor_readinto` for PPO 10M-200M, 1.44x for SAC 50M, 1.2-1.65x for SAC 200M, while verifying every checksum.
   SAC's extra is SB3's own `SACPolicy._build`, which copies the critic into the critic target while the model is
-  built (about 60 ms at 50M), and its three optimizer states read into new tensors. Peak RSS is 1.00x (interpreter + tensors) at every size. Before issue 16 the `MADV_HUGEPAGE` hint made
-  it 2.7x the floor at 25M and 4.9x at 100M (kept under `earlier` in scale.json).
+  built (about 60 ms at 50M), and its three optimizer states read into new tensors. Peak RSS is 1.00x
+  (interpreter + tensors) at every size. Before issue 16 the `MADV_HUGEPAGE` hint made it 2.7x the floor at 25M
+  and 4.9x at 100M (kept under `earlier` in scale.json).
 - **Replay buffers had the same stall, from numpy.** `np.zeros` asks for huge pages on arrays of 4 MiB and more;
   reading into such memory cost 5.0-5.7x the plain read (`floor_readinto_nphint`, 7.0 s for 2.18 GB). The buffer
   load now allocates lazily zeroed anonymous mappings (`_weights.fresh_zeros`): 1.02 s for 2.18 GB, 0.80x the plain
