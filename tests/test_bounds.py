@@ -243,9 +243,6 @@ def test_the_one_item_at_a_time_fallback() -> None:
 
 #: ``ReplayBufferFile.obs_keys`` (``list[str] | None``, no ``max_length``) is in ``_buffers.py``, left to its owner
 #: for now: on pydantic >= 2.14 a bad list there still costs one error per item.
-NOT_FAIL_FAST = {(ReplayBufferFile, "obs_keys")}
-
-
 def test_every_container_field_fails_fast() -> None:
     """Every list and dict field whose items can be bad fails fast: natively where this pydantic can, and through
     ``_Model``'s one-item-at-a-time validator (``CONTAINER_FIELDS``) where it cannot."""
@@ -264,9 +261,7 @@ def test_every_container_field_fails_fast() -> None:
             if kind in (list, dict) and get_args(annotation)[-1] is not Any:
                 fields.append((model, name, kind))
     assert len(fields) > 30
-    unmarked = [
-        f"{m.__name__}.{name}" for m, name, kind in fields if (m, name) not in NOT_FAIL_FAST and not fails_fast(m, name, kind)
-    ]
+    unmarked = [f"{m.__name__}.{name}" for m, name, kind in fields if not fails_fast(m, name, kind)]
     assert unmarked == []
     assert {name for model, name, _ in fields if issubclass(model, _Model)} <= set(CONTAINER_FIELDS)
 

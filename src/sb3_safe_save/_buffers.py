@@ -39,7 +39,7 @@ from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 from sb3_safe_save import _remote, _weights
 from sb3_safe_save._errors import FormatError, PickleRefusedError, StateMismatchError, UnsupportedObjectError
-from sb3_safe_save._manifest import TensorMeta, Versions, _Model, _short, items_field, load_json
+from sb3_safe_save._manifest import TensorMeta, Versions, _Model, _short, items_field, list_field, load_json
 from sb3_safe_save._trust import ref_of
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class ReplayBufferFile(_Model):
     full: bool
     optimize_memory_usage: bool
     handle_timeout_termination: bool
-    obs_keys: list[str] | None = None
+    obs_keys: list[str] | None = list_field(default=None, max_length=1000)
     her: HerState | None = None
     tensors: dict[str, TensorMeta] = items_field(max_length=1000)
 
