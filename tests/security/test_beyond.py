@@ -45,6 +45,19 @@ def _pickle_node(key: str = "payload#pickle") -> dict[str, Any]:
     return {"kind": "pickle", "tensor": key, "type": "builtins.object"}
 
 
+def _lr_inner(m: dict[str, Any]) -> dict[str, Any]:
+    """The values inside the lr_schedule: its object state (SB3 >= 2.7), or its schedule node's args (older SB3)."""
+    node = m["data"]["lr_schedule"]
+    return node["state"] if node["kind"] == "object" else node["args"]
+
+
+def _lr_object(m: dict[str, Any]) -> dict[str, Any]:
+    node = m["data"]["lr_schedule"]
+    if node["kind"] != "object":
+        pytest.skip("before SB3 2.7 the lr_schedule is a schedule node, not an object of a trusted class")
+    return node
+
+
 def _opt_entry(m: dict[str, Any]) -> dict[str, Any]:
     return next(e for e in m["state_dicts"] if e["kind"] == "optimizer")
 
@@ -54,7 +67,7 @@ HIDING_PLACES = {
     "optimizer state under a replaced name": lambda m: _opt_entry(m)["state"]["items"].update(payload=_pickle_node()),
     "torch variable": lambda m: m["torch_variables"].update(payload=_pickle_node()),
     "space argument": lambda m: m["data"]["observation_space"]["args"].update(low=_pickle_node()),
-    "object state": lambda m: m["data"]["lr_schedule"]["state"].update(value_schedule=_pickle_node()),
+    "object state": lambda m: _lr_inner(m).update(value_schedule=_pickle_node()),
     "namedtuple field": lambda m: m["data"].update(
         extra={
             "kind": "namedtuple",
@@ -214,10 +227,10 @@ OBJECTS = {
             "fields": {"frequency": 1, "unit": 1, "_asdict": 1},
         }
     ),
-    "schedule object with a module-chain inner ref": lambda m: m["data"]["lr_schedule"]["state"].update(
+    "schedule object with a module-chain inner ref": lambda m: _lr_inner(m).update(
         value_schedule={"kind": "ref", "ref": "stable_baselines3.common.utils:th.os.getpid"}
     ),
-    "object state naming a method": lambda m: m["data"]["lr_schedule"].update(
+    "object state naming a method": lambda m: _lr_object(m).update(
         state={"__call__": 1, "value_schedule": m["data"]["lr_schedule"]["state"]["value_schedule"]}
     ),
     "space rng of an unknown bit generator": lambda m: m["data"]["observation_space"].update(
