@@ -159,10 +159,10 @@ Ref = Annotated[str, AfterValidator(check_ref)]
 AttrPath = Annotated[str, AfterValidator(check_path)]
 
 
-#: The names of the list and dict fields of the models here, in ``_buffers`` and in ``_vecnormalize`` whose items can
-#: be bad (not ``dict[str, Any]``): ``_Model`` validates these one item at a time where pydantic cannot fail fast on
-#: them. Not ``"*"``: pydantic refuses a wrap validator on a discriminator field (``kind``). ``tests/test_bounds.py``
-#: checks that the list is complete.
+#: The names of the list and dict fields whose items can be bad (not ``dict[str, Any]``) of the models here and in
+#: ``_buffers``, ``_vecnormalize`` and ``_checkpoint``: ``_Model`` validates these one item at a time where pydantic
+#: cannot fail fast on them. Not ``"*"``: pydantic refuses a wrap validator on a discriminator field (``kind``).
+#: ``tests/test_bounds.py`` checks that the list is complete.
 CONTAINER_FIELDS: Final = (
     *("items", "args", "state", "fields", "shape", "knots", "fingerprint", "hint", "paths", "external_paths"),
     *("keys", "aliases", "external_prefixes", "dropped", "norm_obs_keys", "obs_keys", "old_obs_keys", "numpy_scalars"),
@@ -423,10 +423,8 @@ TaggedNode = Annotated[
     ],
     Discriminator(_kind),
 ]
-Node = Annotated[
-    Union[Annotated[Scalar, Tag("scalar")], Annotated[TaggedNode, Tag("node")]],  # noqa: UP007 - as above
-    Field(union_mode="left_to_right"),  # the tags name the branches in error locations
-]
+# (Not ``Tag``s on the two branches, for shorter error locations: pydantic 2.9 then warns on every save.)
+Node = Annotated[Union[Scalar, TaggedNode], Field(union_mode="left_to_right")]  # noqa: UP007 - as above
 # The models are built on first use (``defer_build``): building the recursive node schema costs
 # ~100 ms, which ``import sb3_safe_save`` should not pay.
 
@@ -716,6 +714,12 @@ def check_json_shape(value: Any, what: str) -> None:
         level, depth = below, depth + 1
 
 
+#: How pydantic names the branches of ``Node`` in an error's location: ``_short`` writes ``tagged-union[ListNode,...]``
+#: as ``node``, and leaves out the scalar alternatives of a bad node.
+_TAGGED_UNION = re.compile(r"tagged-union\[[^\]]*\]")
+_SCALAR_BRANCHES = {("bool",), ("int",), ("float",), ("str",)}
+
+
 def _short(e: Exception, limit: int = 2000) -> str:
     if isinstance(e, ValidationError):  # str(e) repeats every input: megabytes for a deep, hostile manifest
         if e.error_count() > 1000:  # not from a model here (they fail fast): formatting them all costs gigabytes
@@ -723,8 +727,10 @@ def _short(e: Exception, limit: int = 2000) -> str:
         errors = e.errors(include_url=False, include_input=False)  # few: every container field fails fast
         # the deepest error says most, and union alternatives say little: a bad node was not meant as a scalar
         errors.sort(key=lambda err: -len(err["loc"]))
-        errors = [err for err in errors if "scalar" not in err["loc"]] or errors
-        lines = [f"{_clip('.'.join(map(str, err['loc'])))}: {err['msg'][:300]}" for err in errors[:3]]
+        errors = [err for err in errors if err["loc"][-1:] not in _SCALAR_BRANCHES] or errors
+        lines = [
+            f"{_clip(_TAGGED_UNION.sub('node', '.'.join(map(str, err['loc']))))}: {err['msg'][:300]}" for err in errors[:3]
+        ]
         text = f"{e.error_count()} validation error(s): " + "; ".join(lines)
     else:
         text = str(e)
