@@ -423,7 +423,7 @@ TaggedNode = Annotated[
     ],
     Discriminator(_kind),
 ]
-# (Not ``Tag``s on the two branches, for shorter error locations: pydantic 2.9 then warns on every save.)
+# No ``Tag`` on the two branches (shorter error locations): with them pydantic 2.9 warns on every save.
 Node = Annotated[Union[Scalar, TaggedNode], Field(union_mode="left_to_right")]  # noqa: UP007 - as above
 # The models are built on first use (``defer_build``): building the recursive node schema costs
 # ~100 ms, which ``import sb3_safe_save`` should not pay.
