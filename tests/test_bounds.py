@@ -244,8 +244,6 @@ def test_the_one_item_at_a_time_fallback() -> None:
         assert [loc for loc, _ in meant] == locs and message in meant[0][1], kwargs
 
 
-#: ``ReplayBufferFile.obs_keys`` (``list[str] | None``, no ``max_length``) is in ``_buffers.py``, left to its owner
-#: for now: on pydantic >= 2.14 a bad list there still costs one error per item.
 def test_every_container_field_fails_fast() -> None:
     """Every list and dict field whose items can be bad fails fast: natively where this pydantic can, and through
     ``_Model``'s one-item-at-a-time validator (``CONTAINER_FIELDS``) where it cannot."""
