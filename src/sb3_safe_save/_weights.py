@@ -475,12 +475,11 @@ class Body:
             raise FormatError(
                 f"tensor {key!r}: stored as {info.dtype} {list(info.shape)} but the model has {dest.dtype} {list(dest.shape)}"
             )
+        direct = dest.is_contiguous() and dest.numel() > 0  # else through a new CPU tensor
         with th.no_grad():
-            if not dest.is_contiguous() or not dest.numel():
-                dest.copy_(self.read_tensor(key))
-            elif staged(dest.device):
+            if direct and staged(dest.device):
                 self._read_staged(key, info, dest)
-            elif dest.device.type == "cpu":
+            elif direct and dest.device.type == "cpu":
                 self.read_into(key, dest.detach().reshape(-1).view(th.uint8).numpy())
             else:
                 dest.copy_(self.read_tensor(key))
