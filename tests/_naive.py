@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from lang_dqn import CustomDQN, CustomDQNPolicy, LangQNetwork
-from sb3_safe_save import unwrap
+from sb3_safe_save import HazardWarning, unwrap
 
 
 class NaiveLangQNetwork(LangQNetwork):
@@ -32,7 +34,8 @@ def make_naive_model(expert: Any, net_arch: list[int] | None = None, seed: int =
     policy_kwargs: dict[str, Any] = {"vlm_model": expert, "vlm_model_name": getattr(expert, "name", "expert")}
     if net_arch is not None:
         policy_kwargs["net_arch"] = net_arch
-    return CustomDQN(
-        NaiveDQNPolicy, "CartPole-v1", policy_kwargs=policy_kwargs, learning_starts=50, buffer_size=2000,
-        target_update_interval=50, seed=seed, **kwargs,
-    )  # fmt: skip
+    with pytest.warns(HazardWarning, match=r"^shared_with_target \(found when the model was built\)"):  # said at once
+        return CustomDQN(
+            NaiveDQNPolicy, "CartPole-v1", policy_kwargs=policy_kwargs, learning_starts=50, buffer_size=2000,
+            target_update_interval=50, seed=seed, **kwargs,
+        )  # fmt: skip

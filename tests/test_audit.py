@@ -204,7 +204,7 @@ def test_seven_billion_parameter_expert_on_meta_is_a_placeholder_with_its_size()
 
 
 def test_core_scenario_shows_shared_with_target_and_external_in_optimizer() -> None:
-    model = make_naive_model(ModuleExpert(), net_arch=[8])  # self.vlm_model = vlm_model: registered
+    model = make_naive_model(ModuleExpert(), net_arch=[8])  # self.vlm_model = vlm_model: registered (warned at build)
     report = audit(model)
     codes = _codes(report)
     shared = codes["shared_with_target"]
@@ -257,10 +257,13 @@ def test_pretrained_module_in_ortho_init_policy_is_reinitialised_on_build() -> N
 
 
 class _Opaque:
-    """No codec stores this; only a pickle can."""
+    """No codec stores this; only a pickle can (its own ``__reduce__``: not stored field by field, even trusted)."""
 
     def __init__(self) -> None:
         self.payload = list(range(100))
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_Opaque, ())
 
 
 def test_pickled_values_are_errors_unless_allowed(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import pickle
 import warnings
 from typing import Any
 
+import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
@@ -25,10 +26,11 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.utils import polyak_update
 
 import sb3_safe_save
-from _naive import make_naive_model
+from _naive import NaiveDQNPolicy, make_naive_model
 from lang_dqn import CustomDQN, CustomDQNPolicy, LangQNetwork, ModuleExpert, UnpicklableExpert, make_model
 from sb3_safe_save import (
     External,
+    HazardError,
     HazardWarning,
     UnsupportedObjectError,
     assert_save_budget,
@@ -147,30 +149,66 @@ def test_guarded_module_expert_is_untouched_by_training_and_round_trips(tmp_path
         assert th.equal(a, b)
 
 
-def test_naive_module_expert_is_zeroed_and_save_warns_once_per_model(tmp_path: pathlib.Path) -> None:
+def test_naive_module_expert_is_warned_at_build_and_learn_refuses_before_any_change(tmp_path: pathlib.Path) -> None:
     expert = ModuleExpert(width=32)
-    model = make_naive_model(expert, net_arch=[16])
-    model.learn(60)  # one hard target update, at step 50
-    assert all(bool((v == 0).all()) for v in expert.state_dict().values())  # the bug external() avoids
-    with pytest.warns(HazardWarning) as record:
-        model.save(tmp_path / "a")
-    (warning,) = record
-    message = str(warning.message)
-    assert "shared_with_target" in message and "policy.q_net.vlm_model" in message and "tau=1.0" in message
+    before = _weights(expert)
+    model = make_naive_model(expert, net_arch=[16])  # warns shared_with_target at build (asserted in make_naive_model)
+    with pytest.raises(HazardError) as info:
+        model.learn(60)  # would be one hard target update, at step 50: zeros
+    message = str(info.value)
+    assert message.startswith("CustomDQN.learn() refused to start, before any gradient step or target update")
+    assert "policy.q_net.vlm_model" in message and "tau=1.0" in message
     assert "self.vlm_model = sb3_safe_save.external(vlm_model)" in message
+    assert "safe_save_externalize = True in class CustomDQN" in message
+    assert all(th.equal(before[k], v) for k, v in expert.state_dict().items())  # bitwise unchanged
+    assert model.num_timesteps == 0 and model._n_updates == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error", HazardWarning)
-        model.save(tmp_path / "b")  # the same model again (a checkpoint callback): no repeat
-    with pytest.warns(HazardWarning):
-        make_naive_model(ModuleExpert(), net_arch=[16]).save(tmp_path / "c")  # another model: warned again
+        model.save(tmp_path / "a")  # warned once per model: at the build, not again at save
+        model.save(tmp_path / "b")
+    make_naive_model(ModuleExpert(), net_arch=[16])  # another model: warned again (asserted in make_naive_model)
 
 
-def test_checkpoints_of_a_hazardous_model_warn_once(tmp_path: pathlib.Path) -> None:
-    model = make_naive_model(ModuleExpert(width=8), net_arch=[8])
-    with pytest.warns(HazardWarning) as record:
+def test_checkpoints_of_a_model_warned_at_build_do_not_warn_again(tmp_path: pathlib.Path) -> None:
+    model = make_naive_model(ModuleExpert(width=8), net_arch=[8], tau=0.0)  # tau=0: the target update writes w*1 + 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         model.learn(160, callback=CheckpointCallback(save_freq=50, save_path=str(tmp_path)))
-    assert len(sorted(tmp_path.iterdir())) == 3  # three checkpoints, one warning
-    assert [w.category for w in record] == [HazardWarning]
+    assert len(sorted(tmp_path.iterdir())) == 3  # three checkpoints, no warning
+
+
+@pytest.mark.parametrize("how", ["class", "safe"])
+def test_externalize_rewires_the_natural_registration(how: str, tmp_path: pathlib.Path) -> None:
+    expert = ModuleExpert(width=16)
+    for p in expert.parameters():
+        p.requires_grad_(True)  # trainable: it would be in Adam
+    before = _weights(expert)
+
+    class Rewired(CustomDQN):
+        safe_save_externalize = True
+
+    algo = Rewired if how == "class" else safe(CustomDQN, externalize=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the registration was rewired at build
+        model = algo(
+            NaiveDQNPolicy, "CartPole-v1", policy_kwargs={"vlm_model": expert, "net_arch": [8]},
+            learning_starts=50, buffer_size=500, target_update_interval=50, seed=0,
+        )  # fmt: skip
+    q_net = model.policy.q_net
+    assert isinstance(q_net.__dict__["vlm_model"], External) and unwrap(q_net.vlm_model) is expert
+    assert "vlm_model" not in dict(model.policy.named_modules()) and "vlm_model" not in q_net._modules
+    assert not any(id(p) in _optimizer_ids(model) for p in expert.parameters())
+    model.learn(110)  # two hard target updates and gradient steps
+    assert all(th.equal(before[k], v) for k, v in expert.state_dict().items())
+    model.save(tmp_path / "m")
+    loaded = algo.load(tmp_path / "m", resources={"vlm_model": expert}, trusted=[NaiveDQNPolicy])
+    assert unwrap(loaded.policy.q_net.vlm_model) is expert
+    obs = np.zeros((3, 4), dtype=np.float32)
+    assert np.array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+
+
+def _optimizer_ids(model: Any) -> set[int]:
+    return {id(p) for g in model.policy.optimizer.param_groups for p in g["params"]}
 
 
 def test_resources_object_or_wrapper_at_load_and_wrapped_paths_get_a_wrapper(tmp_path: pathlib.Path) -> None:

@@ -1,9 +1,9 @@
 """Issue 12 with a real transformers model: a tiny GPT-2 (built from a config) as the DQN's expert.
 
-Registered naively (``self.vlm_model = vlm_model``), DQN's hard target update zeroes it, Adam holds its
-parameters, ``save`` warns and the audit reports it. Held through ``external()``, it is bitwise unchanged
-after several target updates, the file stays small, the audit is clean, and a fresh process that loads
-the file with ``resources=`` computes bitwise-equal Q-values.
+Registered naively (``self.vlm_model = vlm_model``), DQN's hard target update would zero it: building
+the model warns, ``learn()`` refuses to start before any change, and the audit reports it. Held through
+``external()``, it is bitwise unchanged after several target updates, the file stays small, the audit is
+clean, and a fresh process that loads the file with ``resources=`` computes bitwise-equal Q-values.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 
 import sb3_safe_save
 from _gpt2_expert import make_gpt2_model, q_values, tiny_gpt2
-from sb3_safe_save import HazardWarning, audit, external, unwrap
+from sb3_safe_save import HazardError, HazardWarning, audit, external, unwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 220  # hard target updates at steps 50, 100, 150, 200; gradient steps from step 50 on
@@ -49,23 +49,26 @@ def _policy_tensor_bytes(model: Any) -> int:
     return own + sum(t.numel() * t.element_size() for s in state.values() for t in s.values() if isinstance(t, th.Tensor))
 
 
-def test_naive_registration_zeroes_the_expert_and_is_reported(tmp_path: pathlib.Path) -> None:
+def test_naive_registration_is_stopped_before_training_changes_the_expert(tmp_path: pathlib.Path) -> None:
     expert = tiny_gpt2(EXPERT_SEED)
-    n_tensors = len(expert.state_dict())
-    nonzero = [k for k, v in expert.state_dict().items() if bool(v.any())]
-    assert len(nonzero) == 16  # its weights and embeddings (GPT-2 initialises biases to zero)
-    model = make_gpt2_model(expert, naive=True)
+    before = _weights(expert)
+    assert len([k for k, v in before.items() if bool(v.any())]) == 16  # weights and embeddings (GPT-2 biases start at 0)
+    with pytest.warns(HazardWarning) as caught:  # said when the model is built, before anything trains
+        model = make_gpt2_model(expert, naive=True)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("shared_with_target (found when the model was built)") for m in messages), messages
+    assert any(m.startswith("external_in_optimizer (found when the model was built)") for m in messages), messages
     # the facts behind the hazard: registered in both networks, its parameters in Adam
     assert dict(model.policy.q_net.named_modules())["vlm_model"] is expert
     assert dict(model.policy.q_net_target.named_modules())["vlm_model"] is expert
     assert {id(p) for p in expert.parameters()} <= _optimizer_params(model)
 
-    model.learn(STEPS)
-    assert model._n_updates > 0
-    zeroed = [k for k, v in expert.state_dict().items() if not bool((v == 0).all())]
-    assert zeroed == [], f"SB3's hard target update should have zeroed every expert tensor; these were not: {zeroed}"
-    assert n_tensors == 29  # all of them (lm_head.weight is tied to wte.weight)
-    assert expert.training  # SB3's set_training_mode(True) in train() switched the registered expert's dropout on
+    fix = r"self\.vlm_model = sb3_safe_save\.external\(vlm_model\)"
+    with pytest.raises(HazardError, match=r"learn\(\) refused to start.*" + fix):
+        model.learn(STEPS)
+    assert model.num_timesteps == 0 and model._n_updates == 0
+    after = expert.state_dict()
+    assert all(th.equal(before[k], after[k]) for k in before), "the expert must be bitwise unchanged"
 
     report = audit(model)
     codes = {f.code: f for f in report.findings}
@@ -75,9 +78,11 @@ def test_naive_registration_zeroes_the_expert_and_is_reported(tmp_path: pathlib.
     assert codes["external_in_optimizer"].severity == "warning"
     assert not report.ok
 
-    with pytest.warns(HazardWarning, match=r"shared_with_target.*external\(vlm_model\)"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HazardWarning)  # warned once per model: at the build, not again at save
         model.save(tmp_path / "naive.safetensors")
     manifest = sb3_safe_save.read_manifest(tmp_path / "naive.safetensors")
+    assert {h.code for h in manifest.hazards} == {"shared_with_target", "external_in_optimizer"}
     assert not any("vlm_model" in k for k in manifest.tensors)  # never written, even registered
 
 

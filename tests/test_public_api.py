@@ -12,9 +12,12 @@ EXPECTED = {
     "Finding",
     "FormatError",
     "Hazard",
+    "HazardError",
     "HazardWarning",
     "IntegrityError",
     "LazyResource",
+    "LoadSourceIsADirectoryError",
+    "LoadSourceNotFoundError",
     "Manifest",
     "MissingResourceError",
     "PickleRefusedError",
@@ -28,6 +31,7 @@ EXPECTED = {
     "SafeVecNormalize",
     "SaveTargetDirectoryMissingError",
     "SaveTargetIsADirectoryError",
+    "SaveWarning",
     "StateMismatchError",
     "UnresolvedResourceError",
     "UnsupportedObjectError",
@@ -75,7 +79,7 @@ def test_public_names_exist_and_nothing_else_is_public() -> None:
 
 def test_every_error_is_a_safe_save_error() -> None:
     errors = [getattr(sb3_safe_save, n) for n in sb3_safe_save.__all__ if n.endswith("Error")]
-    assert len(errors) == 15
+    assert len(errors) == 18
     for cls in errors:
         assert issubclass(cls, sb3_safe_save.SafeSaveError), cls
 

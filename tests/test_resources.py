@@ -485,11 +485,13 @@ def test_spec_kwargs_must_be_json() -> None:
 def test_resources_matching_no_placeholder_warn(trained: Any, tmp_path: pathlib.Path) -> None:
     path = tmp_path / "agent.safetensors"
     trained.save(path)
-    with pytest.warns(
-        UserWarning, match=r"resources \['vlm_modle'\] match no placeholder in the file \(it has \['vlm_model'\]\)"
-    ):
-        with pytest.raises(MissingResourceError):
-            CustomDQN.load(path, resources={"vlm_modle": expert_of(trained)})
+    with pytest.raises(MissingResourceError) as info:  # a typo: said in the error, which names the close key
+        CustomDQN.load(path, resources={"vlm_modle": expert_of(trained)})
+    assert info.value.keys == ["vlm_model"]
+    assert "(did you mean 'vlm_model'? resources= has 'vlm_modle')" in str(info.value)
+    assert "Pass them at load: CustomDQN.load(path, resources={'vlm_model': <vlm_model>})" in str(info.value)
+    with pytest.warns(UserWarning, match=r"resources \['other'\] match no placeholder in the file \(it has \['vlm_model'\]\)"):
+        CustomDQN.load(path, resources={"vlm_model": expert_of(trained), "other": 1})
 
 
 def test_specs_or_optional_matching_no_resource_warn_at_save(trained: Any, tmp_path: pathlib.Path) -> None:

@@ -243,7 +243,8 @@ def test_factories_need_an_exact_trusted_reference(clean_registry: None) -> None
 def test_safe_with_trusted_makes_a_cached_declaring_subclass() -> None:
     a = safe(DQN, trusted=[CustomDQNPolicy])
     assert a is safe(DQN, trusted=[CustomDQNPolicy]) and a is not safe(DQN)
-    assert issubclass(a, DQN) and issubclass(a, SafeSaveMixin) and a.__name__ == "DQN"
+    assert issubclass(a, DQN) and issubclass(a, SafeSaveMixin) and a.__name__ == a.__qualname__ == "SafeDQN"
+    assert a.__module__ == __name__  # the caller's module: its classes are trusted by a.load, as for a subclass
     assert tuple(a.safe_save_trusted) == (CustomDQNPolicy,)
     with pytest.raises(TypeError, match="list"):
         safe(DQN, trusted=CustomDQNPolicy)  # type: ignore[arg-type]

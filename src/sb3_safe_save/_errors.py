@@ -17,10 +17,14 @@ it, so code that already catches ``ValueError``/``TypeError``/``LookupError`` ke
     ├── StateMismatchError (ValueError)      load: the stored tensors (or the env's spaces) do not fit the model
     ├── SaveTargetIsADirectoryError / SaveTargetDirectoryMissingError (IsADirectoryError / FileNotFoundError)
     │                                        save: the target path is a directory, or its directory cannot be created
+    ├── LoadSourceIsADirectoryError / LoadSourceNotFoundError (IsADirectoryError / FileNotFoundError)
+    │                                        load: the path is a directory (a checkpoint folder?), or no file is there
+    ├── HazardError (RuntimeError)           build/learn: training would destroy a live resource (see ``_hazards.py``)
     ├── RemoteStorageUnavailableError (ImportError)  a URL path (s3://...) without fsspec or its backend installed
     └── UnresolvedResourceError (RuntimeError)  use: an optional resource that was left unbound was used
 
-One warning class: ``HazardWarning`` (a ``UserWarning``), warned by ``save`` for error-level hazards.
+Warnings (``UserWarning`` subclasses): ``HazardWarning``, what training may do to a resource (warned when the
+model is built or loaded, once per model); ``SaveWarning``, a save that writes a file that cannot be loaded as is.
 """
 
 from __future__ import annotations
@@ -81,26 +85,34 @@ class UntrustedTypeError(SafeSaveError, TypeError):
     :param refs: the untrusted ``"module:Qualname"`` references, sorted
     :param where: reference -> the attribute paths that use it
     :param algo: the class ``load`` was called on (the message then shows its name in the fix)
+    :param call: the call that was made, when not ``<algo>.load`` (e.g. ``"sb3_safe_save.load_policy"``)
     """
 
-    def __init__(self, refs: Sequence[str], where: dict[str, list[str]] | None = None, algo: type | None = None) -> None:
+    def __init__(
+        self, refs: Sequence[str], where: dict[str, list[str]] | None = None, algo: type | None = None, call: str | None = None
+    ) -> None:
         self.refs = sorted(refs)
         where = where or {}
         lines = [f"{ref}  (used at {', '.join(where.get(ref, [])[:3]) or 'manifest'})" for ref in self.refs]
-        name = algo.__qualname__ if algo is not None else "Algo"
-        base = next((k.__name__ for k in (algo.__mro__ if algo is not None else ()) if k.__module__.startswith(_SB3)), "Algo")
         classes = ", ".join(r.rpartition(":")[2].rpartition(".")[2] for r in self.refs)
-        if name == base:  # safe(DQN) or a stock class: a trusting subclass comes from safe()
-            declare = f"\n  safe({base}, trusted=[{classes}]).load(path)"
-        else:
-            declare = f"\n  class {name}(SafeSaveMixin, {base}):\n      safe_save_trusted = ({classes},)"
+        if call is None:
+            call = f"{algo_name(algo)}.load" if algo is not None else "Algo.load"
+        base = base_name(algo) if algo is not None else "Algo"
+        once = ""
+        if algo is not None and "_sb3_safe_base" in vars(algo):  # made by safe(): a trusting one
+            made_from = vars(algo)["_sb3_safe_base"].__name__
+            once = f"\nor once, on the algorithm class:\n  safe({made_from}, trusted=[{classes}]).load(path)"
+        elif algo is not None and call.endswith(".load"):
+            once = (
+                "\nor once, on the algorithm class (next to safe_save_resources):"
+                f"\n  class {algo.__qualname__}(SafeSaveMixin, {base}):\n      safe_save_trusted = ({classes},)"
+            )
         super().__init__(
             "The file references types that are not trusted; nothing was imported:"
             + _bullets(lines)
             + "\nIf you trust them, name them exactly (class objects or 'module:QualName' strings), either per load:"
-            + f"\n  {name}.load(path, trusted={self.refs!r})"
-            + "\nor once, on the algorithm class (next to safe_save_resources):"
-            + declare
+            + f"\n  {call}(path, trusted={self.refs!r})"
+            + once
             + "\nor process-wide with sb3_safe_save.trust(...)."
             + (
                 "\nA class defined inside a function (<locals>) cannot be imported by name: pass the class object"
@@ -112,6 +124,17 @@ class UntrustedTypeError(SafeSaveError, TypeError):
 
 
 _SB3 = ("stable_baselines3.", "sb3_contrib.")
+
+
+def base_name(algo: type) -> str:
+    """The SB3 / sb3-contrib algorithm a class derives from, by name (``DQN``)."""
+    return next((k.__name__ for k in algo.__mro__ if k.__module__.startswith(_SB3)), algo.__name__)
+
+
+def algo_name(algo: type) -> str:
+    """How the user wrote the class in their code: ``safe(DQN)`` for a class made by ``safe()``, else its name."""
+    base = getattr(algo, "_sb3_safe_base", None)
+    return f"safe({base.__name__})" if isinstance(base, type) and "_sb3_safe_base" in vars(algo) else algo.__qualname__
 
 
 class PickleRefusedError(SafeSaveError, ValueError):
@@ -136,20 +159,29 @@ class MissingResourceError(SafeSaveError, LookupError):
     """Raised at load, before any model is built, when placeholders have no live object.
 
     :param missing: ``(key, paths, type name, hint)`` for each unresolved placeholder
+    :param call: the load call that was made (``"CustomDQN.load"``), shown in the fix
+    :param typos: missing key -> the key given in ``resources=`` that looks like a misspelling of it
     """
 
-    def __init__(self, missing: Sequence[tuple[str, Sequence[str], str, dict[str, object]]]) -> None:
+    def __init__(
+        self,
+        missing: Sequence[tuple[str, Sequence[str], str, dict[str, object]]],
+        call: str = "Algo.load",
+        typos: dict[str, str] | None = None,
+    ) -> None:
         self.missing = list(missing)
         self.keys = [key for key, _, _, _ in self.missing]
+        typos = typos or {}
         lines = []
         for key, paths, type_name, hint in self.missing:
             extra = f", hint {hint}" if hint else ""
-            lines.append(f"{key!r}: a {type_name} at {', '.join(paths)}{extra}")
+            typo = f" (did you mean {key!r}? resources= has {typos[key]!r})" if key in typos else ""
+            lines.append(f"{key!r}: a {type_name} at {', '.join(paths)}{extra}{typo}")
         example = ", ".join(f"{k!r}: <{k}>" for k in self.keys)
         super().__init__(
             "The file needs live resources that were not supplied:"
             + _bullets(lines)
-            + f"\nPass them at load: Algo.load(path, resources={{{example}}})"
+            + f"\nPass them at load: {call}(path, resources={{{example}}})"
             + "\nor register a factory: sb3_safe_save.register_resource(key, factory),"
             + " or an entry point in the group 'sb3_safe_save.resources'."
         )
@@ -174,6 +206,23 @@ class UnresolvedResourceError(SafeSaveError, RuntimeError):
     """Raised when an optional resource that was left unbound at load is used."""
 
 
+class HazardError(SafeSaveError, RuntimeError):
+    """Raised before training would destroy a live resource: when the model is built, or at the start of ``learn()``.
+
+    E.g. an ``nn.Module`` expert registered in both ``q_net`` and ``q_net_target``: SB3's target update
+    writes into its tensors in place (with ``tau=1``, zeros). Nothing has been changed when it is raised.
+    The message names the fix, ``self.vlm_model = sb3_safe_save.external(vlm_model)``.
+    """
+
+
+class LoadSourceIsADirectoryError(SafeSaveError, IsADirectoryError):
+    """Raised by ``load`` when the path is a directory (a checkpoint folder is read with ``load_checkpoint``)."""
+
+
+class LoadSourceNotFoundError(SafeSaveError, FileNotFoundError):
+    """Raised by ``load`` when no file is at the path (nor at the name ``save`` would have written)."""
+
+
 class SaveTargetIsADirectoryError(SafeSaveError, IsADirectoryError):
     """Raised by ``save`` when the target path is a directory (still an ``IsADirectoryError``, as in SB3)."""
 
@@ -190,9 +239,18 @@ class RemoteStorageUnavailableError(SafeSaveError, ImportError):
 
 
 class HazardWarning(UserWarning):
-    """Warned by ``save`` (once per model) for an error-level hazard: a resource that training is damaging.
+    """Warned once per model, when it is built or loaded, for what training may do to a live resource.
 
-    E.g. an ``nn.Module`` expert registered in both ``q_net`` and ``q_net_target``, which SB3's target
-    update zeroes. The message names the fix, ``sb3_safe_save.external()``. Not an error: the save
-    succeeds. Make it one with ``warnings.simplefilter("error", HazardWarning)``.
+    E.g. an expert's trainable parameters in the optimizer (fine if you mean to fine-tune it), or an
+    expert registered in both ``q_net`` and ``q_net_target`` (then ``learn()`` raises ``HazardError``).
+    The message names the fix, ``sb3_safe_save.external()``. Make it an error with
+    ``warnings.simplefilter("error", HazardWarning)``.
+    """
+
+
+class SaveWarning(UserWarning):
+    """Warned by ``save`` (once per model) when the file it writes cannot be loaded without more arguments.
+
+    E.g. ``_excluded_save_params()`` that leaves out ``policy_kwargs`` (SB3 #2025's workaround): the file
+    then needs ``load(path, policy_kwargs=...)``. With sb3_safe_save the exclusion is unnecessary.
     """

@@ -366,4 +366,4 @@ def load_from_hub(
                 " pass the class to load it with: load_from_hub(..., algo=MyAlgo)"
             )
         algo = TrustList(None).resolve(base, "base_algorithm", "algorithm")
-    return safe(algo).load(path, expected_sha256=expected_sha256, **load_kwargs)
+    return safe(algo, module=algo.__module__).load(path, expected_sha256=expected_sha256, **load_kwargs)

@@ -8,6 +8,7 @@ worker, which should not pay for it.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -43,12 +44,33 @@ class SafeSaveMixin:
     :cvar safe_save_trusted: classes (or ``"module:QualName"`` strings, or resource factories) that
         files loaded with this class may reference, beyond the default list and the classes defined in
         this class's own module, e.g. ``(CustomDQNPolicy,)`` for a policy that lives in another module
+    :cvar safe_save_externalize: after the policy is built, replace every registration of an ``nn.Module``
+        resource (one passed in ``policy_kwargs``) by its ``external()`` wrapper and take its parameters out
+        of the optimizers: ``self.vlm_model = vlm_model`` then behaves as ``self.vlm_model = external(vlm_model)``
+
+    When the model is built or loaded, and when ``learn()`` starts, what training would do to a resource is
+    checked from facts (``HazardWarning``; ``HazardError`` before a target update that would destroy it).
     """
 
     safe_save_resources: ClassVar[Mapping[str, str]] = {}
     safe_save_specs: ClassVar[Mapping[str, ResourceSpec | Mapping[str, Any]]] = {}
     safe_save_optional: ClassVar[Sequence[str]] = ()
     safe_save_trusted: ClassVar[Sequence[type | str | Any]] = ()
+    safe_save_externalize: ClassVar[bool] = False
+
+    def _setup_model(self) -> None:
+        from sb3_safe_save._hazards import guard_build
+
+        with guard_build(self, externalize=self.safe_save_externalize):  # type: ignore[arg-type]
+            super()._setup_model()  # type: ignore[misc]
+
+    def _setup_learn(self, *args: Any, **kwargs: Any) -> Any:
+        from sb3_safe_save._hazards import check_before_learn
+
+        check_before_learn(self)  # type: ignore[arg-type]
+        callback = kwargs.get("callback", args[1] if len(args) > 1 else None)
+        _warn_pickled_vecnormalize(self, callback)
+        return super()._setup_learn(*args, **kwargs)  # type: ignore[misc]
 
     def save(
         self,
@@ -236,18 +258,59 @@ class SafeSaveMixin:
         buffer.device = self.device  # type: ignore[attr-defined]  # as SB3 does (GH#1561)
 
 
+def _warn_pickled_vecnormalize(model: Any, callback: Any) -> None:
+    """``CheckpointCallback(save_vecnormalize=True)`` with a stock ``VecNormalize`` writes pickles: say so once."""
+    from stable_baselines3.common.callbacks import CheckpointCallback
+
+    from sb3_safe_save._vecnormalize import SafeVecNormalize
+
+    vec_normalize = model.get_vec_normalize_env()
+    if vec_normalize is None or isinstance(vec_normalize, SafeVecNormalize):
+        return
+    pending, seen = [callback], 0
+    while pending and seen < 100:
+        cb, seen = pending.pop(), seen + 1
+        if isinstance(cb, (list, tuple)):
+            pending.extend(cb)
+        elif isinstance(cb, CheckpointCallback) and cb.save_vecnormalize:
+            from sb3_safe_save._hazards import warn_once
+
+            warn_once(
+                model, ("pickled_vecnormalize",),
+                "CheckpointCallback(save_vecnormalize=True) with a stock VecNormalize writes its statistics as pickles"
+                " (.pkl) next to every checkpoint, which load only by unpickling. Wrap the env in"
+                " sb3_safe_save.SafeVecNormalize instead of VecNormalize (its save() writes safetensors), or use"
+                " sb3_safe_save.ResumeCheckpointCallback (one file per checkpoint).",
+                UserWarning, stacklevel=4,
+            )  # fmt: skip
+            return
+        else:
+            pending.extend(c for c in (getattr(cb, "callbacks", None) or [], getattr(cb, "callback", None)) if c is not None)
+
+
 _safe_lock = threading.Lock()
-_safe_cache: dict[tuple[type, frozenset[str]], type] = {}
+_safe_cache: dict[tuple[type, frozenset[str], bool, str], type] = {}
 
 
-def safe(algo: type[SelfAlgo], *, trusted: Iterable[type | str | Any] = ()) -> type[SelfAlgo]:
+def safe(
+    algo: type[SelfAlgo],
+    *,
+    trusted: Iterable[type | str | Any] = (),
+    externalize: bool = False,
+    module: str | None = None,
+) -> type[SelfAlgo]:
     """Return a (cached) subclass of ``algo`` with safe ``save``/``load``: ``safe(PPO)("MlpPolicy", env)``.
+
+    The class is named ``Safe<Algo>`` (``SafeDQN``) and belongs to the module that calls ``safe()``, so
+    the classes defined there (your policy) are trusted by its ``load``, as for ``class MyDQN(SafeSaveMixin, DQN)``.
 
     :param algo: any ``BaseAlgorithm`` subclass (SB3, sb3-contrib or your own)
     :param trusted: classes (or ``"module:QualName"`` strings) that files loaded with the returned
         class may reference, e.g. ``safe(DQN, trusted=[CustomDQNPolicy])``; it becomes the class's
         ``safe_save_trusted`` (added to what ``algo`` already declares)
-    :return: the subclass; the same class for the same ``algo`` and ``trusted``
+    :param externalize: the class's ``safe_save_externalize`` (see ``SafeSaveMixin``)
+    :param module: the module the class belongs to (default: the caller's)
+    :return: the subclass; the same class for the same arguments
     """
     from sb3_safe_save._trust import declared_trust, ref_of
 
@@ -257,15 +320,20 @@ def safe(algo: type[SelfAlgo], *, trusted: Iterable[type | str | Any] = ()) -> t
         raise TypeError(f"safe(..., trusted=) takes a list of classes or 'module:QualName' strings, got {trusted!r}")
     items = tuple(trusted)
     names = frozenset(i if isinstance(i, str) else ref_of(i) for i in items)
-    if issubclass(algo, SafeSaveMixin) and not names:
+    if issubclass(algo, SafeSaveMixin) and not names and not externalize:
         return algo
+    if module is None:
+        module = sys._getframe(1).f_globals.get("__name__", algo.__module__)
     with _safe_lock:
-        key = (algo, names)
+        key = (algo, names, externalize, module)
         if key not in _safe_cache:
-            namespace: dict[str, Any] = {"__module__": algo.__module__, "__qualname__": algo.__qualname__}
+            name = algo.__name__ if issubclass(algo, SafeSaveMixin) else f"Safe{algo.__name__}"
+            namespace: dict[str, Any] = {"__module__": module, "__qualname__": name, "_sb3_safe_base": algo}
             if names:
                 namespace["safe_save_trusted"] = (*getattr(algo, "safe_save_trusted", ()), *items)
+            if externalize:
+                namespace["safe_save_externalize"] = True
             bases = (algo,) if issubclass(algo, SafeSaveMixin) else (SafeSaveMixin, algo)
-            _safe_cache[key] = type(algo.__name__, bases, namespace)
+            _safe_cache[key] = type(name, bases, namespace)
             declared_trust(_safe_cache[key])  # refuse malformed entries now, not at the first load
         return _safe_cache[key]

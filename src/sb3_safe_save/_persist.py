@@ -28,7 +28,6 @@ import platform
 import threading
 import types
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any, TypeVar
 
@@ -43,20 +42,21 @@ from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import check_for_correct_spaces
 from stable_baselines3.common.vec_env import VecNormalize
 
-from sb3_safe_save import _remote, _rng, _weights
+from sb3_safe_save import _hazards, _remote, _rng, _weights
 from sb3_safe_save._codecs import BY_KIND, schedule_class_missing
 from sb3_safe_save._deferred import DeferredOptimizer, deferred_optimizers
 from sb3_safe_save._errors import (
     AlgorithmMismatchError,
     FormatError,
-    HazardWarning,
     IntegrityError,
     PickleRefusedError,
     SafeSaveError,
     SaveTargetDirectoryMissingError,
     SaveTargetIsADirectoryError,
+    SaveWarning,
     StateMismatchError,
     UntrustedTypeError,
+    algo_name,
 )
 from sb3_safe_save._external import external, unwrap
 from sb3_safe_save._manifest import (
@@ -82,7 +82,7 @@ from sb3_safe_save._trust import RefKind, TrustList, TrustSpec, default_trusted,
 from sb3_safe_save._vecnormalize import PREFIX as VN_PREFIX
 from sb3_safe_save._vecnormalize import export_vecnormalize, stage_vecnormalize
 from sb3_safe_save._version import __version__
-from sb3_safe_save._walker import _MODULE_INTERNALS, DEFAULT_MAX_OBJECT_BYTES, Snapshot, Walker, resolve_attr
+from sb3_safe_save._walker import _MODULE_INTERNALS, DEFAULT_MAX_OBJECT_BYTES, Snapshot, Walker, excluded_names, resolve_attr
 
 PathLike = str | os.PathLike[str] | io.BufferedIOBase
 SUFFIX = _weights.SUFFIX
@@ -115,6 +115,7 @@ def save_model(
         vn_state, arrays = export_vecnormalize(vec_normalize)
         blobs.update({VN_PREFIX + key: _weights.to_blob(value) for key, value in arrays.items()})
     _warn_hazards(model, snapshot)
+    _warn_unloadable(model, excluded_names(model, exclude, include)[0])
     manifest = build_manifest(model, snapshot, tensor_metas(blobs))
     if vn_state is not None:
         manifest = manifest.model_copy(update={"vec_normalize": vn_state})
@@ -124,22 +125,26 @@ def save_model(
     )
 
 
-_warned: weakref.WeakKeyDictionary[BaseAlgorithm, set[tuple[str, tuple[str, ...]]]] = weakref.WeakKeyDictionary()
-_warned_lock = threading.Lock()
-
-
 def _warn_hazards(model: BaseAlgorithm, snapshot: Snapshot) -> None:
-    """``HazardWarning`` for each error-level hazard, once per model (not at every checkpoint of it)."""
+    """``HazardWarning`` for each error-level hazard, once per model (the build already warned the same ones)."""
     for hazard in snapshot.hazards:
-        if hazard.severity != "error":
-            continue
-        ident = (hazard.code, tuple(hazard.paths))
-        with _warned_lock:
-            seen = _warned.setdefault(model, set())
-            if ident in seen:
-                continue
-            seen.add(ident)
-        warnings.warn(f"{hazard.code}: {hazard.message}", HazardWarning, stacklevel=4)
+        if hazard.severity == "error":
+            _hazards.warn_hazard(model, hazard, "found at save", stacklevel=4)
+
+
+def _warn_unloadable(model: BaseAlgorithm, excluded: set[str]) -> None:
+    """SB3 #2025's workaround, ``_excluded_save_params() + ["policy_kwargs"]``: say at once that the file needs more."""
+    if "policy_kwargs" not in excluded or not getattr(model, "policy_kwargs", None):
+        return
+    cls = type(model)
+    message = (
+        f"{algo_name(cls)}.save leaves out policy_kwargs ({cls.__qualname__}._excluded_save_params() or exclude= names it):"
+        " the file cannot rebuild the policy by itself; load it with"
+        f" {algo_name(cls)}.load(path, policy_kwargs={{...the same values...}}). With sb3_safe_save the exclusion is"
+        " unnecessary: live objects in policy_kwargs (an expert) are kept out of the file anyway, as placeholders"
+        " rebound with load(..., resources=...). Remove 'policy_kwargs' from _excluded_save_params()."
+    )
+    _hazards.warn_once(model, ("policy_kwargs_excluded",), message, SaveWarning, stacklevel=4)
 
 
 def write_file(path: PathLike, blobs: Mapping[str, _weights.Blob], metadata: Mapping[str, str], *, fsync: bool) -> None:
@@ -176,6 +181,9 @@ def snapshot_model(
     cls = type(model)
     declared = {key: resolve_attr(model, p) for key, p in getattr(cls, "safe_save_resources", {}).items()}
     declared.update(resources or {})
+    if "policy_kwargs" in excluded_names(model, exclude, include)[0]:  # not in the data, but its modules are resources
+        for key, module in _hazards.resource_modules(model).values():
+            declared.setdefault(key, module)
     all_specs = {**getattr(cls, "safe_save_specs", {}), **(specs or {})}
     optional = frozenset(optional)
     walker = Walker(
@@ -203,7 +211,7 @@ def snapshot_model(
 def build_manifest(model: BaseAlgorithm, snapshot: Snapshot, tensors: Mapping[str, TensorMeta]) -> Manifest:
     return Manifest(
         versions=current_versions(),
-        algorithm=ref_of(type(model)),
+        algorithm=ref_of(_made_from(type(model))),
         base_algorithm=base_algorithm_ref(type(model)),
         data=snapshot.data,
         state_dicts=snapshot.state_dicts,
@@ -245,6 +253,18 @@ def current_versions() -> Versions:
         gymnasium=gymnasium.__version__,
         sb3_contrib=contrib,
     )
+
+
+def _made_from(cls: type) -> type:
+    """The class a file records as its algorithm: ``DQN`` for ``safe(DQN)``, which adds only safe save/load."""
+    while "_sb3_safe_base" in vars(cls):
+        cls = vars(cls)["_sb3_safe_base"]
+    return cls
+
+
+def _short_ref(ref: str) -> str:
+    """``stable_baselines3.dqn.dqn:DQN`` -> ``DQN`` (the file's text: printable characters only)."""
+    return "".join(c if c.isprintable() else "?" for c in ref.rpartition(":")[2])[:100]
 
 
 def base_algorithm_ref(cls: type) -> str:
@@ -293,6 +313,11 @@ def _parse(f: IO[bytes], size: int) -> tuple[_weights.Header, Manifest]:
     f.seek(0)
     name = getattr(f, "name", None)
     name = name if isinstance(name, str) else "the file"
+    if size == 0:
+        raise FormatError(
+            f"{name} is empty (0 bytes): what a save that crashed leaves behind (stock SB3 truncates the file first)."
+            " Load an earlier checkpoint; sb3_safe_save's own saves are atomic and never leave an empty file"
+        )
     if start[:4] == b"PK\x03\x04":
         ours = _weights.saved_name(name)
         sibling = f" ({ours} next to it is an sb3_safe_save file: load that)" if ours != name and os.path.exists(ours) else ""
@@ -365,16 +390,26 @@ def load_model(
         # ---- phase 2: audit (no imports)
         expected_base = base_algorithm_ref(cls)
         if manifest.base_algorithm != expected_base:
+            saved = _short_ref(manifest.base_algorithm)
+            by = "" if manifest.algorithm == manifest.base_algorithm else f" (saved by {_short_ref(manifest.algorithm)})"
             raise AlgorithmMismatchError(
-                f"this file holds a {manifest.algorithm} (a {manifest.base_algorithm}) model, but it is being loaded with"
-                f" {cls.__qualname__} (a {expected_base}); load it with the matching algorithm class"
+                f"this file holds a {saved} model{by}, but {algo_name(cls)}.load was called"
+                + ("" if _short_ref(expected_base) in algo_name(cls) else f" (a {_short_ref(expected_base)})")
+                + f"; load it with a {saved} class, e.g. safe({saved}).load(path)"
             )
         trust, covered = audit_phase(manifest, custom_objects, trusted=trusted, cls=cls, allow_pickle=allow_pickle)
-        resources = {**_given_by_custom_objects(manifest.placeholders, custom_objects, covered), **(resources or {})}
+        check_policy_kwargs(cls, manifest, kwargs)
+        resources = {
+            **_given_by_policy_kwargs(manifest, kwargs),
+            **_given_by_custom_objects(manifest.placeholders, custom_objects, covered),
+            **(resources or {}),
+        }
+        bound = resolve(  # missing: before any call
+            manifest.placeholders, resources, trust, strict=strict, skip=covered, call=f"{algo_name(cls)}.load"
+        )
 
         # ---- phase 3: construct (every check passed; only now is anything the file names called). The caller's
         # objects (env, VecNormalize, resources) are changed only once everything has succeeded.
-        bound = resolve(manifest.placeholders, resources, trust, strict=strict, skip=covered)  # missing: before any call
         body = _weights.Body(f, header, {k: m.xxh3 for k, m in manifest.tensors.items()}, verify=verify)
         provided = [unwrap(v) for v in (*bound.values(), *custom_objects.values())]  # the caller's: never written into
         seeds = _env_seeds(env)
@@ -534,7 +569,9 @@ def check_references(trust: TrustList, refs: Mapping[str, list[tuple[str, RefKin
     refusals = trust.refusals(refs)
     untrusted = [r for r in refusals if r.trustable]
     if untrusted:
-        raise UntrustedTypeError([r.ref for r in untrusted], {r.ref: r.paths for r in untrusted}, algo=cls)
+        where = {r.ref: r.paths for r in untrusted}
+        call = None if cls is not None else "sb3_safe_save.load_policy"  # load_policy's audit has no class
+        raise UntrustedTypeError([r.ref for r in untrusted], where, algo=cls, call=call)
     if refusals:
         raise FormatError("; ".join(f"{', '.join(r.paths[:3])}: {r.ref} is refused: {r.reason}" for r in refusals[:5]))
 
@@ -552,12 +589,15 @@ def _given_by_custom_objects(
 
     ``custom_objects={"policy_kwargs.vlm_model": expert}`` gives the expert for the policy's constructor;
     the same object also sits in the module tree (``policy.q_net.vlm_model``), where it is rebound as if
-    passed with ``resources=``.
+    passed with ``resources=``. A placeholder's key that is not an attribute of the model
+    (``custom_objects={"vlm_model": expert}``) is taken as ``resources={"vlm_model": expert}``.
     """
     given: dict[str, Any] = {}
     for ph in placeholders:
         if ph.key in covered:
             continue
+        if ph.key in custom_objects and not any(_root(p) == ph.key for p in ph.paths):  # keyed as in resources=
+            given[ph.key] = custom_objects[ph.key]
         for path in ph.paths:
             for prefix, value in custom_objects.items():
                 if path == prefix:
@@ -566,6 +606,31 @@ def _given_by_custom_objects(
                     with contextlib.suppress(AttributeError, LookupError, TypeError, ValueError):
                         given.setdefault(ph.key, resolve_attr(value, path[len(prefix) :]))
     return given
+
+
+def check_policy_kwargs(cls: type[BaseAlgorithm], manifest: Manifest, kwargs: Mapping[str, Any]) -> None:
+    """A file saved without ``policy_kwargs`` (SB3 #2025's workaround) needs them again from the caller."""
+    if "policy_kwargs" not in manifest.data and "policy_kwargs" not in kwargs:
+        raise StateMismatchError(
+            f"the file was saved without policy_kwargs ({cls.__qualname__}._excluded_save_params() or save(exclude=)"
+            f" left them out), so it cannot rebuild the policy by itself: load it with"
+            f" {algo_name(cls)}.load(path, policy_kwargs={{...the values used in training...}}). To make files that"
+            " load by themselves, remove 'policy_kwargs' from _excluded_save_params(): sb3_safe_save keeps live objects"
+            " in them (an expert) out of the file anyway"
+        )
+
+
+def _given_by_policy_kwargs(manifest: Manifest, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """For a file saved without ``policy_kwargs``: the live objects ``load(..., policy_kwargs=...)`` hands over, by key.
+
+    Such a file's placeholders (found in the module tree) are keyed by the attribute names the
+    objects had, which are the ``policy_kwargs`` names in the usual ``self.vlm_model = vlm_model``.
+    """
+    given = kwargs.get("policy_kwargs")
+    if "policy_kwargs" in manifest.data or not isinstance(given, Mapping):
+        return {}
+    keys = {ph.key for ph in manifest.placeholders}
+    return {k: v for k, v in given.items() if k in keys and not isinstance(v, (type(None), bool, int, float, str))}
 
 
 def _under(path: str, prefixes: Iterable[str]) -> bool:
@@ -753,7 +818,7 @@ def _build(
     data = {name: decoder.decode(node, name) for name, node in manifest.data.items()}
     if "policy_kwargs" in data and isinstance(data["policy_kwargs"], dict):
         data["policy_kwargs"].pop("device", None)
-    if "policy_kwargs" in kwargs and not _equal(kwargs["policy_kwargs"], data.get("policy_kwargs")):
+    if "policy_kwargs" in kwargs and "policy_kwargs" in data and not _equal(kwargs["policy_kwargs"], data["policy_kwargs"]):
         raise StateMismatchError(
             "the policy_kwargs passed to load differ from the stored ones; to replace single entries use"
             " custom_objects={'policy_kwargs.<key>': value}, and for live objects resources={...}"
@@ -772,7 +837,7 @@ def _build(
         model = cls(policy=data["policy_class"], env=env, device=device, _init_setup_model=False)  # type: ignore[call-arg]
         model.__dict__.update(data)
         model.__dict__.update(kwargs)
-        with no_weight_init(), contextlib.nullcontext() if training else deferred_optimizers(model):
+        with no_weight_init(), _hazards.loading(), contextlib.nullcontext() if training else deferred_optimizers(model):
             model._setup_model()
         _restore_session_state(model, data)
     except SafeSaveError:

@@ -142,7 +142,7 @@ def load_policy(
         trust, covered = audit_phase(manifest, custom_objects, trusted=trusted, cls=None, allow_pickle=allow_pickle)
         # ---- phase 3: construct
         resources = {**_given_by_custom_objects(manifest.placeholders, custom_objects, covered), **(resources or {})}
-        bound = resolve(manifest.placeholders, resources, trust, strict=strict, skip=covered)
+        bound = resolve(manifest.placeholders, resources, trust, strict=strict, skip=covered, call="sb3_safe_save.load_policy")
         checksums = {k: m.xxh3 for k, m in full.tensors.items()}
         body = _weights.Body(f, header, checksums, verify=verify)
         decoder = _Decoder(body, trust, bound, custom_objects, manifest, allow_pickle=allow_pickle, budget=size)

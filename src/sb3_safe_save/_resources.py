@@ -20,6 +20,7 @@ A lazy spec (``ResourceSpec(lazy=True)``) wraps whatever step 2-4 found in a ``L
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import threading
 import warnings
@@ -205,21 +206,17 @@ def resolve(
     *,
     strict: bool = True,
     skip: frozenset[str] = frozenset(),
+    call: str = "Algo.load",
 ) -> dict[str, Any]:
     """Find a live object for every placeholder (see the module docstring for the order).
 
     :param skip: keys not needed (covered by ``custom_objects``)
+    :param call: the load call that was made, for the error message (``"CustomDQN.load"``)
     :return: placeholder key -> object (or ``LazyResource`` / ``Unbound``)
     :raises MissingResourceError: listing every placeholder that could not be resolved, before any factory is called
     """
     resources = dict(resources or {})
-    unknown = set(resources) - {p.key for p in placeholders}
-    if unknown:
-        warnings.warn(
-            f"resources {sorted(unknown)} match no placeholder in the file (it has {[p.key for p in placeholders]})",
-            UserWarning,
-            stacklevel=4,
-        )
+    unknown = sorted(set(resources) - {p.key for p in placeholders})
     with _registry_lock:
         registry = dict(_registry)
     entry_points: dict[str, Any] = {}
@@ -255,7 +252,14 @@ def resolve(
             continue
         builds.append((ph, build, check, wrap_lazy))
     if missing:  # before any factory runs
-        raise MissingResourceError(missing)
+        typos = {key: close[0] for key, *_ in missing if (close := difflib.get_close_matches(key, unknown, n=1, cutoff=0.6))}
+        raise MissingResourceError(missing, call=call, typos=typos)
+    if unknown:
+        warnings.warn(
+            f"resources {unknown} match no placeholder in the file (it has {[p.key for p in placeholders]})",
+            UserWarning,
+            stacklevel=4,
+        )
     for ph, build, check, wrap_lazy in builds:
         bound[ph.key] = _build(build, ph, check, wrap_lazy)
     return bound

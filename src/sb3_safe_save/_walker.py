@@ -39,6 +39,7 @@ from sb3_safe_save._codecs import SCHEDULE_NAMES, NotEncodable, codec_for, sampl
 from sb3_safe_save._deferred import DeferredOptimizer
 from sb3_safe_save._errors import UnsupportedObjectError
 from sb3_safe_save._external import External, unwrap
+from sb3_safe_save._hazards import find_hazards
 from sb3_safe_save._manifest import (
     Hazard,
     ModuleState,
@@ -530,120 +531,10 @@ def _find_wrapped(value: Any, out: set[int], depth: int) -> None:
             _find_wrapped(v, out, depth + 1)
 
 
-_TARGET_PAIRS = (
-    ("q_net", "q_net_target"),
-    ("critic", "critic_target"),
-    ("actor", "actor_target"),
-    ("quantile_net", "quantile_net_target"),
-)
-_ORTHO_INIT_ROOTS = (
-    "features_extractor",
-    "pi_features_extractor",
-    "vf_features_extractor",
-    "mlp_extractor",
-    "action_net",
-    "value_net",
-)
-
-
 def _hazards(model: BaseAlgorithm, resources: list[_Found]) -> list[Hazard]:
-    """Hazards from facts about the live model, not from the paths a resource was found at.
-
-    * ``shared_with_target``: the online and target networks hold parameters with the same storage
-      (whatever they are), so SB3's target update (``polyak_update``) writes into them in place;
-    * ``reinitialised_on_build``: a resource module is registered (in ``named_modules()``) under a part
-      of the policy that ``ortho_init`` re-initialises.
-
-    A resource kept out of registration (``external()``, a list, ``object.__setattr__``, only in
-    ``policy_kwargs``) is in neither, so it is never reported. ``external_in_optimizer`` (its
-    parameters are in an optimizer's param groups) is found while the optimizers are walked.
-    """
-    policy = getattr(model, "policy", None)
-    if not isinstance(policy, th.nn.Module):
-        return []
-    keys = {id(f.obj): f.key for f in resources if isinstance(f.obj, th.nn.Module)}
-    hazards: list[Hazard] = []
-    for online, target in _TARGET_PAIRS:
-        a, b = getattr(policy, online, None), getattr(policy, target, None)
-        if not isinstance(a, th.nn.Module) or not isinstance(b, th.nn.Module) or a is b:
-            continue
-        keys_a = {_storage_key(p) for p in a.parameters()}
-        keys_b = {_storage_key(p) for p in b.parameters()}
-        shared = keys_a & keys_b
-        if not shared:
-            continue
-        covered_a = _covering(a, shared)
-        covered_b = _covering(b, shared)
-        paths = [_join(f"policy.{online}", n) for n, _ in covered_a] + [_join(f"policy.{target}", n) for n, _ in covered_b]
-        named = ", ".join(
-            _join(f"policy.{online}", n) + (f" (resource {keys[id(m)]!r})" if m is not None and id(m) in keys else "")
-            for n, m in covered_a[:3]
-        ) + (f" and {len(covered_a) - 3} more" if len(covered_a) > 3 else "")
-        attr = (covered_a[0][0].rpartition(".")[2] or "expert") if covered_a else "expert"
-        tau = getattr(model, "tau", None)
-        if isinstance(tau, (int, float)) and tau >= 1:
-            effect, severity = "with tau=1.0 (a hard update) it zeroes them at the first target update", "error"
-        elif isinstance(tau, (int, float)) and tau > 0:
-            effect = f"with tau={tau} it shrinks them by a factor 1 - tau**2 = {1 - tau * tau:.6g} at every target update"
-            severity = "error"
-        else:
-            effect, severity = f"tau={tau}", "warning"
-        hazards.append(
-            Hazard(
-                code="shared_with_target",
-                severity=severity,  # type: ignore[arg-type]
-                message=f"{named} is registered in both policy.{online} and policy.{target} ({len(shared)} parameter"
-                f" tensors shared): SB3's target update (polyak_update) writes into those tensors in place, and {effect}."
-                f" Keep the resource out of the module system: self.{attr} = sb3_safe_save.external({attr})",
-                paths=paths,
-            )
-        )
-    if getattr(policy, "ortho_init", False):
-        where: dict[int, list[str]] = {}
-        for root in _ORTHO_INIT_ROOTS:
-            module = getattr(policy, root, None)
-            if isinstance(module, th.nn.Module):
-                for name, sub in module.named_modules():
-                    if id(sub) in keys:
-                        where.setdefault(id(sub), []).append(_join(f"policy.{root}", name))
-        for ident, paths in where.items():
-            attr = paths[0].rpartition(".")[2]
-            hazards.append(
-                Hazard(
-                    code="reinitialised_on_build",
-                    severity="error",
-                    message=f"resource {keys[ident]!r} is registered inside a policy built with ortho_init=True:"
-                    " constructing the policy re-initialises its Linear/Conv weights. Keep it out of the module"
-                    f" system (self.{attr} = sb3_safe_save.external({attr})) or pass ortho_init=False",
-                    paths=paths,
-                )
-            )
-    return hazards
-
-
-def _storage_key(t: th.Tensor) -> tuple[Any, ...]:
-    """Tensors with the same key share memory (meta and empty tensors have none: their identity)."""
-    if t.device.type == "meta" or t.numel() == 0:
-        return ("id", id(t))
-    return (t.device, t.untyped_storage().data_ptr())
-
-
-def _covering(root: th.nn.Module, shared: set[tuple[Any, ...]]) -> list[tuple[str, th.nn.Module | None]]:
-    """The outermost submodules whose parameters are all ``shared``, plus any other shared parameter by name."""
-    chosen: list[tuple[str, th.nn.Module | None]] = []
-    done: set[int] = set()
-    for name, module in root.named_modules():
-        if any(c == "" or name.startswith(c + ".") for c, _ in chosen):
-            continue
-        params = list(module.parameters())
-        if params and all(_storage_key(p) in shared for p in params):
-            chosen.append((name, module))
-            done.update(id(p) for p in params)
-    for name, p in root.named_parameters():
-        if id(p) not in done and _storage_key(p) in shared:
-            chosen.append((name, None))
-    return chosen
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if name else prefix
+    """The hazards ``_hazards.find_hazards`` finds from facts about the live model, as the manifest records them."""
+    modules = {id(f.obj): (f.key, f.obj) for f in resources if isinstance(f.obj, th.nn.Module)}
+    return [
+        Hazard(code=h.code, severity=h.severity, message=h.message, paths=h.paths)  # type: ignore[arg-type]
+        for h in find_hazards(model, modules)
+    ]

@@ -38,7 +38,7 @@ import numpy as np
 import torch as th
 import xxhash
 
-from sb3_safe_save._errors import FormatError, IntegrityError
+from sb3_safe_save._errors import FormatError, IntegrityError, LoadSourceIsADirectoryError, LoadSourceNotFoundError
 from sb3_safe_save._manifest import check_encodable
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
@@ -67,7 +67,8 @@ def find_file(path: str | os.PathLike[str]) -> Path:
     So ``load("runs/ppo")`` and ``load("runs/ppo.zip")`` find ``runs/ppo.safetensors`` (what
     ``save("runs/ppo")`` or ``save("runs/ppo.zip")`` wrote) when the name itself is not a file.
 
-    :raises FileNotFoundError: neither exists (the message names both)
+    :raises LoadSourceNotFoundError: neither exists (the message names both, and a stock SB3 zip beside them)
+    :raises LoadSourceIsADirectoryError: ``path`` is a directory (a checkpoint folder?) and no file is beside it
     """
     target = Path(path)
     if target.is_file():
@@ -75,10 +76,23 @@ def find_file(path: str | os.PathLike[str]) -> Path:
     ours = Path(saved_name(str(target)))
     if ours != target and ours.is_file():  # also past a folder of the same name ("best_model", as SB3's docs make)
         return ours
+    if target.is_dir():
+        raise LoadSourceIsADirectoryError(
+            errno.EISDIR,
+            f"{target} is a directory, not a saved file. A checkpoint folder (save_checkpoint, ResumeCheckpointCallback)"
+            " is loaded with sb3_safe_save.load_checkpoint(folder, Algo, env=...); otherwise name the file inside it",
+            str(target),
+        )
     if target.exists():
         return target  # not a regular file: open() says what it is
     also = f" (nor {ours}, which save({str(target)!r}) would write)" if ours != target else ""
-    raise FileNotFoundError(errno.ENOENT, f"No such file: {target}{also}", str(target))
+    stock = next((z for z in (target.with_name(target.name + ".zip"), target.with_suffix(".zip")) if z.is_file()), None)
+    if stock is not None and stock != target:
+        also += (
+            f"; {stock} is there, a stock SB3 zip: loading it means unpickling. If you trust it, convert it once:"
+            f" sb3-safe-save convert {stock} {ours} --trust-pickle"
+        )
+    raise LoadSourceNotFoundError(errno.ENOENT, f"No such file: {target}{also}", str(target))
 
 
 #: safetensors dtype name -> (torch dtype, bytes per element)

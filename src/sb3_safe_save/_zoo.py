@@ -482,7 +482,7 @@ def patched_zoo(trained_agent: str = "", trusted: Sequence[str] = ()) -> Iterato
     with contextlib.ExitStack() as stack:
         for obj, name, value in swaps:
             stack.enter_context(_swapped(obj, name, value))
-        ALGOS.update({name: _trusting(safe(cls), trusted) for name, cls in stock_algos.items()})
+        ALGOS.update({name: _trusting(safe(cls, module=cls.__module__), trusted) for name, cls in stock_algos.items()})
         try:
             yield
         finally:
