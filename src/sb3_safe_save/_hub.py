@@ -274,7 +274,7 @@ def _record_replay(agent: Any, venv: VecEnv, steps: int, deterministic: bool, ta
         return "video_length=0"
     if venv.render_mode != "rgb_array":
         return (
-            f"the evaluation env renders {venv.render_mode!r}, not 'rgb_array' frames (make it with render_mode='rgb_array')"
+            f"the evaluation env's render_mode is {venv.render_mode!r}, not 'rgb_array' (make it with render_mode='rgb_array')"
         )
     try:
         clips = importlib.import_module("moviepy.video.io.ImageSequenceClip")  # untyped: Any
