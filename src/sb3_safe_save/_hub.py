@@ -478,7 +478,8 @@ def model_card(
         ),
         "",
         "`expected_sha256` pins the agent file to the hash above (`IntegrityError` otherwise); add `revision=` with a"
-        " commit of this repo to pin the download too.",
+        " commit of this repo to pin the download too. `training=False` skips the optimizer state, which acting does not"
+        " need; leave it out to continue training from the saved state.",
         "",
     ]
     return "\n".join(lines)
@@ -544,7 +545,7 @@ def usage_snippet(
     for key in resources:
         (ph,) = (p for p in manifest.placeholders if p.key == key)
         lines.append(f"{key} = <your live {ph.type}>  # this agent needs it: see 'Live resources' above")
-    args = [f"{repo}, {json.dumps(filename)}", f"expected_sha256={json.dumps(sha256)}", "env=env"]
+    args = [f"{repo}, {json.dumps(filename)}", f"expected_sha256={json.dumps(sha256)}", "env=env", "training=False"]
     if trusted:
         args.append(f"trusted={json.dumps(trusted)}")
     if resources:
