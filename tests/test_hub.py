@@ -30,6 +30,7 @@ from sb3_safe_save import (
     FormatError,
     IntegrityError,
     ResourceSpec,
+    UntrustedTypeError,
     file_sha256,
     load_from_hub,
     load_vecnormalize,
@@ -406,3 +407,17 @@ def test_evaluation_needs_an_episode_and_one_set_of_statistics(model: Any, tmp_p
     save_vecnormalize(venv, tmp_path / "vecnormalize.safetensors")
     with pytest.raises(ValueError, match=r"VecNormalize statistics are in ppo-CartPole-v1\.safetensors and vecnormalize"):
         package_for_hub(model, tmp_path / "b", vec_normalize=venv, extra_files=[tmp_path / "vecnormalize.safetensors"])
+
+
+def test_a_packaged_file_is_loaded_for_the_evaluation_with_load_kwargs(tmp_path: Path) -> None:
+    from lang_dqn import UnpicklableExpert, make_model
+
+    expert = UnpicklableExpert()
+    make_model(expert, net_arch=[8]).save(tmp_path / "agent.safetensors")
+    evaluation: dict[str, Any] = {"env_id": "CartPole-v1", "eval_env": gym.make("CartPole-v1"), "n_eval_episodes": 1}
+    with pytest.raises(UntrustedTypeError, match="lang_dqn:CustomDQNPolicy"):  # the load decides, as for anyone
+        package_for_hub(tmp_path / "agent.safetensors", tmp_path / "a", **evaluation)
+    trusted = {"trusted": ["lang_dqn:CustomDQNPolicy"], "resources": {"vlm_model": expert}}
+    folder = package_for_hub(tmp_path / "agent.safetensors", tmp_path / "b", load_kwargs=trusted, **evaluation)
+    assert json.loads((folder / "results.json").read_text())["n_eval_episodes"] == 1
+    assert "model-index" in front_matter((folder / "README.md").read_text())
