@@ -1,10 +1,10 @@
-# Two commands do all set-up on a fresh machine with Python 3.10+ (see README):
+# Two commands do all set-up on a fresh machine with Python 3.10+ (see the README, Contributing):
 #   make demo   - train a tiny agent with an expert, save, audit, load with the expert rebound, check it's exact
-#   make test   - lint (ruff), strict types (mypy) and the whole test suite (what .ci/run calls)
+#   make test   - lint (ruff), strict types (mypy), the docs (mkdocs build --strict) and the whole test suite (what .ci/run calls)
 #   make test-min - the whole suite on the lowest versions pyproject.toml declares, on Python 3.10
-#                   (constraints-min.txt; its own .venv-min; not in .ci/run: see README "Supported versions")
+#                   (constraints-min.txt; its own .venv-min; not in .ci/run: see docs/supported-versions.md)
 #   make test-newest - save/load/audit/CLI/security tests on the newest release of everything, on Python 3.13
-#                   (its own .venv-newest, nothing pinned; not in .ci/run: see README "Supported versions")
+#                   (its own .venv-newest, nothing pinned; not in .ci/run: see docs/supported-versions.md)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt tests/resource_plugin/pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[contrib,remote]" \
 		pytest pytest-timeout pytest-xdist hypothesis mypy ruff matplotlib "moto[server]" \
-		transformers rl_zoo3 huggingface_hub
+		transformers rl_zoo3 huggingface_hub mkdocs mkdocs-material "mkdocstrings[python]" mkdocstrings-python
 	$(PY) -m pip install -q -c constraints.txt --no-deps -e tests/resource_plugin
 	touch $(STAMP)
 
@@ -66,6 +66,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m ruff format --check src tests benchmarks examples
 	$(PY) -m mypy
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
@@ -74,4 +75,4 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) $(NEWEST_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) $(NEWEST_VENV) .pytest_cache .mypy_cache .ruff_cache site

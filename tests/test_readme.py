@@ -1,4 +1,4 @@
-"""Every ```python block of README.md runs as written, so the README cannot drift from the code (issue 11).
+"""Every ```python block of README.md and docs/*.md runs as written, so the docs cannot drift from the code (issues 11, 24).
 
 Each block runs in a fresh namespace, in a temporary working directory. A ```console block marked
 ``continue`` runs too: each ``$ sb3-safe-save ...`` line through the command's ``main``, which must
@@ -37,7 +37,10 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 
 from sb3_safe_save._cli import main as cli_main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+#: the pages whose blocks run: the README, then the documentation site's pages
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MAX_STEPS = 256
 _BLOCK = re.compile(
     r"(?:<!--\s*readme-test:(?P<marks>.*?)-->\s*\n)?^```(?P<lang>[\w-]*)\n(?P<code>.*?)^```", re.DOTALL | re.MULTILINE
@@ -51,6 +54,7 @@ class Block:
     lang: str
     code: str
     marks: dict[str, str] = field(default_factory=dict)
+    page: Path = README
 
 
 @dataclass
@@ -61,7 +65,7 @@ class Chain:
     blocks: list[Block]
 
 
-def _marks(text: str | None) -> dict[str, str]:
+def _marks(text: str | None, page: str = "README.md") -> dict[str, str]:
     if not text:
         return {}
     # "setup" and "skip" take the text up to the next of them (or the end of the comment)
@@ -69,34 +73,46 @@ def _marks(text: str | None) -> dict[str, str]:
     marks = {name: value.strip() for name, value in zip(parts[::2], parts[1::2], strict=True)}
     for word in words.replace(",", " ").split():
         if word not in ("continue", "subprocess", "pytest", "s3"):
-            raise ValueError(f"README.md: unknown readme-test mark {word!r}")
+            raise ValueError(f"{page}: unknown readme-test mark {word!r}")
         marks[word] = ""
     return marks
 
 
-def readme_chains() -> list[Chain]:
-    text = README.read_text()
+def page_name(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+def readme_chains(page: Path = README) -> list[Chain]:
+    """The chains of ``page``: a block and its ``continue`` blocks, named ``<page>:L<line>-<heading>``."""
+    text = page.read_text()
+    name = page_name(page)
     chains: list[Chain] = []
     for m in _BLOCK.finditer(text):
         if not (m["lang"] == "python" or (m["lang"] == "console" and m["marks"])):
             continue
         line = text.count("\n", 0, m.start("code")) + 1
-        block = Block(line, m["lang"], m["code"], _marks(m["marks"]))
+        block = Block(line, m["lang"], m["code"], _marks(m["marks"], name), page)
         if "continue" in block.marks:
-            assert chains, f"README.md line {line}: 'continue' needs a block before it"
+            assert chains, f"{name} line {line}: 'continue' needs a block before it"
             chains[-1].blocks.append(block)
             continue
         headings = _HEADING.findall(text, 0, m.start())
         slug = re.sub(r"\W+", "-", headings[-1].lower()).strip("-") if headings else "top"
-        chains.append(Chain(f"L{line}-{slug}", [block]))
+        chains.append(Chain(f"{name}:L{line}-{slug}", [block]))
     return chains
 
 
-CHAINS = readme_chains()
+CHAINS = [chain for page in PAGES for chain in readme_chains(page)]
 
 
 def test_the_readme_has_python_blocks() -> None:
-    assert len(CHAINS) >= 5  # the parser still finds them
+    assert len(readme_chains(README)) >= 3  # the parser still finds them (the front page has three chains)
+    assert len(CHAINS) >= 13  # README and docs pages together
+
+
+def test_the_docs_pages_have_python_blocks() -> None:
+    pages = {chain.blocks[0].page.name for chain in CHAINS}
+    assert {"saving-and-loading.md", "hub.md", "resume.md", "remote.md", "vecnormalize.md"} <= pages
 
 
 @pytest.fixture
@@ -159,7 +175,7 @@ def test_readme_block_runs_as_written(
         if "skip" in block.marks:  # the blocks before it still run
             continue
         code = block.code if endpoint is None else block.code.replace("127.0.0.1:9000", endpoint)
-        where = f"README.md, block at line {block.line}"
+        where = f"{page_name(block.page)}, block at line {block.line}"
         if block.lang == "console":
             _run_commands(code, where)
             continue
@@ -168,8 +184,8 @@ def test_readme_block_runs_as_written(
             continue
         if "setup" in block.marks:
             exec(compile(block.marks["setup"], f"{where} (setup)", "exec"), namespace)
-        # pad with blank lines so tracebacks point at the README's own line numbers
-        exec(compile("\n" * (block.line - 1) + code, str(README), "exec"), namespace)
+        # pad with blank lines so tracebacks point at the page's own line numbers
+        exec(compile("\n" * (block.line - 1) + code, str(block.page), "exec"), namespace)
         if "pytest" in block.marks:
             tests = [fn for name, fn in namespace.items() if name.startswith("test_") and callable(fn)]
             assert tests, f"{where}: marked 'pytest' but defines no test_* function"
@@ -186,8 +202,7 @@ def _run_commands(code: str, where: str) -> None:
 
 
 def _run_in_subprocess(setup: str, code: str, where: str) -> None:
-    root = README.parent
-    paths = [str(root / "src"), str(root / "examples"), os.environ.get("PYTHONPATH", "")]
+    paths = [str(ROOT / "src"), str(ROOT / "examples"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     result = subprocess.run(
         [sys.executable, "-c", f"{setup}\n{code}"], env=env, capture_output=True, text=True, timeout=300, check=False

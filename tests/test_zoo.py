@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,11 +175,23 @@ def test_sac_pendulum_normalize_train_enjoy_continue(
         "me/sac",
         "--output",
         str(tmp_path / "repo"),
+        "--n-eval-episodes",
+        "1",
+        "-n",
+        "3",
     )
     repo = tmp_path / "repo"
-    assert files_under(repo) == ["README.md", "config.json", "config.yml", "sac-Pendulum-v1.safetensors", VECNORMALIZE]
+    shipped = ["README.md", "config.json", "config.yml", "results.json", "sac-Pendulum-v1.safetensors", VECNORMALIZE]
+    assert [f for f in files_under(repo) if f != "replay.mp4"] == shipped  # a replay where Pendulum can render here
     assert (repo / "sac-Pendulum-v1.safetensors").read_bytes() == (run2 / "Pendulum-v1.safetensors").read_bytes()
-    assert 'load_from_hub("me/sac", "sac-Pendulum-v1.safetensors"' in (repo / "README.md").read_text()
+    card = (repo / "README.md").read_text()
+    assert '    "me/sac", "sac-Pendulum-v1.safetensors",' in card
+    assert 'statistics = hf_hub_download("me/sac", "vecnormalize.safetensors")' in card  # the snippet loads them
+    assert "| VecNormalize statistics | in `vecnormalize.safetensors` |" in card
+    results = json.loads((repo / "results.json").read_text())
+    assert results["n_eval_episodes"] == 1 and results["is_deterministic"] is True
+    metric = yaml.safe_load(card.split("---\n")[1])["model-index"][0]["results"][0]["metrics"][0]
+    assert metric["value"] == f"{results['mean_reward']:.2f} +/- {results['std_reward']:.2f}"
 
 
 # ------------------------------------------------------------------------------------ safe configs
@@ -270,6 +283,10 @@ def test_enjoy_refuses_a_stock_zip_with_the_way_out(tmp_path: Path) -> None:
         (["train", "--optimize-hyperparameters"], "hyperparameter optimization is not supported"),
         (["fly"], "unknown command 'fly'"),
         (["push", "--algo", "ppo"], "the following arguments are required: --env, --repo-id"),
+        (
+            ["push", "--algo", "ppo", "--env", "CartPole-v1", "--repo-id", "me/x", "--n-eval-episodes", "-1"],
+            "--n-eval-episodes -1: give 0 (no evaluation) or more",
+        ),
     ],
 )
 def test_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -587,12 +587,16 @@ def push(argv: list[str]) -> None:
     """Share a run on the Hugging Face Hub: its model file, ``vecnormalize.safetensors`` and ``config.yml``.
 
     Mirrors rl-zoo3's ``push_to_hub`` arguments (``--algo``, ``--env``, ``-f``, ``--exp-id``, ``--load-best``,
-    ``--load-checkpoint``); ``--output FOLDER`` writes the repo folder without uploading.
+    ``--load-checkpoint``, ``-n`` for the replay's steps, ``--no-render``, ``--stochastic``, ``--seed``); the agent is
+    evaluated over ``--n-eval-episodes`` episodes (0: not evaluated) in the run's test env with its statistics, for
+    the card's ``model-index``. ``--output FOLDER`` writes the repo folder without uploading; ``--trust NAME``
+    trusts a custom class to load the run for the evaluation.
     """
     from huggingface_sb3 import EnvironmentName
 
     from sb3_safe_save._hub import package_for_hub, push_to_hub
 
+    rest, _, trusted = _split_args(argv, take_agent=False)
     parser = _Parser(prog="python -m sb3_safe_save.zoo push")
     parser.add_argument("--algo", required=True, choices=sorted(ALGOS))
     parser.add_argument("--env", required=True, help="environment ID")
@@ -603,15 +607,41 @@ def push(argv: list[str]) -> None:
     parser.add_argument("--repo-id", required=True, help="'org/name' on the Hub")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--output", help="write the repo folder here instead of uploading it")
-    args = parser.parse_args(argv)
+    parser.add_argument("--n-eval-episodes", type=int, default=10, help="evaluation episodes (0: no evaluation)")
+    parser.add_argument("-n", "--n-timesteps", type=int, default=1000, help="steps of the replay video")
+    parser.add_argument("--no-render", action="store_true", help="record no replay video")
+    parser.add_argument("--stochastic", action="store_true", help="evaluate with stochastic actions")
+    parser.add_argument("--seed", type=int, default=0, help="the evaluation env's seed")
+    args = parser.parse_args(rest)
+    if args.n_eval_episodes < 0:
+        raise ZooUsageError(f"--n-eval-episodes {args.n_eval_episodes}: give 0 (no evaluation) or more")
     env_name = EnvironmentName(args.env)
     checkpoint = None if args.load_checkpoint is None else str(args.load_checkpoint)
     _, model_path, log_path = get_model_path(args.exp_id, args.folder, args.algo, env_name, args.load_best, checkpoint)
     params = Path(log_path, env_name)
     extras = [path for path in (params / VECNORMALIZE, params / "config.yml") if path.is_file()]
+    evaluation: dict[str, Any] = {}
+    if args.n_eval_episodes:
+        hyperparams, stats_path = get_saved_hyperparams(str(params), test_mode=True, trusted=trusted)
+        env_kwargs = {} if args.no_render else {"render_mode": "rgb_array"}
+        eval_env = create_test_env(
+            env_name.gym_id, n_envs=1, stats_path=stats_path, seed=args.seed, log_dir=None, should_render=False,
+            hyperparams=hyperparams, env_kwargs=env_kwargs,
+        )  # fmt: skip
+        evaluation = {
+            "eval_env": eval_env,
+            "n_eval_episodes": args.n_eval_episodes,
+            "deterministic": not args.stochastic,
+            "video_length": 0 if args.no_render else args.n_timesteps,
+            "load_kwargs": {"trusted": trusted} if trusted else None,
+        }
     if args.output:
-        folder = package_for_hub(model_path, args.output, env_id=args.env, extra_files=extras, repo_id=args.repo_id)
+        folder = package_for_hub(
+            model_path, args.output, env_id=args.env, extra_files=extras, repo_id=args.repo_id, **evaluation
+        )
         print(f"Wrote {folder}")
         return
-    info = push_to_hub(model_path, args.repo_id, env_id=args.env, extra_files=extras, private=args.private or None)
+    info = push_to_hub(
+        model_path, args.repo_id, env_id=args.env, extra_files=extras, private=args.private or None, **evaluation
+    )
     print(f"Pushed {model_path} to {info.commit_url}")
