@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 from typing import Any
 
 import gymnasium as gym
@@ -20,12 +21,16 @@ from sb3_safe_save import (
     AlgorithmMismatchError,
     FormatError,
     IntegrityError,
+    LoadSourceIsADirectoryError,
+    LoadSourceNotFoundError,
     MissingResourceError,
     SafeSaveError,
     StateMismatchError,
     UnsupportedObjectError,
     UnsupportedVersionError,
+    UntrustedTypeError,
     safe,
+    unwrap,
 )
 
 
@@ -177,10 +182,61 @@ def test_stock_sb3_zip_mentions_convert(tmp_path: pathlib.Path) -> None:
         sb3_safe_save.read_manifest(tmp_path / "stock.zip")
 
 
-def test_missing_file_is_a_plain_file_not_found(tmp_path: pathlib.Path) -> None:
-    # not a "bad file" but no file at all: Python's own error, as SB3 raises it
-    with pytest.raises(FileNotFoundError):
+def test_missing_file_is_a_file_not_found(tmp_path: pathlib.Path) -> None:
+    # not a "bad file" but no file at all: still a FileNotFoundError, as SB3 raises it
+    with pytest.raises(LoadSourceNotFoundError) as info:
         safe(DQN).load(tmp_path / "nope.safetensors")
+    assert isinstance(info.value, FileNotFoundError) and info.value.filename == str(tmp_path / "nope.safetensors")
+
+
+def test_empty_file_is_reported_as_empty(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "crashed.safetensors"
+    path.write_bytes(b"")  # what a crashed stock save leaves
+    with pytest.raises(FormatError, match=r"crashed\.safetensors is empty \(0 bytes\).*Load an earlier checkpoint"):
+        safe(DQN).load(path)
+
+
+def test_a_stock_zip_beside_a_missing_name_is_named_with_the_convert_command(tmp_path: pathlib.Path) -> None:
+    DQN("MlpPolicy", "CartPole-v1", policy_kwargs={"net_arch": [8]}, device="cpu").save(tmp_path / "ppo.zip")
+    (tmp_path / "ppo.zip").rename(tmp_path / "run.zip")
+    with pytest.raises(LoadSourceNotFoundError) as info:
+        safe(DQN).load(str(tmp_path / "run"))
+    msg = str(info.value)
+    assert f"{tmp_path / 'run.zip'} is there, a stock SB3 zip" in msg
+    assert f"sb3-safe-save convert {tmp_path / 'run.zip'} {tmp_path / 'run.safetensors'}" in msg
+
+
+def test_a_directory_points_to_load_checkpoint(tmp_path: pathlib.Path) -> None:
+    folder = tmp_path / "checkpoint_100_steps"
+    folder.mkdir()
+    with pytest.raises(LoadSourceIsADirectoryError) as info:
+        safe(DQN).load(folder)
+    assert isinstance(info.value, IsADirectoryError)
+    assert "is a directory, not a saved file" in str(info.value) and "sb3_safe_save.load_checkpoint(folder" in str(info.value)
+
+
+def test_custom_objects_keyed_by_a_placeholder_key_is_the_resource(expert_file: pathlib.Path) -> None:
+    expert = UnpicklableExpert()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither ignored nor warned about
+        loaded = CustomDQN.load(expert_file, custom_objects={"vlm_model": expert})
+    assert unwrap(loaded.policy.q_net.vlm_model) is expert and unwrap(loaded.policy_kwargs["vlm_model"]) is expert
+
+
+def test_safe_classes_have_their_own_name_and_messages_name_the_call(tmp_path: pathlib.Path) -> None:
+    algo = safe(DQN)
+    assert algo.__qualname__ == "SafeDQN" and algo.__module__ == __name__ and repr(algo) == f"<class '{__name__}.SafeDQN'>"
+    model = algo(CustomDQNPolicy, "CartPole-v1", policy_kwargs={"net_arch": [8]}, buffer_size=100, device="cpu")
+    model.save(tmp_path / "m")
+    assert sb3_safe_save.read_manifest(tmp_path / "m.safetensors").algorithm == "stable_baselines3.dqn.dqn:DQN"
+    with pytest.raises(UntrustedTypeError) as info:
+        safe(DQN).load(tmp_path / "m")
+    assert "safe(DQN).load(path, trusted=['lang_dqn:CustomDQNPolicy'])" in str(info.value)
+    assert "DQN.load(" not in str(info.value).replace("safe(DQN).load(", "")  # never stock DQN.load, which lacks trusted=
+    with pytest.raises(UntrustedTypeError) as info:
+        sb3_safe_save.load_policy(tmp_path / "m")
+    assert "sb3_safe_save.load_policy(path, trusted=['lang_dqn:CustomDQNPolicy'])" in str(info.value)
+    assert ".load(path" not in str(info.value)
 
 
 # ------------------------------------------------------------------------------------- at save

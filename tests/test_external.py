@@ -348,3 +348,49 @@ def test_external_in_an_ortho_init_extractor_is_not_reinitialised() -> None:
     assert all(th.equal(before[k], v) for k, v in pretrained.state_dict().items())
     report = audit(model, allow_placeholders=True)
     assert [f for f in report.findings if f.code in HAZARDS or f.severity == "error"] == [], report.table()
+
+
+class NaiveExtractor(PretrainedExtractor):
+    def __init__(self, observation_space: spaces.Box, pretrained: th.nn.Linear) -> None:
+        super().__init__(observation_space, pretrained)
+        self.pretrained = unwrap(self.pretrained)  # registered: ortho_init re-initialises it while the policy is built
+
+
+def _ortho_kwargs(pretrained: th.nn.Linear) -> dict[str, Any]:
+    return {
+        "features_extractor_class": NaiveExtractor,
+        "features_extractor_kwargs": {"pretrained": pretrained},
+        "net_arch": [8],
+    }
+
+
+def test_ortho_init_of_a_registered_resource_is_undone_and_refused() -> None:
+    pretrained = th.nn.Linear(4, 8)
+    before = _weights(pretrained)
+    with pytest.raises(HazardError) as info:
+        safe(PPO)("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, policy_kwargs=_ortho_kwargs(pretrained))
+    message = str(info.value)
+    assert "reinitialises" not in message and "re-initialises its Linear/Conv2d weights" in message
+    assert "Your resource's weights were restored" in message and "safe(PPO, externalize=True)" in message
+    assert all(th.equal(before[k], v) for k, v in pretrained.state_dict().items())  # bitwise, as before the build
+    # stock PPO, for comparison: the build overwrites the caller's module
+    PPO("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, policy_kwargs=_ortho_kwargs(pretrained))
+    assert not th.equal(before["weight"], pretrained.weight)
+
+
+def test_ortho_init_with_externalize_keeps_the_resource_and_builds() -> None:
+    pretrained = th.nn.Linear(4, 8)
+    before = _weights(pretrained)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = safe(PPO, externalize=True)(
+            "MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, policy_kwargs=_ortho_kwargs(pretrained)
+        )
+    assert all(th.equal(before[k], v) for k, v in pretrained.state_dict().items())
+    extractor = model.policy.features_extractor
+    assert isinstance(extractor.__dict__["pretrained"], External) and "pretrained" not in extractor._modules
+    assert not any(
+        id(p) in {id(q) for g in model.policy.optimizer.param_groups for q in g["params"]} for p in pretrained.parameters()
+    )
+    model.learn(32)
+    assert all(th.equal(before[k], v) for k, v in pretrained.state_dict().items())

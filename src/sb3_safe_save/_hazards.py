@@ -249,15 +249,16 @@ def guard_build(model: BaseAlgorithm, *, externalize: bool) -> Iterator[None]:
     resources = resource_modules(model)
     saved = {} if loading or not resources or not _will_ortho_init(model) else _init_targets(resources)
     yield
-    rewired = _externalize(model, resources) if externalize and resources else False
     hazards = find_hazards(model, resources)
-    for hazard in hazards:
-        if hazard.code == "reinitialised_on_build" and saved:
-            with th.no_grad():
-                for tensor, copy in saved.values():
-                    tensor.copy_(copy)
-            if not rewired:
-                raise HazardError(f"{hazard.message}. Your resource's weights were restored. {_rewire_hint(model)}")
+    reinitialised = [h for h in hazards if h.code == "reinitialised_on_build"]
+    if reinitialised and saved:
+        with th.no_grad():
+            for tensor, copy in saved.values():
+                tensor.copy_(copy)
+    if externalize and resources and _externalize(model, resources):
+        hazards = find_hazards(model, resources)  # what is left once the resources are no longer registered
+    elif reinitialised and saved:
+        raise HazardError(f"{reinitialised[0].message}. Your resource's weights were restored. {_rewire_hint(model)}")
     for hazard in [*hazards, *optimizer_hazards(model, resources)]:
         if hazard.code != "reinitialised_on_build" or loading:
             warn_hazard(model, hazard, "found when the model was " + ("loaded" if loading else "built"), stacklevel=4)
