@@ -119,17 +119,12 @@ def save_vecnormalize(
     :param path: the file to write (a path without a suffix gets ``.safetensors``), or a binary stream
     :param fsync: flush the file and its directory to disk before returning
     """
-    from sb3_safe_save._persist import tensor_metas, write_file  # local: _persist imports this module
+    from sb3_safe_save._persist import header_metadata, write_file  # local: _persist imports this module
 
     state, arrays = export_vecnormalize(venv_norm)
     blobs = {PREFIX + k: _weights.to_blob(v) for k, v in arrays.items()}
-    header = VecNormalizeFile(
-        state=state,
-        tensors=tensor_metas(blobs),
-    )
-    text = header.model_dump_json()
-    metadata = {"format": "pt", META_VEC_NORMALIZE: text, META_VEC_NORMALIZE_CHECKSUM: _weights.checksum(text.encode())}
-    write_file(path, blobs, metadata, fsync=fsync)
+    header = VecNormalizeFile(state=state, tensors={})
+    write_file(path, blobs, header_metadata(header, blobs, META_VEC_NORMALIZE, META_VEC_NORMALIZE_CHECKSUM), fsync=fsync)
 
 
 # ---------------------------------------------------------------------------------------------- load
