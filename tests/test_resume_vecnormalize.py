@@ -33,7 +33,15 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 from _compare import assert_same_model
 from _hostile import drop_tensors, edit_manifest
 from _resume_env import ContinuousNoiseBandit, NoiseBandit
-from sb3_safe_save import FormatError, ResumeCheckpointCallback, list_checkpoints, load_checkpoint, load_vecnormalize, safe
+from sb3_safe_save import (
+    FormatError,
+    ResumeCheckpointCallback,
+    list_checkpoints,
+    load_checkpoint,
+    load_vecnormalize,
+    safe,
+    save_vecnormalize,
+)
 from test_vecnormalize import assert_same_state
 
 N = 32  # timesteps before and after the interruption (2 envs)
@@ -155,3 +163,13 @@ def test_malformed_returns_are_refused_and_the_env_is_left_alone() -> None:
     ):
         safe(PPO).load(io.BytesIO(data), env=target)
     assert np.array_equal(target.returns, before) and target.ret_rms.count == 1e-4  # untouched
+
+
+def test_a_wrapper_without_returns_saves_without_them(tmp_path: Path) -> None:
+    """An unpickled stock VecNormalize has no ``returns`` until ``set_venv``: saved without, loaded as zeros."""
+    vn = VecNormalize(fresh_env("PPO"))
+    vn.reset()
+    del vn.returns
+    save_vecnormalize(vn, tmp_path / "vn")
+    loaded = load_vecnormalize(tmp_path / "vn.safetensors", fresh_env("PPO"))
+    assert np.array_equal(loaded.returns, np.zeros(2))

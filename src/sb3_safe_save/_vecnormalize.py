@@ -91,7 +91,9 @@ def export_vecnormalize(venv_norm: VecNormalize) -> tuple[VecNormalizeState, dic
     elif old_obs is not None:
         kind = "array"
         arrays["old_obs"] = np.asarray(old_obs)
-    arrays["returns"] = np.asarray(venv_norm.returns, dtype=np.float64)
+    returns = getattr(venv_norm, "returns", None)  # absent only on an unpickled wrapper before set_venv
+    if returns is not None:
+        arrays["returns"] = np.asarray(returns, dtype=np.float64)
     scalars = [k for k, v in arrays.items() if isinstance(v, np.generic)]
     settings = {name: getattr(venv_norm, name) for name in _SETTINGS}
     for name in _FLOATS:
@@ -104,7 +106,7 @@ def export_vecnormalize(venv_norm: VecNormalize) -> tuple[VecNormalizeState, dic
         old_obs=kind,  # type: ignore[arg-type]
         old_obs_keys=old_keys,
         numpy_scalars=sorted(scalars),
-        has_returns=True,
+        has_returns=returns is not None,
     )
     return state, {k: np.asarray(v) for k, v in arrays.items()}
 
