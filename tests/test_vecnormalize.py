@@ -71,7 +71,7 @@ def test_standalone_round_trip_is_exact(tmp_path: pathlib.Path, no_pickle: None)
     save_vecnormalize(vn, tmp_path / "vecnormalize")  # suffix added
     loaded = load_vecnormalize(tmp_path / "vecnormalize.safetensors", pendulum())
     assert_same_state(vn, loaded)
-    assert np.array_equal(loaded.returns, np.zeros(2))  # as VecNormalize.set_venv
+    assert np.array_equal(loaded.returns, vn.returns) and np.any(loaded.returns != 0)  # SB3's set_venv zeros them
     obs = vn.get_original_obs()
     assert np.array_equal(vn.normalize_obs(obs), loaded.normalize_obs(obs))
 

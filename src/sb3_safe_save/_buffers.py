@@ -103,7 +103,7 @@ def _arrays(buffer: ReplayBuffer, rows: int) -> dict[str, np.ndarray]:
 
 def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.BufferedIOBase, *, fsync: bool = True) -> None:
     """Write the filled part of ``buffer`` to one safetensors file (atomic for paths). See the module docstring."""
-    from sb3_safe_save._persist import current_versions, tensor_metas, write_file  # local: keeps import cheap
+    from sb3_safe_save._persist import current_versions, header_metadata, write_file  # local: keeps import cheap
 
     if not isinstance(buffer, ReplayBuffer):
         raise UnsupportedObjectError(
@@ -140,10 +140,9 @@ def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buffered
         handle_timeout_termination=buffer.handle_timeout_termination,
         obs_keys=list(buffer.observations) if isinstance(buffer, DictReplayBuffer) else None,
         her=her,
-        tensors=tensor_metas(blobs),
+        tensors={},
     )
-    text = header.model_dump_json()
-    metadata = {"format": "pt", META_BUFFER: text, META_BUFFER_CHECKSUM: _weights.checksum(text.encode())}
+    metadata = header_metadata(header, blobs, META_BUFFER, META_BUFFER_CHECKSUM)
     write_file(path, blobs, metadata, fsync=fsync)  # creates folders, as SB3's save_to_pkl does
 
 

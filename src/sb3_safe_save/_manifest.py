@@ -552,7 +552,9 @@ class VecNormalizeState(_Model):
 
     Tensor names, relative to a prefix (``vec_normalize/``): ``obs_rms/mean|var|count`` (or
     ``obs_rms/<key>/...`` for each of ``obs_keys`` of a Dict space), ``ret_rms/mean|var|count``,
-    ``old_reward``, and ``old_obs`` (or ``old_obs/<key>``) when the wrapper has stepped.
+    ``old_reward``, ``old_obs`` (or ``old_obs/<key>``) when the wrapper has stepped, and ``returns``
+    (the running discounted return of each env, float64) when ``has_returns``: files written before
+    it was stored have none, and load zeros, as ``VecNormalize.set_venv`` does.
     """
 
     training: bool
@@ -570,6 +572,7 @@ class VecNormalizeState(_Model):
     numpy_scalars: list[str] = list_field(
         default_factory=list, max_length=1000
     )  # 0-d tensors that were np.float64, not arrays
+    has_returns: bool = False
 
 
 class RandomState(_Model):

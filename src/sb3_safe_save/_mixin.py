@@ -94,6 +94,13 @@ class SafeSaveMixin:
         backend). An error-level hazard (e.g. an expert registered in both ``q_net`` and ``q_net_target``,
         which the target update zeroes) is warned as ``HazardWarning``, once per model.
 
+        Saving from another thread while ``learn()`` runs writes a complete file that loads: each tensor's
+        checksum is of the bytes written. It is not a snapshot of one moment: the attributes and random
+        state are read first, then each tensor is copied, 256 KiB at a time, as it is written, so tensors
+        (and the pieces of a larger one) may come from different optimizer steps. For a consistent or
+        exactly resumable file, save from the training thread: between ``learn()`` calls or in a callback
+        (``ResumeCheckpointCallback``).
+
         :param path: path to the file, or a URL such as ``s3://bucket/key`` (the ``remote`` extra);
             a path without a suffix gets ``.safetensors``
         :param exclude: name of parameters that should be excluded in addition to the default ones

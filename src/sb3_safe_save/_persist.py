@@ -72,6 +72,7 @@ from sb3_safe_save._manifest import (
     ResourceSpec,
     TensorMeta,
     Versions,
+    _Model,
     iter_nodes,
     iter_paths,
     node_refs,
@@ -116,13 +117,10 @@ def save_model(
         blobs.update({VN_PREFIX + key: _weights.to_blob(value) for key, value in arrays.items()})
     _warn_hazards(model, snapshot)
     _warn_unloadable(model, excluded_names(model, exclude, include)[0])
-    manifest = build_manifest(model, snapshot, tensor_metas(blobs))
+    manifest = build_manifest(model, snapshot, {})
     if vn_state is not None:
         manifest = manifest.model_copy(update={"vec_normalize": vn_state})
-    text = manifest.model_dump_json()
-    write_file(
-        path, blobs, {"format": "pt", META_MANIFEST: text, META_CHECKSUM: _weights.checksum(text.encode())}, fsync=fsync
-    )
+    write_file(path, blobs, header_metadata(manifest, blobs, META_MANIFEST, META_CHECKSUM), fsync=fsync)
 
 
 def _warn_hazards(model: BaseAlgorithm, snapshot: Snapshot) -> None:
@@ -147,7 +145,7 @@ def _warn_unloadable(model: BaseAlgorithm, excluded: set[str]) -> None:
     _hazards.warn_once(model, ("policy_kwargs_excluded",), message, SaveWarning, stacklevel=4)
 
 
-def write_file(path: PathLike, blobs: Mapping[str, _weights.Blob], metadata: Mapping[str, str], *, fsync: bool) -> None:
+def write_file(path: PathLike, blobs: Mapping[str, _weights.Blob], metadata: _weights.Metadata, *, fsync: bool) -> None:
     """Write a container to an open binary stream, a URL (one upload) or a local path (atomically).
 
     A path without a suffix, or with SB3's ``.zip``/``.pkl``, gets ``.safetensors`` (``_weights.saved_name``);
@@ -161,9 +159,30 @@ def write_file(path: PathLike, blobs: Mapping[str, _weights.Blob], metadata: Map
         _weights.write_atomic(_target_path(_remote.local(path)), blobs, metadata, fsync=fsync)
 
 
-def tensor_metas(blobs: Mapping[str, _weights.Blob]) -> dict[str, TensorMeta]:
-    """The manifest's record of each tensor: dtype, shape and XXH3-128 checksum."""
-    return {k: TensorMeta(dtype=b.dtype, shape=list(b.shape), xxh3=_weights.checksum(b.data)) for k, b in blobs.items()}
+def tensor_metas(blobs: Mapping[str, _weights.Blob], checksums: Mapping[str, str]) -> dict[str, TensorMeta]:
+    """The manifest's record of each tensor: dtype, shape and the XXH3-128 checksum of the bytes written."""
+    return {k: TensorMeta(dtype=b.dtype, shape=list(b.shape), xxh3=checksums[k]) for k, b in blobs.items()}
+
+
+def header_metadata(
+    header: _Model, blobs: Mapping[str, _weights.Blob], key: str, checksum_key: str
+) -> Callable[[Mapping[str, str]], dict[str, str]]:
+    """The ``__metadata__`` of a file described by ``header`` (a model with a ``tensors`` table), for ``write_file``.
+
+    The writer calls it with the checksum of each tensor's bytes as written (``_weights._write``): the
+    ``tensors`` table is filled in from them, so a tensor that changes during the save (training in another
+    thread) cannot make the file fail its checks.
+
+    :param header: the manifest, or the header model of a buffer or VecNormalize file
+    :param key: the ``__metadata__`` key of its JSON
+    :param checksum_key: the key of the JSON's own checksum
+    """
+
+    def make(checksums: Mapping[str, str]) -> dict[str, str]:
+        text = header.model_copy(update={"tensors": tensor_metas(blobs, checksums)}).model_dump_json()
+        return {"format": "pt", key: text, checksum_key: _weights.checksum(text.encode())}
+
+    return make
 
 
 def snapshot_model(

@@ -46,8 +46,8 @@ from sb3_safe_save._persist import (
     check_policy_data,
     check_sha256,
     current_versions,
+    header_metadata,
     no_weight_init,
-    tensor_metas,
     write_file,
 )
 from sb3_safe_save._resources import resolve
@@ -245,13 +245,11 @@ def save_policy(
         data=snapshot.data,
         state_dicts=snapshot.state_dicts,
         placeholders=snapshot.placeholders,
-        tensors=tensor_metas(blobs),
+        tensors={},
         hazards=snapshot.hazards,
         content="policy",
     )
-    text = manifest.model_dump_json()
-    metadata = {"format": "pt", META_MANIFEST: text, META_CHECKSUM: _weights.checksum(text.encode())}
-    write_file(path, blobs, metadata, fsync=fsync)
+    write_file(path, blobs, header_metadata(manifest, blobs, META_MANIFEST, META_CHECKSUM), fsync=fsync)
 
 
 def base_policy_ref(cls: type) -> str:

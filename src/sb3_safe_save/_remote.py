@@ -41,7 +41,6 @@ Options such as an S3 endpoint or credentials come from fsspec's configuration, 
 from __future__ import annotations
 
 import contextlib
-import struct
 from collections.abc import Iterator, Mapping
 from typing import IO, Any, TypeGuard
 
@@ -89,30 +88,16 @@ def _with_suffix(url: str) -> str:
     return f"{head}/{_weights.saved_name(name)}" if head else _weights.saved_name(name)
 
 
-def write(url: str, blobs: Mapping[str, _weights.Blob], metadata: Mapping[str, str]) -> None:
+def write(url: str, blobs: Mapping[str, _weights.Blob], metadata: _weights.Metadata) -> None:
     """Write ``blobs`` and ``metadata`` to the object ``url`` in one upload (see the module docstring).
 
     :param url: the target URL (one without a suffix gets ``.safetensors``)
     :param blobs: the tensors, as ``_weights.write_atomic`` takes them
-    :param metadata: the safetensors ``__metadata__``
+    :param metadata: the safetensors ``__metadata__`` (or the function making it from the checksums)
     """
     fs, path = _filesystem(_with_suffix(url))
-    data = file_bytes(blobs, metadata)
+    data = _weights.file_bytes(blobs, metadata)
     fs.pipe_file(path, data)
-
-
-def file_bytes(blobs: Mapping[str, _weights.Blob], metadata: Mapping[str, str]) -> bytearray:
-    """The bytes ``_weights.write_stream`` would write, in one preallocated buffer (a single copy of the file)."""
-    header = _weights._header_bytes(blobs, metadata)
-    parts = [memoryview(struct.pack("<Q", len(header))), memoryview(header)]
-    parts += [b.data.data.cast("B") for b in blobs.values()]
-    out = bytearray(sum(p.nbytes for p in parts))
-    with memoryview(out) as view:
-        pos = 0
-        for part in parts:
-            view[pos : pos + part.nbytes] = part
-            pos += part.nbytes
-    return out
 
 
 @contextlib.contextmanager

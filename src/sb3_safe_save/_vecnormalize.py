@@ -9,9 +9,14 @@ code-execution sink, SB3 #2281). Here the same state goes into a safetensors fil
   ``Algo.load(path, env=venv)`` then wraps ``venv`` in the restored ``VecNormalize``. The same model
   file can also be given to ``load_vecnormalize``.
 
-What is stored is exactly what ``VecNormalize.__getstate__`` keeps: the settings, ``obs_rms`` and
-``ret_rms`` (mean, var, count), ``old_obs`` and ``old_reward``. ``returns`` is reset to zeros at
-load, as ``VecNormalize.set_venv`` does.
+What is stored is what ``VecNormalize.__getstate__`` keeps — the settings, ``obs_rms`` and ``ret_rms``
+(mean, var, count), ``old_obs`` and ``old_reward`` — plus ``returns``, the running discounted return
+of each env that ``norm_reward`` updates ``ret_rms`` with at every step. SB3's pickle leaves it out and
+``VecNormalize.set_venv`` zeros it; here it is restored, so a run continued without resetting its env
+(``load(..., force_reset=False)``, ``load_checkpoint``) normalizes rewards exactly as if it had never
+stopped. A reset zeros it, as always. It is restored only into a wrapper of as many envs as it was
+saved with (another env count is another env, e.g. an evaluation env: zeros, as in SB3), and
+files written before it was stored load zeros.
 """
 
 from __future__ import annotations
@@ -86,6 +91,9 @@ def export_vecnormalize(venv_norm: VecNormalize) -> tuple[VecNormalizeState, dic
     elif old_obs is not None:
         kind = "array"
         arrays["old_obs"] = np.asarray(old_obs)
+    returns = getattr(venv_norm, "returns", None)  # absent only on an unpickled wrapper before set_venv
+    if returns is not None:
+        arrays["returns"] = np.asarray(returns, dtype=np.float64)
     scalars = [k for k, v in arrays.items() if isinstance(v, np.generic)]
     settings = {name: getattr(venv_norm, name) for name in _SETTINGS}
     for name in _FLOATS:
@@ -98,6 +106,7 @@ def export_vecnormalize(venv_norm: VecNormalize) -> tuple[VecNormalizeState, dic
         old_obs=kind,  # type: ignore[arg-type]
         old_obs_keys=old_keys,
         numpy_scalars=sorted(scalars),
+        has_returns=returns is not None,
     )
     return state, {k: np.asarray(v) for k, v in arrays.items()}
 
@@ -119,17 +128,12 @@ def save_vecnormalize(
     :param path: the file to write (a path without a suffix gets ``.safetensors``), or a binary stream
     :param fsync: flush the file and its directory to disk before returning
     """
-    from sb3_safe_save._persist import tensor_metas, write_file  # local: _persist imports this module
+    from sb3_safe_save._persist import header_metadata, write_file  # local: _persist imports this module
 
     state, arrays = export_vecnormalize(venv_norm)
     blobs = {PREFIX + k: _weights.to_blob(v) for k, v in arrays.items()}
-    header = VecNormalizeFile(
-        state=state,
-        tensors=tensor_metas(blobs),
-    )
-    text = header.model_dump_json()
-    metadata = {"format": "pt", META_VEC_NORMALIZE: text, META_VEC_NORMALIZE_CHECKSUM: _weights.checksum(text.encode())}
-    write_file(path, blobs, metadata, fsync=fsync)
+    header = VecNormalizeFile(state=state, tensors={})
+    write_file(path, blobs, header_metadata(header, blobs, META_VEC_NORMALIZE, META_VEC_NORMALIZE_CHECKSUM), fsync=fsync)
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -270,6 +274,11 @@ def _stage(venv_norm: VecNormalize, state: VecNormalizeState, read: ReadTensor) 
             obs_rms = _read_rms(read_array, "obs_rms", space.shape)
     ret_rms = _read_rms(read_array, "ret_rms", ())
     old_reward = read("old_reward").numpy()
+    returns = np.zeros(venv_norm.num_envs)
+    if state.has_returns:
+        stored = _checked_returns(read("returns").numpy())
+        if stored.shape == returns.shape:  # else another env (e.g. one for evaluation): zeros, as set_venv
+            returns = stored
     old_obs: Any = None
     if state.old_obs == "array":
         old_obs = read("old_obs").numpy()
@@ -289,9 +298,19 @@ def _stage(venv_norm: VecNormalize, state: VecNormalizeState, read: ReadTensor) 
         venv_norm.old_reward = old_reward
         if old_obs is not None:
             venv_norm.old_obs = old_obs
-        venv_norm.returns = np.zeros(venv_norm.num_envs)
+        venv_norm.returns = returns
 
     return commit
+
+
+def _checked_returns(returns: np.ndarray) -> np.ndarray:
+    """The stored ``VecNormalize.returns``: one float64 per env (non-finite values are restored as they were)."""
+    if returns.dtype != np.float64 or returns.ndim != 1:
+        raise FormatError(
+            f"VecNormalize returns: expected one float64 value per env, the file holds {returns.dtype}"
+            f" {list(returns.shape)}; the file is malformed"
+        )
+    return returns
 
 
 def _read_rms(read: Callable[[str], Any], prefix: str, shape: Any) -> RunningMeanStd:

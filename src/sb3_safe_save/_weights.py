@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -28,11 +29,11 @@ import struct
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, cast
 
 import numpy as np
 import torch as th
@@ -130,6 +131,14 @@ class Writable(Protocol):
     def write(self, data: Any, /) -> int | None: ...
 
 
+class SeekableWritable(Writable, Protocol):
+    """A ``Writable`` that can go back to its header (a file, ``io.BytesIO``)."""
+
+    def tell(self) -> int: ...
+
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
+
+
 @dataclass(frozen=True)
 class Blob:
     """One tensor ready to write: its bytes as a flat uint8 array plus dtype and shape."""
@@ -183,21 +192,22 @@ def _header_bytes(blobs: Mapping[str, Blob], metadata: Mapping[str, str]) -> byt
     return raw
 
 
-def write_atomic(path: Path, blobs: Mapping[str, Blob], metadata: Mapping[str, str], *, fsync: bool = True) -> None:
+def write_atomic(path: Path, blobs: Mapping[str, Blob], metadata: Metadata, *, fsync: bool = True) -> None:
     """Write ``blobs`` and ``metadata`` to ``path`` atomically.
 
     The bytes go to a temporary file in the target directory, which is flushed, fsynced and then
     renamed over ``path`` (``os.replace``); the directory is fsynced last. Until the rename the old
     file is untouched, so an exception or a kill at any moment leaves either the old or the new file.
+    The header is written last, from the checksums of the bytes written (``_write``), so the file
+    renamed into place always matches its checksums, even if the tensors changed while it was written.
     """
-    header = _header_bytes(blobs, metadata)
     directory = path.parent
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     tmp = Path(tmp_name)
     try:
         _chmod_like_open(fd, path)
         with os.fdopen(fd, "wb", buffering=0) as f:
-            _write(f, header, blobs)
+            _write(f, blobs, metadata)
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -236,17 +246,100 @@ def _umask() -> int:
 _umask_lock = threading.Lock()
 
 
-def write_stream(f: Writable, blobs: Mapping[str, Blob], metadata: Mapping[str, str]) -> None:
-    """Write to an open binary file object (no atomicity: the caller owns the stream)."""
-    _write(f, _header_bytes(blobs, metadata), blobs)
+def write_stream(f: Writable, blobs: Mapping[str, Blob], metadata: Metadata) -> None:
+    """Write to an open binary file object (no atomicity: the caller owns the stream).
+
+    A stream that cannot seek back to its header (a pipe, a socket) gets the file built in memory first
+    (``file_bytes``: one copy of the file); a seekable one is written as a local file is (``_write``).
+    """
+    seekable = getattr(f, "seekable", None)
+    if callable(seekable) and seekable():
+        _write(cast(SeekableWritable, f), blobs, metadata)
+    else:
+        with memoryview(file_bytes(blobs, metadata)) as data:
+            _write_all(f, data)
 
 
-def _write(f: Writable, header: bytes, blobs: Mapping[str, Blob]) -> None:
+def _write(f: SeekableWritable, blobs: Mapping[str, Blob], metadata: Metadata) -> None:
+    """Write the file to a seekable ``f``: a header of the final length, the tensors through ``_copy_out``, the header.
+
+    The checksums in the header are those of the bytes written, computed as they are written: a tensor
+    that training changes meanwhile cannot make the file fail its own checks.
+    """
     _check_byteorder()
-    f.write(struct.pack("<Q", len(header)))
-    f.write(header)
-    for blob in blobs.values():
-        _write_all(f, blob.data.data)
+    make = _metadata_function(metadata)
+    draft = _header_bytes(blobs, make({key: _NO_CHECKSUM for key in blobs}))
+    start = f.tell()
+    _write_all(f, memoryview(struct.pack("<Q", len(draft)) + draft))  # a stand-in of the final header's length
+    buffer = bytearray(max(1, min(STAGE, max((b.nbytes for b in blobs.values()), default=0))))
+    with memoryview(buffer) as stage:
+        sums = {key: _copy_out(blob, stage, functools.partial(_write_all, f)) for key, blob in blobs.items()}
+    header = _final_header(blobs, make(sums), len(draft))
+    end = f.tell()
+    f.seek(start + 8)
+    _write_all(f, memoryview(header))
+    f.seek(end)
+
+
+def file_bytes(blobs: Mapping[str, Blob], metadata: Metadata) -> bytearray:
+    """The bytes ``write_stream`` writes, in one preallocated buffer (a single copy of the file).
+
+    Each tensor is copied into the buffer first and its checksum computed from the copy.
+    """
+    _check_byteorder()
+    make = _metadata_function(metadata)
+    size = len(_header_bytes(blobs, make({key: _NO_CHECKSUM for key in blobs})))
+    out = bytearray(8 + size + sum(b.nbytes for b in blobs.values()))
+    with memoryview(out) as view:
+        pos = 8 + size
+        sums = {}
+        for key, blob in blobs.items():
+            n = blob.nbytes
+            view[pos : pos + n] = _bytes_of(blob)
+            sums[key] = checksum(view[pos : pos + n])
+            pos += n
+        view[:8] = struct.pack("<Q", size)
+        view[8 : 8 + size] = _final_header(blobs, make(sums), size)
+    return out
+
+
+#: The bytes of a tensor copied, hashed and written at a time (``_copy_out``): the only extra memory a save needs
+STAGE = 256 << 10
+#: The checksum written in the stand-in header (``_write``): the real ones have the same length
+_NO_CHECKSUM = "0" * 32
+
+#: ``__metadata__`` of a file: the entries themselves, or the function that makes them from each
+#: tensor's XXH3-128 (of the bytes written, ``_write``), for headers that record the checksums
+Metadata = Mapping[str, str] | Callable[[Mapping[str, str]], Mapping[str, str]]
+
+
+def _metadata_function(metadata: Metadata) -> Callable[[Mapping[str, str]], Mapping[str, str]]:
+    if callable(metadata):
+        return metadata
+    return lambda _sums: metadata
+
+
+def _bytes_of(blob: Blob) -> memoryview:
+    return blob.data.data.cast("B")
+
+
+def _copy_out(blob: Blob, stage: memoryview, write: Callable[[memoryview], None]) -> str:
+    """Copy ``blob`` piece by piece into ``stage``, hash each piece there, ``write`` it; return the XXH3-128 written."""
+    source = _bytes_of(blob)
+    h = xxhash.xxh3_128()
+    for lo in range(0, source.nbytes, stage.nbytes):
+        piece = stage[: min(stage.nbytes, source.nbytes - lo)]
+        piece[:] = source[lo : lo + piece.nbytes]
+        h.update(piece)
+        write(piece)
+    return h.hexdigest()
+
+
+def _final_header(blobs: Mapping[str, Blob], metadata: Mapping[str, str], size: int) -> bytes:
+    header = _header_bytes(blobs, metadata)
+    if len(header) != size:  # pragma: no cover - checksums are fixed-length hex; a guard against a future header field
+        raise RuntimeError(f"internal error: the header changed length ({size} -> {len(header)} bytes) once checksummed")
+    return header
 
 
 def _write_all(f: Writable, view: memoryview) -> None:
