@@ -697,10 +697,15 @@ def refused_data_keys(cls: type[BaseAlgorithm], manifest: Manifest) -> dict[str,
     (methods, properties, descriptors, classes, tables such as ``policy_aliases``). Scalar class-level
     defaults (``use_expert = False``) that an instance attribute shadows stay allowed: SB3's ``save`` writes those.
     """
-    excluded = set(_excluded_save_params(cls)) - set(SESSION_STATE)
     roots = {_root(e.name) for e in manifest.state_dicts} | {_root(n) for n in manifest.torch_variables}
+    return refused_keys(cls, manifest.data, roots)
+
+
+def refused_keys(cls: type[BaseAlgorithm], names: Iterable[str], roots: set[str]) -> dict[str, str]:
+    """``refused_data_keys`` for data attribute ``names`` and state-dict/torch-variable ``roots`` (a stock zip's too)."""
+    excluded = set(_excluded_save_params(cls)) - set(SESSION_STATE)
     out: dict[str, str] = {}
-    for name in manifest.data:
+    for name in names:
         static = inspect.getattr_static(cls, name, _NOT_FOUND)
         if name.startswith("__"):
             out[name] = "a dunder name"
