@@ -4,7 +4,7 @@ Subcommands::
 
     sb3-safe-save inspect PATH                      manifest, versions, placeholders, tensors, SHA-256
     sb3-safe-save audit PATH... [--max-size 5MB]    sizes and findings; exit 1 when a check fails
-    sb3-safe-save convert SB3_ZIP OUT --trust-pickle    a stock SB3 zip -> an sb3_safe_save file
+    sb3-safe-save convert SB3_ZIP OUT [--trust REF]  a stock SB3 zip -> an sb3_safe_save file (pickles not run)
     sb3-safe-save export PATH OUT.zip               an sb3_safe_save file -> a stock SB3 zip
 
 Reports go to stdout (or ``-o FILE``), summaries and errors to stderr. Colour only on a terminal,
@@ -145,10 +145,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_audit)
 
-    p = sub.add_parser("convert", help="import a stock SB3 zip (unpickles it: needs --trust-pickle)")
+    p = sub.add_parser("convert", help="import a stock SB3 zip (read without running its pickles)")
     p.add_argument("zip_path", metavar="SB3_ZIP")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--trust-pickle", action="store_true", help="I trust this file: unpickle it (runs code from the file)")
+    p.add_argument(
+        "--trust-pickle", action="store_true", help="I trust this file: unpickle it with SB3 (runs code from the file)"
+    )
+    p.add_argument("--trust", action="append", default=[], metavar="REF", help="trust class REF ('pkg.mod:Name') in its pickles")
     p.add_argument("--algo", default=None, help="algorithm class: DQN, PPO, ... or 'module:Class' (default: guessed)")
     p.add_argument("--allow-pickle", action="store_true", help="store values no codec handles as visible pickles")
     p.add_argument("--device", default="cpu", help="device to load on (default: cpu)")
@@ -312,37 +315,56 @@ def _paint_summary(report: AuditReport) -> str:
 
 # ============================================================================================ convert
 def _cmd_convert(args: argparse.Namespace) -> int:
-    if not args.trust_pickle:
-        raise _UsageError(
-            f"refusing to read {args.zip_path}: a stock SB3 zip stores its data with cloudpickle, and reading it means"
-            " unpickling, which runs code from the file. Convert it only if you trust where it came from: add --trust-pickle"
-        )
     if not zipfile.is_zipfile(args.zip_path):
         raise _UsageError(f"{args.zip_path} is not a zip file (stock SB3 saves are zips)")
-    from stable_baselines3.common.save_util import load_from_zip_file
-
     from sb3_safe_save._persist import save_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if args.algo is not None:
-            algo = _algo_from_name(args.algo)
-        else:
-            data, _, _ = load_from_zip_file(args.zip_path, device="cpu")
-            algo = _guess_algo(data or {}, args.zip_path)
-        model = algo.load(args.zip_path, device=args.device)
+        if args.trust_pickle:
+            model, algo = _load_trusting(args)
+        else:  # the safe reader: nothing in the file runs (see _stock.py)
+            from sb3_safe_save._errors import StockPickleRefusedError
+            from sb3_safe_save._stock import build_model, read_stock
+
+            algo = _algo_from_name(args.algo) if args.algo is not None else None
+            try:
+                stock = read_stock(args.zip_path, trusted=args.trust or None, home=algo)
+            except StockPickleRefusedError as e:
+                raise _UsageError(
+                    f"{args.zip_path}: {e.summary()}. If these are classes you trust, add"
+                    f" {' '.join('--trust ' + r for r in e.refs)}; if you trust the file's author, add --trust-pickle"
+                    " (runs code from the file)"
+                ) from None
+            algo = algo or _guess_algo({**dict.fromkeys(stock.unreadable), **stock.data}, args.zip_path)
+            model = build_model(algo, stock, device=args.device)
     for w in caught:
         print(f"sb3-safe-save convert: warning: {w.message}", file=sys.stderr)
-    save_model(model, args.out, allow_pickle=args.allow_pickle)
+    save_model(model, args.out, allow_pickle=args.allow_pickle)  # unreadable schedules: placeholders, as for our own
     from sb3_safe_save._persist import read_manifest
     from sb3_safe_save._weights import saved_name
 
     out = saved_name(args.out)
     manifest = read_manifest(out)
-    print(f"converted {args.zip_path} ({algo.__name__}) -> {out} ({format_size(os.path.getsize(out))})", file=sys.stderr)
+    how = "trusting its pickles" if args.trust_pickle else "safe reader"
+    print(
+        f"converted {args.zip_path} ({algo.__name__}, {how}) -> {out} ({format_size(os.path.getsize(out))})", file=sys.stderr
+    )
     for ph in manifest.placeholders:
         print(f"  placeholder {ph.key!r}: {clean(ph.type)} at {clean(', '.join(ph.paths))} ({ph.reason})", file=sys.stderr)
     return EXIT_OK
+
+
+def _load_trusting(args: argparse.Namespace) -> tuple[Any, type[Any]]:
+    """SB3's own load (unpickles: runs code from the file); only with --trust-pickle."""
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    if args.algo is not None:
+        algo = _algo_from_name(args.algo)
+    else:
+        data, _, _ = load_from_zip_file(args.zip_path, device="cpu")
+        algo = _guess_algo(data or {}, args.zip_path)
+    return algo.load(args.zip_path, device=args.device), algo
 
 
 _ALGO_PACKAGES = ("stable_baselines3", "sb3_contrib")

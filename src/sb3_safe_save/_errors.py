@@ -160,7 +160,8 @@ class StockPickleRefusedError(PickleRefusedError):
             + _bullets(lines)
             + "\nFix one of:"
             + f"\n  - if these are classes you trust: trusted={self.refs!r} (CLI: --trust REF)"
-            + "\n  - if you trust the file's author: read it with SB3 itself (CLI: convert --trust-pickle), which runs it",
+            + "\n  - if you trust the file's author: let SB3 unpickle it, which runs it (load_replay_buffer(...,"
+            + " allow_pickle=True); SB3's own Algo.load or VecNormalize.load; CLI: convert --trust-pickle)",
         )
 
     def summary(self) -> str:

@@ -297,8 +297,9 @@ def _parse(f: IO[bytes], size: int) -> tuple[_weights.Header, Manifest]:
         ours = _weights.saved_name(name)
         sibling = f" ({ours} next to it is an sb3_safe_save file: load that)" if ours != name and os.path.exists(ours) else ""
         raise FormatError(
-            f"{name} is a zip file, probably a stock SB3 save; loading it means unpickling{sibling}. "
-            "If you trust it, convert it once: sb3-safe-save convert MODEL.zip OUT.safetensors --trust-pickle"
+            f"{name} is a zip file, probably a stock SB3 save{sibling}. Read it without running its pickles:"
+            " Algo.load(path, stock=True), or convert it once: sb3-safe-save convert MODEL.zip OUT.safetensors"
+            " (--trust-pickle unpickles it, only for a file the safe reader refuses and whose author you trust)"
         )
     if len(start) < 9 or start[8:9] != b"{":  # a safetensors file starts with its u64 header length, then "{"
         raise FormatError(

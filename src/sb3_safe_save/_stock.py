@@ -110,6 +110,24 @@ class _Instance(_Stub):
             raise FormatError(f"the pickle sets the state of a {self.ref} twice")
         self.state = state
 
+    def __call__(self, *args: Any, **kwargs: Any) -> _Called:
+        return _Called(self.ref)
+
+
+class _Called(_Stub):
+    """What calling a stand-in's instance gives (cloudpickle's ``_builtin_type(...)(...)``): refused with its origin."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Called:
+        return self
+
 
 def _class_stub(ref: str) -> type[_Instance]:
     return type(f"<{ref}>", (_Instance,), {"ref": ref, "__slots__": ()})
@@ -682,6 +700,9 @@ class _Materialiser:
             return self._resolve(value.ref, path, "ref")
         if isinstance(value, _Instance):
             return self._instance(value, path, depth)
+        if isinstance(value, _Called):
+            self.refuse(value.ref, path, "the pickle calls what it built from it")
+            return None
         raise FormatError(f"{path}: the pickle builds a {type(value).__name__} here, which is not data")
 
     def _resolve(self, ref: str, path: str, kind: RefKind) -> Any:
@@ -908,7 +929,15 @@ def read_stock(
                 data[key] = value
                 continue
             before = dict(m.refused)
-            decoded = m(unpickle(blob), key)
+            try:
+                decoded = m(unpickle(blob), key)
+            except FormatError:
+                foreign = [r for r in scan_pickle(blob, key).globals if r not in HELPERS]
+                if not foreign:
+                    raise
+                for ref in foreign:  # the stream failed on what it built from these: name them
+                    m.refuse(ref, key, "the pickle cannot be read without it")
+                decoded = None
             if (key in REBUILT_BY_SB3 or key in SCHEDULE_KEYS) and m.refused != before:
                 m.refused = before  # a pickled function: never built; SB3 rebuilds it, or it stays unknown
                 if key in SCHEDULE_KEYS:
@@ -1128,3 +1157,112 @@ def load_stock(
     """Load a stock SB3 zip as a ``cls`` model without running its pickles (``Algo.load(path, stock=True)``)."""
     stock = read_stock(path, trusted=trusted, home=cls, custom_objects=custom_objects)
     return build_model(cls, stock, env, device, force_reset, kwargs)
+
+
+# ------------------------------------------------------------------------------- pickled companions
+_VEC_NORMALIZE = "stable_baselines3.common.vec_env.vec_normalize:VecNormalize"
+_RUNNING_MEAN_STD = "stable_baselines3.common.running_mean_std:RunningMeanStd"
+_BUFFERS = ("stable_baselines3.common.buffers:ReplayBuffer", "stable_baselines3.common.buffers:DictReplayBuffer")
+_VN_FIELDS = ("training", "norm_obs", "norm_reward", "clip_obs", "clip_reward", "gamma", "epsilon", "norm_obs_keys")
+_BUFFER_FIELDS = ("buffer_size", "n_envs", "pos", "full", "optimize_memory_usage", "handle_timeout_termination")
+_BUFFER_ARRAYS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+
+
+def _read_pickle_file(path: str | os.PathLike[str] | IO[bytes]) -> Any:
+    if isinstance(path, (str, os.PathLike)):
+        if os.path.getsize(path) > MAX_MEMBER_BYTES:
+            raise FormatError(f"{path} is over {MAX_MEMBER_BYTES} bytes")
+        with open(path, "rb") as f:
+            return unpickle(f.read())
+    return unpickle(path.read(MAX_MEMBER_BYTES + 1))
+
+
+def _top(value: Any, refs: tuple[str, ...], what: str) -> tuple[str, dict[str, Any]]:
+    """The class reference and ``__dict__`` state of the pickle's top object, which must be one of ``refs``."""
+    if not isinstance(value, _Instance) or value.called or value.args or not isinstance(value.state, dict):
+        raise FormatError(f"the pickle holds no {what} (its top object is a {type(value).__name__})")
+    if value.ref not in refs:  # a fixed list, by exact reference
+        raise StockPickleRefusedError({value.ref: ["(the pickle's top object)"]}, f"expected a {what}")
+    return value.ref, value.state
+
+
+def _plain(value: Any, path: str) -> Any:
+    """Arrays, numbers, strings and containers of them; any class is refused (nothing is trusted here)."""
+    m = _Materialiser(_NO_TRUST)
+    out = m(value, path)
+    if m.refused:
+        raise StockPickleRefusedError(m.refused, reasons=m.reasons)
+    return out
+
+
+class _NoTrust(TrustList):
+    def why(self, ref: str, kind: RefKind = "ref") -> Any:
+        return None
+
+
+_NO_TRUST = _NoTrust(None)
+
+
+def _rms(value: Any, path: str) -> Any:
+    from stable_baselines3.common.running_mean_std import RunningMeanStd
+
+    if not (isinstance(value, _Instance) and value.ref == _RUNNING_MEAN_STD and isinstance(value.state, dict)):
+        raise FormatError(f"{path}: expected a RunningMeanStd")
+    rms: Any = object.__new__(RunningMeanStd)
+    for name in ("mean", "var", "count"):
+        setattr(rms, name, _plain(value.state.get(name), f"{path}.{name}"))
+    return rms
+
+
+def read_vecnormalize(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Any, dict[str, np.ndarray]]:
+    """The settings and statistics of a ``VecNormalize.save`` pickle, read without running it.
+
+    :return: ``(VecNormalizeState, arrays)`` as ``export_vecnormalize`` gives them for a live ``VecNormalize``
+    """
+    from pydantic import ValidationError
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from sb3_safe_save._vecnormalize import export_vecnormalize
+
+    _, state = _top(_read_pickle_file(path), (_VEC_NORMALIZE,), "VecNormalize")
+    venv: Any = object.__new__(VecNormalize)  # only read back by export_vecnormalize below, never used as an env
+    obs_rms = state.get("obs_rms")
+    if isinstance(obs_rms, dict):
+        venv.obs_rms = {str(k): _rms(v, f"obs_rms.{k}") for k, v in obs_rms.items()}
+    elif obs_rms is not None:
+        venv.obs_rms = _rms(obs_rms, "obs_rms")
+    venv.ret_rms = _rms(state.get("ret_rms"), "ret_rms")
+    venv.old_reward = _plain(state.get("old_reward", np.array([])), "old_reward")
+    venv.old_obs = _plain(state.get("old_obs"), "old_obs")
+    for name in _VN_FIELDS:
+        setattr(venv, name, _plain(state.get(name), name))
+    try:
+        return export_vecnormalize(venv)
+    except (ValidationError, TypeError, ValueError, AttributeError) as e:
+        raise FormatError(f"the VecNormalize pickle holds malformed settings: {str(e)[:300]}") from None
+
+
+def read_buffer(path: str | os.PathLike[str] | IO[bytes]) -> bytes:
+    """A ``save_replay_buffer`` pickle (``ReplayBuffer``/``DictReplayBuffer``), read without running it, as the
+    bytes of our own replay-buffer file (so that loading it goes through the same checks as ours)."""
+    from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer
+
+    from sb3_safe_save._buffers import save_buffer
+
+    ref, state = _top(_read_pickle_file(path), _BUFFERS, "ReplayBuffer or DictReplayBuffer")
+    buffer: Any = object.__new__(DictReplayBuffer if ref == _BUFFERS[1] else ReplayBuffer)
+    for name in (*_BUFFER_FIELDS, *_BUFFER_ARRAYS):
+        if name in state:
+            setattr(buffer, name, _plain(state[name], name))
+    if not hasattr(buffer, "timeouts") and isinstance(getattr(buffer, "dones", None), np.ndarray):
+        buffer.timeouts = np.zeros_like(buffer.dones)  # SB3 < 2.1 buffers had none (SB3 adds them the same way)
+    if not hasattr(buffer, "handle_timeout_termination"):
+        buffer.handle_timeout_termination = True
+    out = io.BytesIO()
+    try:
+        save_buffer(buffer, out, fsync=False)
+    except SafeSaveError:
+        raise
+    except Exception as e:  # missing or malformed fields of a hostile pickle
+        raise FormatError(f"the replay-buffer pickle is malformed: {type(e).__name__}: {str(e)[:300]}") from None
+    return out.getvalue()
