@@ -268,7 +268,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     reports: list[AuditReport] = []
     errors: dict[str, str] = {}
     algo = _algo_from_name(args.algo) if args.algo else None
+    stock: list[Any] = []  # stock SB3 zips: what their pickles import and call, and the safe reader's verdict
     for path in args.paths:
+        if _is_stock_zip(path):
+            from sb3_safe_save._stock import audit_stock
+
+            try:
+                stock.append(audit_stock(path, trusted=args.trust or None))
+            except SafeSaveError as e:
+                errors[path] = str(e)
+                print(f"sb3-safe-save audit: error: {clean(path)}: {_clean_lines(errors[path])}", file=sys.stderr)
+            continue
         try:
             reports.append(
                 audit(
@@ -287,24 +297,39 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     shown = [_clean_report(r) for r in reports]
     with _output(args.output) as out:
         if args.format == "json":
-            out.write(reports_json(reports, errors) + "\n")
+            doc = json.loads(reports_json(reports, errors))
+            if stock:
+                doc["stock"] = [a.as_dict() for a in stock]
+                doc["ok"] = doc["ok"] and all(a.accepted for a in stock)
+            out.write(json.dumps(doc, indent=2) + "\n")
         elif args.format == "markdown":
             out.write("\n".join(r.markdown() for r in shown))
+            out.write("".join(f"\n```\n{_clean_lines(a.text())}\n```\n" for a in stock))
         else:
             color = args.output == "-" and _color(out)
             out.write("\n\n".join(r.table(color=color) for r in shown) + ("\n" if shown else ""))
+            out.write("".join(_clean_lines(a.text()) + "\n" for a in stock))
     err_color = _color(sys.stderr)
     for r in shown:
         print(r.summary() if not err_color else _paint_summary(r), file=sys.stderr)
-    failed = [r for r in reports if not r.ok]
+    failed = [r.source for r in reports if not r.ok] + [a.source for a in stock if not a.accepted]
     print(
-        f"audited {len(args.paths)} file{'s' if len(args.paths) != 1 else ''}: {len(reports) - len(failed)} ok,"
-        f" {len(failed)} failed, {len(errors)} unreadable",
+        f"audited {len(args.paths)} file{'s' if len(args.paths) != 1 else ''}:"
+        f" {len(reports) + len(stock) - len(failed)} ok, {len(failed)} failed, {len(errors)} unreadable",
         file=sys.stderr,
     )
     if errors:
         return EXIT_USAGE
     return EXIT_FAIL if failed else EXIT_OK
+
+
+def _is_stock_zip(path: str) -> bool:
+    """A local zip file: a stock SB3 save (ours are safetensors)."""
+    return not _remote_url(path) and os.path.isfile(path) and zipfile.is_zipfile(path)
+
+
+def _remote_url(path: str) -> bool:
+    return "://" in path
 
 
 def _paint_summary(report: AuditReport) -> str:

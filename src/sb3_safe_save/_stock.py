@@ -1024,19 +1024,39 @@ def scan_stock(path: str | os.PathLike[str] | IO[bytes]) -> list[PickleScan]:
     return out
 
 
-def verdict(path: str | os.PathLike[str] | IO[bytes], trusted: TrustSpec | None = None) -> str | None:
-    """None if the safe reader accepts the stock zip, else why not (one line)."""
+@dataclasses.dataclass
+class StockAudit:
+    """What a stock zip's pickles would import and call (from their opcodes), and whether the safe reader accepts it."""
+
+    source: str
+    sb3_version: str | None
+    accepted: bool
+    refusal: str | None
+    pickles: list[PickleScan]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def text(self) -> str:
+        verdict = "accepted by the safe reader" if self.accepted else f"refused by the safe reader: {self.refusal}"
+        lines = [f"Stock SB3 zip {self.source} (saved by SB3 {self.sb3_version or 'unknown'}): {verdict}", "Pickles:"]
+        for scan in self.pickles:
+            lines.append(f"  {scan.where}: {scan.calls} calls; imports {', '.join(scan.globals) or 'nothing'}")
+        return "\n".join(lines)
+
+
+def audit_stock(path: str | os.PathLike[str], trusted: TrustSpec | None = None) -> StockAudit:
+    """Scan every pickle of a stock zip without running it, then try the safe reader (which runs nothing either)."""
+    scans = scan_stock(path)
+    refusal: str | None = None
+    version: str | None = None
     try:
-        read_stock(path, trusted=trusted)
+        version = read_stock(path, trusted=trusted).version
+    except StockPickleRefusedError as e:
+        refusal = e.summary()
     except SafeSaveError as e:
-        return str(e).split("\n", 1)[0] if not isinstance(e, StockPickleRefusedError) else e.summary()
-    return None
-
-
-def iter_refs(scans: list[PickleScan]) -> Iterator[tuple[str, str]]:
-    for scan in scans:
-        for ref in scan.globals:
-            yield scan.where, ref
+        refusal = str(e).split("\n", 1)[0]
+    return StockAudit(os.fspath(path), version, refusal is None, refusal, scans)
 
 
 # ------------------------------------------------------------------------------------------- models
