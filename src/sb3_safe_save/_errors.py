@@ -159,7 +159,8 @@ class StockPickleRefusedError(PickleRefusedError):
             + (f" {detail}" if detail else "")
             + _bullets(lines)
             + "\nFix one of:"
-            + f"\n  - if these are classes you trust: trusted={self.refs!r} (CLI: --trust REF)"
+            + f"\n  - if these are classes you trust (functions and calls are never followed): trusted={self.refs!r}"
+            + " (CLI: --trust REF)"
             + "\n  - if you trust the file's author: let SB3 unpickle it, which runs it (load_replay_buffer(...,"
             + " allow_pickle=True); SB3's own Algo.load or VecNormalize.load; CLI: convert --trust-pickle)",
         )

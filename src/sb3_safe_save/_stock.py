@@ -705,9 +705,9 @@ class _Materialiser:
             return None
         raise FormatError(f"{path}: the pickle builds a {type(value).__name__} here, which is not data")
 
-    def _resolve(self, ref: str, path: str, kind: RefKind) -> Any:
+    def _resolve(self, ref: str, path: str, kind: RefKind, why_not: str = "not trusted") -> Any:
         if self._trust.why(ref, kind) is None:
-            self.refuse(ref, path, "not trusted")
+            self.refuse(ref, path, why_not)
             return None
         try:
             return self._trust.resolve(ref, path, kind)
@@ -723,7 +723,7 @@ class _Materialiser:
         if space is not None and not obj.called and not obj.args:
             return self._space(space, obj.state, path, depth)
         if obj.called and len(obj.args) == 1 and obj.state is None:  # Enum: cls(value)
-            cls = self._resolve(ref, path, "enum")
+            cls = self._resolve(ref, path, "enum", "the pickle calls it")
             value = self(obj.args[0], path, depth)
             if cls is None:
                 return None
