@@ -16,7 +16,7 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 from _compare import her_model
-from sb3_safe_save import FormatError, PickleRefusedError, StateMismatchError, safe
+from sb3_safe_save import FormatError, StateMismatchError, safe
 from sb3_safe_save._buffers import load_buffer_into, save_buffer
 
 BUFFER_ARRAYS = (

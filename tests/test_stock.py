@@ -102,14 +102,14 @@ def test_unreadable_schedules_become_placeholders(tmp_path: pathlib.Path, capsys
     assert np.array_equal(model.predict(obs, deterministic=True)[0], converted.predict(obs, deterministic=True)[0])
 
 
-def test_untrusted_class_is_named_and_nothing_is_imported(
-    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_untrusted_class_is_named_and_nothing_is_imported(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = PPO("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, policy_kwargs={"activation_fn": th.nn.Tanh})
     path, out = tmp_path / "agent.zip", tmp_path / "out.safetensors"
     model.save(path)
     _rewrite_pickle(path, "policy_kwargs", b"torch.nn.modules.activation", b"sb3ss_canary_not_imported_x")
-    with pytest.raises(StockPickleRefusedError, match=r"sb3ss_canary_not_imported_x:Tanh  \(used at policy_kwargs.activation_fn"):
+    with pytest.raises(
+        StockPickleRefusedError, match=r"sb3ss_canary_not_imported_x:Tanh  \(used at policy_kwargs.activation_fn"
+    ):
         read_stock(path)
     assert main(["convert", str(path), str(out)]) == 2
     err = capsys.readouterr().err
@@ -154,12 +154,16 @@ def test_vecnormalize_pickle_loads_like_stock(tmp_path: pathlib.Path) -> None:
     assert np.array_equal(stock.old_obs, ours.old_obs) and np.array_equal(stock.old_reward, ours.old_reward)
 
 
-def test_audit_of_a_stock_zip_lists_imports_and_the_verdict(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_audit_of_a_stock_zip_lists_imports_and_the_verdict(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _stock_model("DQN").save(tmp_path / "agent.zip")
     scans = {s.where: s for s in scan_stock(tmp_path / "agent.zip")}
     assert scans["data.policy_class"].globals == ["stable_baselines3.dqn.policies:DQNPolicy"]
     assert "stable_baselines3.common.type_aliases:TrainFrequencyUnit" in scans["data.train_freq"].globals
-    assert scans["policy.pth"].globals == sorted(["collections:OrderedDict", "torch:FloatStorage", "torch._utils:_rebuild_tensor_v2"])
+    assert scans["policy.pth"].globals == sorted(
+        ["collections:OrderedDict", "torch:FloatStorage", "torch._utils:_rebuild_tensor_v2"]
+    )
     assert main(["audit", str(tmp_path / "agent.zip")]) == 0
     out = capsys.readouterr().out
     assert "accepted by the safe reader" in out and "stable_baselines3.dqn.policies:DQNPolicy" in out

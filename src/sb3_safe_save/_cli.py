@@ -151,7 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--trust-pickle", action="store_true", help="I trust this file: unpickle it with SB3 (runs code from the file)"
     )
-    p.add_argument("--trust", action="append", default=[], metavar="REF", help="trust class REF ('pkg.mod:Name') in its pickles")
+    p.add_argument(
+        "--trust", action="append", default=[], metavar="REF", help="trust class REF ('pkg.mod:Name') in its pickles"
+    )
     p.add_argument("--algo", default=None, help="algorithm class: DQN, PPO, ... or 'module:Class' (default: guessed)")
     p.add_argument("--allow-pickle", action="store_true", help="store values no codec handles as visible pickles")
     p.add_argument("--device", default="cpu", help="device to load on (default: cpu)")
@@ -352,16 +354,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             from sb3_safe_save._errors import StockPickleRefusedError
             from sb3_safe_save._stock import build_model, read_stock
 
-            algo = _algo_from_name(args.algo) if args.algo is not None else None
+            given = _algo_from_name(args.algo) if args.algo is not None else None
             try:
-                stock = read_stock(args.zip_path, trusted=args.trust or None, home=algo)
+                stock = read_stock(args.zip_path, trusted=args.trust or None, home=given)
             except StockPickleRefusedError as e:
                 raise _UsageError(
                     f"{args.zip_path}: {e.summary()}. If these are classes you trust, add"
                     f" {' '.join('--trust ' + r for r in e.refs)}; if you trust the file's author, add --trust-pickle"
                     " (runs code from the file)"
                 ) from None
-            algo = algo or _guess_algo({**dict.fromkeys(stock.unreadable), **stock.data}, args.zip_path)
+            algo = given or _guess_algo({**dict.fromkeys(stock.unreadable), **stock.data}, args.zip_path)
             model = build_model(algo, stock, device=args.device)
     for w in caught:
         print(f"sb3-safe-save convert: warning: {w.message}", file=sys.stderr)
@@ -371,9 +373,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     out = saved_name(args.out)
     manifest = read_manifest(out)
-    how = "trusting its pickles" if args.trust_pickle else "safe reader"
+    how = "unpickled by SB3" if args.trust_pickle else "read by the safe reader: no pickle was run"
     print(
-        f"converted {args.zip_path} ({algo.__name__}, {how}) -> {out} ({format_size(os.path.getsize(out))})", file=sys.stderr
+        f"converted {args.zip_path} ({algo.__name__}) -> {out} ({format_size(os.path.getsize(out))}; {how})", file=sys.stderr
     )
     for ph in manifest.placeholders:
         print(f"  placeholder {ph.key!r}: {clean(ph.type)} at {clean(', '.join(ph.paths))} ({ph.reason})", file=sys.stderr)

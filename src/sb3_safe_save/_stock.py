@@ -49,14 +49,17 @@ import pickletools
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
-from typing import IO, Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import IO, Any, ClassVar, cast
 
 import numpy as np
 import torch as th
 
 from sb3_safe_save._errors import FormatError, SafeSaveError, StockPickleRefusedError, UnresolvedResourceError
-from sb3_safe_save._trust import RefKind, TrustList, TrustSpec, plain_class
+from sb3_safe_save._trust import RefKind, TrustList, TrustSpec
+
+#: A path, or a binary file object
+Source = str | os.PathLike[str] | IO[bytes] | io.BufferedIOBase
 
 # ------------------------------------------------------------------------------------------- bounds
 #: Members of a stock zip / of one ``.pth`` (torch zip): more is not a file SB3 or torch wrote.
@@ -94,6 +97,9 @@ class _Instance(_Stub):
 
     __slots__ = ("args", "called", "state")
     ref: ClassVar[str] = ""
+    args: tuple[Any, ...]
+    called: bool
+    state: Any
 
     def __new__(cls, *args: Any, **kwargs: Any) -> _Instance:
         if kwargs:
@@ -183,7 +189,8 @@ class _BitGenerator(_Stub):
     __slots__ = ("name", "state")
 
     def __init__(self, name: str) -> None:
-        self.name, self.state = name, None
+        self.name = name
+        self.state: dict[str, Any] | None = None
 
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, tuple) and len(state) == 2:  # numpy 2: (state, seed sequence); the seed sequence is not kept
@@ -666,8 +673,6 @@ class _Materialiser:
         return out
 
     def _convert(self, value: Any, path: str, depth: int) -> Any:
-        from sb3_safe_save._manifest import child_path
-
         if isinstance(value, _Value):
             return value.value
         if isinstance(value, (np.ndarray, np.generic, th.Tensor, th.dtype, th.device)):
@@ -682,11 +687,26 @@ class _Materialiser:
             return _generator_from(value.bit_generator, path)
         if isinstance(value, _Dropped):
             return None
-        if isinstance(value, (_ODict, dict)):
+        if isinstance(value, type) and issubclass(value, _Instance):
+            return self._resolve(value.ref, path, "ref")
+        if isinstance(value, _Instance):
+            return self._instance(value, path, depth)
+        if isinstance(value, _Called):
+            self.refuse(value.ref, path, "the pickle calls what it built from it")
+            return None
+        return self._container(value, path, depth)
+
+    def _container(self, value: Any, path: str, depth: int) -> Any:
+        from sb3_safe_save._manifest import child_path
+
+        if isinstance(value, dict):
             out: dict[Any, Any] = collections.OrderedDict() if isinstance(value, collections.OrderedDict) else {}
             for k, v in value.items():
                 k2 = self(k, f"{path}.<key>", depth)
                 out[k2] = self(v, child_path(path, k2), depth)
+            metadata = vars(value).get("_metadata") if isinstance(value, _ODict) else None
+            if metadata is not None:  # a state dict's module versions (torch's load_state_dict reads them)
+                out._metadata = self(metadata, f"{path}._metadata", depth)  # type: ignore[attr-defined]
             return out
         if isinstance(value, list):
             return [self(v, child_path(path, i), depth) for i, v in enumerate(value)]
@@ -696,13 +716,6 @@ class _Materialiser:
             return collections.deque((self(v, child_path(path, i), depth) for i, v in enumerate(value)), value.maxlen)
         if isinstance(value, (set, frozenset)):
             return type(value)(self(v, path, depth) for v in value)
-        if isinstance(value, type) and issubclass(value, _Instance):
-            return self._resolve(value.ref, path, "ref")
-        if isinstance(value, _Instance):
-            return self._instance(value, path, depth)
-        if isinstance(value, _Called):
-            self.refuse(value.ref, path, "the pickle calls what it built from it")
-            return None
         raise FormatError(f"{path}: the pickle builds a {type(value).__name__} here, which is not data")
 
     def _resolve(self, ref: str, path: str, kind: RefKind, why_not: str = "not trusted") -> Any:
@@ -812,7 +825,7 @@ def _space_ref(ref: str) -> str | None:
     module, _, name = ref.partition(":")
     for old in ("gym.spaces.", "gymnasium.spaces."):
         if module.startswith(old) and module.count(".") == 2:
-            return f"gymnasium.spaces.{module[len(old):]}:{name}"
+            return f"gymnasium.spaces.{module[len(old) :]}:{name}"
     return None
 
 
@@ -866,9 +879,9 @@ class StockFile:
     unreadable: list[str]
 
 
-def _open_zip(path: str | os.PathLike[str] | IO[bytes]) -> zipfile.ZipFile:
+def _open_zip(path: Source) -> zipfile.ZipFile:
     try:
-        return zipfile.ZipFile(path)
+        return zipfile.ZipFile(cast(Any, path))
     except zipfile.BadZipFile:
         raise FormatError(f"{path} is not a zip file (stock SB3 saves are zips)") from None
 
@@ -895,7 +908,7 @@ def serialized(value: Any) -> bytes | None:
 
 
 def read_stock(
-    path: str | os.PathLike[str] | IO[bytes],
+    path: Source,
     *,
     trusted: TrustSpec | None = None,
     home: type | None = None,
@@ -994,17 +1007,17 @@ def scan_pickle(data: bytes, where: str) -> PickleScan:
             if isinstance(arg, str) and "UNICODE" in op.name:
                 strings.append(arg)
             elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
-                memo[int(arg)] = strings[-1]
+                memo[int(cast(int, arg))] = strings[-1]
             elif op.name == "MEMOIZE" and strings:
                 memo[len(memo)] = strings[-1]
-            elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
-                strings.append(memo[int(arg)])
+            elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(cast(int, arg)) in memo:
+                strings.append(memo[int(cast(int, arg))])
     except Exception as e:  # a malformed stream: report what was seen
         refs.append(f"<malformed pickle: {type(e).__name__}>")
     return PickleScan(where, sorted(set(refs)), calls)
 
 
-def scan_stock(path: str | os.PathLike[str] | IO[bytes]) -> list[PickleScan]:
+def scan_stock(path: Source) -> list[PickleScan]:
     """Every pickle of a stock zip (``data`` fields and ``.pth`` members), scanned without running anything."""
     out: list[PickleScan] = []
     with _open_zip(path) as zf:
@@ -1016,7 +1029,10 @@ def scan_stock(path: str | os.PathLike[str] | IO[bytes]) -> list[PickleScan]:
                     out.append(scan_pickle(blob, f"data.{key}"))
         for name, info in members.items():
             if name.endswith(".pth"):
-                with contextlib.suppress(zipfile.BadZipFile), zipfile.ZipFile(io.BytesIO(_read_member(zf, info, name))) as inner:
+                with (
+                    contextlib.suppress(zipfile.BadZipFile),
+                    zipfile.ZipFile(io.BytesIO(_read_member(zf, info, name))) as inner,
+                ):
                     inner_members = _check_members(inner, name, MAX_TORCH_MEMBERS, _TORCH_NAME)
                     for n, i in inner_members.items():
                         if n.endswith("data.pkl"):
@@ -1090,13 +1106,7 @@ def build_model(
     if refused:
         detail = "; ".join(f"{name!r}: {why}" for name, why in list(refused.items())[:5])
         raise FormatError(f"the stock zip sets attributes a {cls.__qualname__} file never holds ({detail})")
-    policy_kwargs = data.get("policy_kwargs")
-    if isinstance(policy_kwargs, dict):
-        policy_kwargs = data["policy_kwargs"] = dict(policy_kwargs)
-        policy_kwargs.pop("device", None)
-        net_arch = policy_kwargs.get("net_arch")
-        if net_arch and isinstance(net_arch, list) and isinstance(net_arch[0], dict):  # SB3 < 1.8's layout
-            policy_kwargs["net_arch"] = net_arch[0]
+    _clean_policy_kwargs(data)
     if "policy_kwargs" in kwargs and not _equal(kwargs["policy_kwargs"], data.get("policy_kwargs")):
         raise StateMismatchError("the policy_kwargs passed to load differ from the stored ones")
     check_policy_data(data)
@@ -1119,16 +1129,7 @@ def build_model(
         with no_weight_init():
             model._setup_model()
         _set_parameters(model, dict(stock.params), device)
-        allowed = set(model._get_torch_save_params()[1])
-        for name, value in stock.pytorch_variables.items():
-            if value is None:
-                continue
-            if name not in allowed or not isinstance(value, th.Tensor):
-                raise FormatError(f"pytorch_variables.pth holds {name!r:.100}, which a {cls.__qualname__} has no tensor for")
-            target = model
-            for part in name.split(".")[:-1]:
-                target = getattr(target, part)
-            getattr(target, name.split(".")[-1]).data = value.data.to(model.device)
+        _set_variables(model, stock.pytorch_variables)
         if model.use_sde:
             model.policy.reset_noise()
     except SafeSaveError:
@@ -1143,6 +1144,33 @@ def build_model(
     return model
 
 
+def _clean_policy_kwargs(data: dict[str, Any]) -> None:
+    """As SB3's load: a copy of ``policy_kwargs`` without ``device``, SB3 < 1.8's ``net_arch=[dict(...)]`` unwrapped."""
+    policy_kwargs = data.get("policy_kwargs")
+    if isinstance(policy_kwargs, dict):
+        policy_kwargs = data["policy_kwargs"] = dict(policy_kwargs)
+        policy_kwargs.pop("device", None)
+        net_arch = policy_kwargs.get("net_arch")
+        if net_arch and isinstance(net_arch, list) and isinstance(net_arch[0], dict):
+            policy_kwargs["net_arch"] = net_arch[0]
+
+
+def _set_variables(model: Any, variables: Mapping[str, Any]) -> None:
+    """Torch variables (``log_ent_coef``) through ``.data``, as SB3 does; only names the model saves itself."""
+    allowed = set(model._get_torch_save_params()[1])
+    for name, value in variables.items():
+        if value is None:
+            continue
+        if name not in allowed or not isinstance(value, th.Tensor):
+            raise FormatError(
+                f"pytorch_variables.pth holds {name!r:.100}, which a {type(model).__qualname__} has no tensor for"
+            )
+        target = model
+        for part in name.split(".")[:-1]:
+            target = getattr(target, part)
+        getattr(target, name.split(".")[-1]).data = value.data.to(model.device)
+
+
 def _set_parameters(model: Any, params: dict[str, Any], device: Any) -> None:
     """``set_parameters`` with SB3's two fallbacks (A2C/PPO from SB3 < 1.7, DQN optimizers from SB3 < 2.4)."""
     from stable_baselines3.common.base_class import BaseAlgorithm
@@ -1155,7 +1183,11 @@ def _set_parameters(model: Any, params: dict[str, Any], device: Any) -> None:
         else:
             raise
     except ValueError:
-        groups = params.get("policy.optimizer", {}).get("param_groups") if isinstance(params.get("policy.optimizer"), dict) else None
+        groups = (
+            params.get("policy.optimizer", {}).get("param_groups")
+            if isinstance(params.get("policy.optimizer"), dict)
+            else None
+        )
         n_params = len(model.policy.optimizer.param_groups[0]["params"]) if hasattr(model.policy, "optimizer") else -1
         if not (isinstance(groups, list) and groups and len(groups[0].get("params", [])) == 2 * n_params):
             raise
@@ -1165,7 +1197,7 @@ def _set_parameters(model: Any, params: dict[str, Any], device: Any) -> None:
 
 def load_stock(
     cls: type[Any],
-    path: str | os.PathLike[str] | IO[bytes],
+    path: Source,
     env: Any = None,
     device: th.device | str = "auto",
     custom_objects: Mapping[str, Any] | None = None,
@@ -1188,7 +1220,7 @@ _BUFFER_FIELDS = ("buffer_size", "n_envs", "pos", "full", "optimize_memory_usage
 _BUFFER_ARRAYS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 
 
-def _read_pickle_file(path: str | os.PathLike[str] | IO[bytes]) -> Any:
+def _read_pickle_file(path: Source) -> Any:
     if isinstance(path, (str, os.PathLike)):
         if os.path.getsize(path) > MAX_MEMBER_BYTES:
             raise FormatError(f"{path} is over {MAX_MEMBER_BYTES} bytes")
@@ -1234,7 +1266,7 @@ def _rms(value: Any, path: str) -> Any:
     return rms
 
 
-def read_vecnormalize(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Any, dict[str, np.ndarray]]:
+def read_vecnormalize(path: Source) -> tuple[Any, dict[str, np.ndarray]]:
     """The settings and statistics of a ``VecNormalize.save`` pickle, read without running it.
 
     :return: ``(VecNormalizeState, arrays)`` as ``export_vecnormalize`` gives them for a live ``VecNormalize``
@@ -1262,7 +1294,7 @@ def read_vecnormalize(path: str | os.PathLike[str] | IO[bytes]) -> tuple[Any, di
         raise FormatError(f"the VecNormalize pickle holds malformed settings: {str(e)[:300]}") from None
 
 
-def read_buffer(path: str | os.PathLike[str] | IO[bytes]) -> bytes:
+def read_buffer(path: Source) -> bytes:
     """A ``save_replay_buffer`` pickle (``ReplayBuffer``/``DictReplayBuffer``), read without running it, as the
     bytes of our own replay-buffer file (so that loading it goes through the same checks as ours)."""
     from stable_baselines3.common.buffers import DictReplayBuffer, ReplayBuffer

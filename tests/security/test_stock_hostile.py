@@ -130,7 +130,7 @@ def with_member(data: bytes, name: str, raw: bytes, *, replace: bool = True) -> 
         return _zip([*members, (name, raw)])
 
 
-class _nothing:  # noqa: N801  (a no-op context manager)
+class _nothing:  # a no-op context manager
     def __enter__(self) -> None:
         return None
 
