@@ -171,8 +171,8 @@ def test_audit_of_a_stock_zip_lists_imports_and_the_verdict(
 
 @pytest.mark.parametrize("path", sorted(DATA.glob("*.zip")), ids=lambda p: p.stem)
 def test_committed_stock_zips_of_older_releases(path: pathlib.Path) -> None:
-    """Files written by older SB3 releases in their own venvs (``make_stock_corpus.py``), with the
-    predictions and parameters that release computed, stored next to each file."""
+    """Files written by older SB3 releases in their own venvs (``make_stock_corpus.py``): the predictions and
+    parameters that release computed (stored next to each file), and the installed SB3's own load of it."""
     expected = json.loads(path.with_suffix(".json").read_text())
     algo = {c.__name__: c for c in (PPO, A2C, DQN, SAC, TD3, DDPG, QRDQN, TQC, TRPO, RecurrentPPO, ARS)}[expected["algo"]]
     model = safe(algo).load(path, stock=True, device="cpu")
@@ -181,3 +181,7 @@ def test_committed_stock_zips_of_older_releases(path: pathlib.Path) -> None:
     assert np.array_equal(actions, np.asarray(expected["actions"], dtype=actions.dtype))
     params = {k: v.flatten()[:4].tolist() for k, v in model.policy.state_dict().items()}
     assert params == expected["params"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = algo.load(path, device="cpu")  # the installed SB3's own load (it unpickles our own test data)
+    assert_same_model(reference, model)
