@@ -395,11 +395,6 @@ def _load_trusting(args: argparse.Namespace) -> tuple[Any, type[Any]]:
 
 
 _ALGO_PACKAGES = ("stable_baselines3", "sb3_contrib")
-#: policy package -> algorithm, where the policy lives outside the algorithm's own package
-_SHARED_POLICY_PACKAGES = {
-    "sb3_contrib.common.recurrent": "sb3_contrib:RecurrentPPO",
-    "sb3_contrib.common.maskable": "sb3_contrib:MaskablePPO",
-}
 
 
 def _algo_from_name(name: str) -> type[Any]:
@@ -426,30 +421,18 @@ def _algo_from_name(name: str) -> type[Any]:
 
 
 def _guess_algo(data: dict[str, Any], path: str) -> type[Any]:
-    """The algorithm that wrote a stock zip, from its policy class (and, where policies are shared, its data)."""
-    policy = data.get("policy_class")
-    module = getattr(policy, "__module__", "") or ""
-    package = module.rpartition(".")[0]
-    name: str | None = None
-    if package == "stable_baselines3.td3":
-        name = "DDPG" if data.get("policy_delay") == 1 and data.get("target_noise_clip") == 0.0 else "TD3"
-    elif package == "stable_baselines3.common":
-        name = "PPO" if "clip_range" in data else ("TRPO" if "cg_max_steps" in data else "A2C")
-    elif package in _SHARED_POLICY_PACKAGES:
-        return _algo_from_name(_SHARED_POLICY_PACKAGES[package])
-    elif package.startswith(tuple(p + "." for p in _ALGO_PACKAGES)):
-        from stable_baselines3.common.base_class import BaseAlgorithm
+    """The algorithm that wrote a stock zip (``_stock.guess_algorithm``), or a usage error naming ``--algo``."""
+    from sb3_safe_save._stock import guess_algorithm
 
-        pkg = importlib.import_module(package)
-        found = [v for v in vars(pkg).values() if isinstance(v, type) and issubclass(v, BaseAlgorithm)]
-        if len(found) == 1:
-            return found[0]
-    if name is None:
+    found = guess_algorithm(data)
+    if found is None:
+        policy = data.get("policy_class")
         raise _UsageError(
-            f"cannot tell which algorithm wrote {path} (policy class {module}.{getattr(policy, '__qualname__', policy)});"
+            f"cannot tell which algorithm wrote {path} (policy class"
+            f" {getattr(policy, '__module__', '')}.{getattr(policy, '__qualname__', policy)});"
             " pass it with --algo, e.g. --algo DQN or --algo mypackage.module:MyAlgo"
         )
-    return _algo_from_name(name)
+    return found
 
 
 # ============================================================================================= export

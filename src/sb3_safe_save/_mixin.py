@@ -148,8 +148,8 @@ class SafeSaveMixin:
             ``set_parameters()`` afterwards build a fresh optimizer on first use and warn
         :param stock: ``path`` is a stock SB3 zip (``model.save`` of SB3 itself): read it without running its
             pickles (see ``sb3_safe_save._stock``); ``env``, ``device``, ``custom_objects``, ``force_reset``,
-            ``trusted`` and ``kwargs`` apply as above, the other options do not (a stock zip has no checksums,
-            placeholders or random state). A pickle that names what the trust rules refuse raises
+            ``trusted``, ``expected_sha256`` and ``kwargs`` apply as above, the other options do not (a stock zip
+            has no checksums, placeholders or random state). A pickle that names what the trust rules refuse raises
             ``StockPickleRefusedError`` naming it
         :param kwargs: extra arguments to change the model when loading
         :return: new model instance with loaded parameters
@@ -159,7 +159,9 @@ class SafeSaveMixin:
         if stock:
             from sb3_safe_save._stock import load_stock
 
-            return load_stock(cls, path, env, device, custom_objects, force_reset, trusted=trusted, **kwargs)
+            return load_stock(
+                cls, path, env, device, custom_objects, force_reset, trusted=trusted, expected_sha256=expected_sha256, **kwargs
+            )
 
         return load_model(  # type: ignore[type-var]
             cls,

@@ -1195,6 +1195,41 @@ def _set_parameters(model: Any, params: dict[str, Any], device: Any) -> None:
         BaseAlgorithm.set_parameters(model, params, exact_match=True, device=device)
 
 
+#: policy package -> algorithm, where the policy lives outside the algorithm's own package
+_SHARED_POLICY_PACKAGES = {"sb3_contrib.common.recurrent": "RecurrentPPO", "sb3_contrib.common.maskable": "MaskablePPO"}
+
+
+def guess_algorithm(data: Mapping[str, Any]) -> type[Any] | None:
+    """The SB3/sb3-contrib algorithm that wrote a stock zip, from its policy class and data keys; None if unclear.
+
+    :param data: the zip's data as ``read_stock`` gives it (a schedule key counts even when unreadable)
+    """
+    import importlib
+
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+    policy = data.get("policy_class")
+    package = (getattr(policy, "__module__", "") or "").rpartition(".")[0]
+    name: str | None = None
+    if package == "stable_baselines3.td3":
+        name = "DDPG" if data.get("policy_delay") == 1 and data.get("target_noise_clip") == 0.0 else "TD3"
+    elif package == "stable_baselines3.common":
+        name = "PPO" if "clip_range" in data else ("TRPO" if "cg_max_steps" in data else "A2C")
+    elif package in _SHARED_POLICY_PACKAGES:
+        name = _SHARED_POLICY_PACKAGES[package]
+    elif package.startswith(("stable_baselines3.", "sb3_contrib.")):
+        found = [
+            v for v in vars(importlib.import_module(package)).values() if isinstance(v, type) and issubclass(v, BaseAlgorithm)
+        ]
+        return found[0] if len(found) == 1 else None
+    for root in ("stable_baselines3", "sb3_contrib"):
+        with contextlib.suppress(ImportError):
+            cls = getattr(importlib.import_module(root), name or "", None)
+            if isinstance(cls, type) and issubclass(cls, BaseAlgorithm):
+                return cls
+    return None
+
+
 def load_stock(
     cls: type[Any],
     path: Source,
@@ -1204,9 +1239,15 @@ def load_stock(
     force_reset: bool = True,
     *,
     trusted: TrustSpec | None = None,
+    expected_sha256: str | None = None,
     **kwargs: Any,
 ) -> Any:
     """Load a stock SB3 zip as a ``cls`` model without running its pickles (``Algo.load(path, stock=True)``)."""
+    if expected_sha256 is not None:
+        from sb3_safe_save._persist import _open, check_sha256
+
+        with _open(cast(Any, path)) as (f, _):
+            check_sha256(f, expected_sha256)
     stock = read_stock(path, trusted=trusted, home=cls, custom_objects=custom_objects)
     return build_model(cls, stock, env, device, force_reset, kwargs)
 
