@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+import pickle
 import sys
 import warnings
 from typing import Any
 
+import cloudpickle
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -62,13 +64,26 @@ def _stock_model(case: str) -> Any:
     return model
 
 
+def refuse_stock_loaders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the loaders SB3 uses (``pickle.load(s)``, ``cloudpickle.loads``, ``torch.load``) raise."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a stock loader was used")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (cloudpickle, "loads"), (th, "load")):
+        monkeypatch.setattr(module, name, refuse)
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_stock_zip_converts_and_loads_as_stock_sb3_does(case: str, tmp_path: pathlib.Path) -> None:
+def test_stock_zip_converts_and_loads_as_stock_sb3_does(
+    case: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     algo = CASES[case][0]
     _stock_model(case).save(tmp_path / "agent.zip")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = algo.load(tmp_path / "agent.zip", device="cpu")
+    refuse_stock_loaders(monkeypatch)
     assert main(["convert", str(tmp_path / "agent.zip"), str(tmp_path / "agent.safetensors")]) == 0
     assert_same_model(reference, safe(algo).load(tmp_path / "agent.safetensors", device="cpu"))
     assert_same_model(reference, safe(algo).load(tmp_path / "agent.zip", device="cpu", stock=True))
