@@ -404,6 +404,8 @@ def _rebuild_tensor(
     if hooks is not None and not (isinstance(hooks, dict) and not hooks):
         raise FormatError("the pickle rebuilds a tensor with backward hooks")
     end = offset + sum((d - 1) * s for d, s in zip(dims, steps, strict=True)) + 1 if all(dims) else offset
+    if math.prod(dims) > max(storage.tensor.numel(), 1):  # an expanded view (stride 0) would be huge to use
+        raise FormatError(f"the pickle views {math.prod(dims)} values of a storage of {storage.tensor.numel()}")
     if end > storage.tensor.numel():
         raise FormatError(f"the pickle reads a tensor past the end of its storage ({end} > {storage.tensor.numel()})")
     tensor = storage.tensor.as_strided(dims, steps, offset)
@@ -799,6 +801,8 @@ class _Materialiser:
             not isinstance(shape, tuple) or not all(type(d) is int for d in shape) or math.prod(shape) > MAX_SPACE_ELEMENTS
         ):
             raise FormatError(f"{path}: a space of shape {shape!r:.100}")
+        if names[0] == "low" and not all(isinstance(args.get(k), np.ndarray) for k in ("low", "high")):
+            raise FormatError(f"{path}: a Box space without low and high arrays")  # a scalar would be filled to shape
         if "spaces" in args and isinstance(args["spaces"], Mapping):
             args["spaces"] = dict(args["spaces"])
         try:
@@ -1128,6 +1132,9 @@ def build_model(
         model.__dict__.update(kwargs)
         with no_weight_init():
             model._setup_model()
+        unknown = sorted(set(stock.params) - set(model._get_torch_save_params()[0]))
+        if unknown:  # set_parameters would call load_state_dict on whatever these names reach
+            raise FormatError(f"the stock zip holds state dicts {unknown[:5]} that a {cls.__qualname__} does not save")
         _set_parameters(model, dict(stock.params), device)
         _set_variables(model, stock.pytorch_variables)
         if model.use_sde:

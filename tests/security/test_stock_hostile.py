@@ -252,3 +252,11 @@ def test_huge_declared_shapes_are_refused(stock_zip: bytes, tmp_path: Path) -> N
     inner[pkl_name] = inner[pkl_name].replace(b"K\x04\x85", b"J\x00\x00\x00\x40\x85")
     path.write_bytes(with_member(stock_zip, "policy.pth", _zip(list(inner.items()))))
     assert isinstance(refused(lambda: read_stock(path)), FormatError)
+
+
+def test_state_dicts_of_other_names_are_refused(stock_zip: bytes, tmp_path: Path) -> None:
+    """A ``.pth`` member named after another attribute: set_parameters would call its load_state_dict."""
+    path = tmp_path / "hostile.zip"
+    path.write_bytes(with_member(stock_zip, "policy.features_extractor.pth", _members(stock_zip)["policy.pth"]))
+    error = refused(lambda: safe(PPO).load(path, stock=True))
+    assert "state dicts ['policy.features_extractor']" in str(error)
