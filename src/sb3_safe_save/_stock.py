@@ -422,10 +422,6 @@ def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any = None, *rest: 
     return _Value(th.nn.Parameter(data.value.detach(), requires_grad=requires_grad))
 
 
-def _torch_dtype(name: str) -> Callable[[], th.dtype]:
-    return lambda: _TORCH_DTYPES[name]
-
-
 #: The fixed list of what a pickle may name beyond stand-ins: ``"module:name"`` -> what ``find_class`` returns.
 #: Helpers only build plain data from checked arguments; numpy's module moved (``numpy.core`` -> ``numpy._core``).
 HELPERS: dict[str, Any] = {
