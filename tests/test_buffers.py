@@ -16,7 +16,7 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 from _compare import her_model
-from sb3_safe_save import FormatError, PickleRefusedError, StateMismatchError, safe
+from sb3_safe_save import FormatError, StateMismatchError, safe
 from sb3_safe_save._buffers import load_buffer_into, save_buffer
 
 BUFFER_ARRAYS = (
@@ -148,16 +148,18 @@ def test_her_round_trip(tmp_path: pathlib.Path, no_pickle: None) -> None:
     assert rebuilt.replay_buffer.env is rebuilt.env
 
 
-def test_legacy_pickle_needs_explicit_trust(tmp_path: pathlib.Path) -> None:
+def test_stock_pickle_is_read_without_running_it(tmp_path: pathlib.Path) -> None:
+    """SB3's own pickle loads through the restricted reader (issue 25); allow_pickle=True still uses SB3's loader."""
     model = make("dqn")
     model.learn(30)
     path = tmp_path / "legacy.pkl"
     DQN.save_replay_buffer(model, path)  # SB3's own pickle
     other = make("dqn")
-    with pytest.raises(PickleRefusedError, match="allow_pickle=True"):
-        other.load_replay_buffer(path)
-    other.load_replay_buffer(path, allow_pickle=True)
+    other.load_replay_buffer(path)
     assert_same_buffer(model.replay_buffer, other.replay_buffer)
+    trusting = make("dqn")
+    trusting.load_replay_buffer(path, allow_pickle=True)
+    assert_same_buffer(model.replay_buffer, trusting.replay_buffer)
 
 
 def test_buffer_of_other_settings_replaces_the_models(tmp_path: pathlib.Path, no_pickle: None) -> None:

@@ -219,9 +219,20 @@ def test_load_from_hub_through_the_offline_cache(model: Any, hub_cache: tuple[Pa
         load_from_hub("me/ppo-cartpole", "ppo-CartPole-v1.safetensors", revision=COMMIT, expected_sha256="0" * 64)
 
 
-def test_load_from_hub_refuses_stock_zips(hub_cache: tuple[Path, str]) -> None:
-    with pytest.raises(FormatError, match="unpickles"):
-        load_from_hub("me/ppo-cartpole", "ppo-CartPole-v1.zip")
+def test_load_from_hub_reads_stock_zips_without_running_them(model: Any, hub_cache: tuple[Path, str]) -> None:
+    """A huggingface_sb3 repo's stock .zip loads through the restricted reader; no TRUST_REMOTE_CODE (issue 25)."""
+    cache, _ = hub_cache
+    stock = cache / "models--me--ppo-cartpole" / "snapshots" / COMMIT / "ppo-CartPole-v1.zip"
+    PPO.save(model, stock)
+    loaded = load_from_hub("me/ppo-cartpole", "ppo-CartPole-v1.zip")  # algorithm guessed from the policy class
+    assert type(loaded) is safe(PPO, module=PPO.__module__)  # the class load_from_hub loads with
+    for name, tensor in model.policy.state_dict().items():
+        assert th.equal(loaded.policy.state_dict()[name], tensor), name
+    assert load_from_hub("me/ppo-cartpole", "ppo-CartPole-v1.zip", expected_sha256=file_sha256(stock)) is not None
+    with pytest.raises(IntegrityError):
+        load_from_hub("me/ppo-cartpole", "ppo-CartPole-v1.zip", expected_sha256="0" * 64)
+    with pytest.raises(FormatError, match="loads sb3_safe_save files"):
+        load_from_hub("me/ppo-cartpole", "ppo-CartPole-v1.pkl")
 
 
 # ------------------------------------------------------------------------------ the card, as a visitor uses it

@@ -19,7 +19,7 @@ from stable_baselines3 import PPO, SAC
 from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from sb3_safe_save import FormatError, PickleRefusedError, UntrustedTypeError, load_vecnormalize, read_manifest, safe
+from sb3_safe_save import FormatError, UntrustedTypeError, load_vecnormalize, read_manifest, safe
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -266,14 +266,40 @@ def test_a_trusted_package_vouches_only_for_its_wrapper_classes(tmp_path: Path) 
     assert hyperparams["callback"] == "stable_baselines3.common.vec_env.sync_envs_normalization"
 
 
-def test_enjoy_refuses_a_stock_zip_with_the_way_out(tmp_path: Path) -> None:
-    from sb3_safe_save._zoo import get_model_path
+def test_enjoy_reads_rl_zoo3_trained_agents_without_running_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stock rl-zoo3 run (``CartPole-v1.zip`` with an rl-zoo3 closure schedule, ``vecnormalize.pkl``): issue 25."""
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    def linear_schedule(initial_value: float) -> Any:  # rl-zoo3's closure: cloudpickled by value
+        return lambda progress: progress * initial_value
 
     run = tmp_path / "ppo" / "CartPole-v1_1"
-    run.mkdir(parents=True)
-    (run / "CartPole-v1.zip").write_bytes(b"PK")
-    with pytest.raises(PickleRefusedError, match=r"sb3-safe-save convert .*--trust-pickle"):
-        get_model_path(1, str(tmp_path), "ppo", "CartPole-v1")
+    (run / "CartPole-v1").mkdir(parents=True)
+    env = VecNormalize(make_vec_env("CartPole-v1", n_envs=1))
+    model = PPO(
+        "MlpPolicy", env, n_steps=16, batch_size=16, learning_rate=linear_schedule(1e-3), policy_kwargs={"net_arch": [8]}
+    )
+    model.learn(16)
+    model.save(run / "CartPole-v1.zip")
+    env.save(str(run / "CartPole-v1" / "vecnormalize.pkl"))
+    (run / "CartPole-v1" / "config.yml").write_text("n_envs: 1\nnormalize: true\npolicy: MlpPolicy\n")
+    import pickle
+
+    import cloudpickle
+    import torch
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a stock loader was used")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (cloudpickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    capsys.readouterr()
+    zoo("enjoy", "--algo", "ppo", "--env", "CartPole-v1", "-f", str(tmp_path), "--no-render", "-n", "20", "--exp-id", "1")
+    out = capsys.readouterr().out
+    assert f"Loading {run / 'CartPole-v1.zip'}" in out and "Loading running average" in out
 
 
 @pytest.mark.parametrize(

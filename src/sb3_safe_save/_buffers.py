@@ -18,8 +18,9 @@ however few were collected) and ``load_replay_buffer`` unpickles it. Here:
 
 Files are recognised by content, not by suffix. SB3's ``CheckpointCallback`` asks for
 ``..._replay_buffer_N_steps.pkl``; the file is written as ``..._replay_buffer_N_steps.safetensors``
-(named for what it is), and loading the ``.pkl`` name finds it. Legacy pickled buffers load only
-with ``allow_pickle=True`` (through SB3's own loader).
+(named for what it is), and loading the ``.pkl`` name finds it. SB3's pickled buffers are read by the
+restricted reader of stock files (``_stock.read_buffer``: nothing in them runs), or with ``allow_pickle=True``
+by SB3's own loader.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from stable_baselines3.her.goal_selection_strategy import GoalSelectionStrategy
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 from sb3_safe_save import _remote, _weights
-from sb3_safe_save._errors import FormatError, PickleRefusedError, StateMismatchError, UnsupportedObjectError
+from sb3_safe_save._errors import FormatError, StateMismatchError, UnsupportedObjectError
 from sb3_safe_save._manifest import TensorMeta, Versions, _Model, _short, items_field, list_field, load_json
 from sb3_safe_save._trust import ref_of
 
@@ -350,12 +351,3 @@ def _set(buffer: ReplayBuffer, key: str, array: np.ndarray) -> None:
         getattr(buffer, name)[sub] = array
     else:
         setattr(buffer, name, array)
-
-
-def refuse_pickle(path: Any) -> PickleRefusedError:
-    return PickleRefusedError(
-        [str(path)],
-        f"{path} is a pickled replay buffer (SB3's own format); unpickling can run arbitrary code, so it was refused."
-        "\nIf you trust its author: model.load_replay_buffer(path, allow_pickle=True), then save it again with"
-        " model.save_replay_buffer(path) to get a safe file.",
-    )

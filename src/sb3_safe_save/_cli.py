@@ -4,7 +4,7 @@ Subcommands::
 
     sb3-safe-save inspect PATH                      manifest, versions, placeholders, tensors, SHA-256
     sb3-safe-save audit PATH... [--max-size 5MB]    sizes and findings; exit 1 when a check fails
-    sb3-safe-save convert SB3_ZIP OUT --trust-pickle    a stock SB3 zip -> an sb3_safe_save file
+    sb3-safe-save convert SB3_ZIP OUT [--trust REF]  a stock SB3 zip -> an sb3_safe_save file (pickles not run)
     sb3-safe-save export PATH OUT.zip               an sb3_safe_save file -> a stock SB3 zip
 
 Reports go to stdout (or ``-o FILE``), summaries and errors to stderr. Colour only on a terminal,
@@ -145,10 +145,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_audit)
 
-    p = sub.add_parser("convert", help="import a stock SB3 zip (unpickles it: needs --trust-pickle)")
+    p = sub.add_parser("convert", help="import a stock SB3 zip (read without running its pickles)")
     p.add_argument("zip_path", metavar="SB3_ZIP")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--trust-pickle", action="store_true", help="I trust this file: unpickle it (runs code from the file)")
+    p.add_argument(
+        "--trust-pickle", action="store_true", help="I trust this file: unpickle it with SB3 (runs code from the file)"
+    )
+    p.add_argument(
+        "--trust", action="append", default=[], metavar="REF", help="trust class REF ('pkg.mod:Name') in its pickles"
+    )
     p.add_argument("--algo", default=None, help="algorithm class: DQN, PPO, ... or 'module:Class' (default: guessed)")
     p.add_argument("--allow-pickle", action="store_true", help="store values no codec handles as visible pickles")
     p.add_argument("--device", default="cpu", help="device to load on (default: cpu)")
@@ -265,7 +270,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     reports: list[AuditReport] = []
     errors: dict[str, str] = {}
     algo = _algo_from_name(args.algo) if args.algo else None
+    stock: list[Any] = []  # stock SB3 zips: what their pickles import and call, and the safe reader's verdict
     for path in args.paths:
+        if _is_stock_zip(path):
+            from sb3_safe_save._stock import audit_stock
+
+            try:
+                stock.append(audit_stock(path, trusted=args.trust or None))
+            except SafeSaveError as e:
+                errors[path] = str(e)
+                print(f"sb3-safe-save audit: error: {clean(path)}: {_clean_lines(errors[path])}", file=sys.stderr)
+            continue
         try:
             reports.append(
                 audit(
@@ -284,24 +299,39 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     shown = [_clean_report(r) for r in reports]
     with _output(args.output) as out:
         if args.format == "json":
-            out.write(reports_json(reports, errors) + "\n")
+            doc = json.loads(reports_json(reports, errors))
+            if stock:
+                doc["stock"] = [a.as_dict() for a in stock]
+                doc["ok"] = doc["ok"] and all(a.accepted for a in stock)
+            out.write(json.dumps(doc, indent=2) + "\n")
         elif args.format == "markdown":
             out.write("\n".join(r.markdown() for r in shown))
+            out.write("".join(f"\n```\n{_clean_lines(a.text())}\n```\n" for a in stock))
         else:
             color = args.output == "-" and _color(out)
             out.write("\n\n".join(r.table(color=color) for r in shown) + ("\n" if shown else ""))
+            out.write("".join(_clean_lines(a.text()) + "\n" for a in stock))
     err_color = _color(sys.stderr)
     for r in shown:
         print(r.summary() if not err_color else _paint_summary(r), file=sys.stderr)
-    failed = [r for r in reports if not r.ok]
+    failed = [r.source for r in reports if not r.ok] + [a.source for a in stock if not a.accepted]
     print(
-        f"audited {len(args.paths)} file{'s' if len(args.paths) != 1 else ''}: {len(reports) - len(failed)} ok,"
-        f" {len(failed)} failed, {len(errors)} unreadable",
+        f"audited {len(args.paths)} file{'s' if len(args.paths) != 1 else ''}:"
+        f" {len(reports) + len(stock) - len(failed)} ok, {len(failed)} failed, {len(errors)} unreadable",
         file=sys.stderr,
     )
     if errors:
         return EXIT_USAGE
     return EXIT_FAIL if failed else EXIT_OK
+
+
+def _is_stock_zip(path: str) -> bool:
+    """A local zip file: a stock SB3 save (ours are safetensors)."""
+    return not _remote_url(path) and os.path.isfile(path) and zipfile.is_zipfile(path)
+
+
+def _remote_url(path: str) -> bool:
+    return "://" in path
 
 
 def _paint_summary(report: AuditReport) -> str:
@@ -312,45 +342,59 @@ def _paint_summary(report: AuditReport) -> str:
 
 # ============================================================================================ convert
 def _cmd_convert(args: argparse.Namespace) -> int:
-    if not args.trust_pickle:
-        raise _UsageError(
-            f"refusing to read {args.zip_path}: a stock SB3 zip stores its data with cloudpickle, and reading it means"
-            " unpickling, which runs code from the file. Convert it only if you trust where it came from: add --trust-pickle"
-        )
     if not zipfile.is_zipfile(args.zip_path):
         raise _UsageError(f"{args.zip_path} is not a zip file (stock SB3 saves are zips)")
-    from stable_baselines3.common.save_util import load_from_zip_file
-
     from sb3_safe_save._persist import save_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if args.algo is not None:
-            algo = _algo_from_name(args.algo)
-        else:
-            data, _, _ = load_from_zip_file(args.zip_path, device="cpu")
-            algo = _guess_algo(data or {}, args.zip_path)
-        model = algo.load(args.zip_path, device=args.device)
+        if args.trust_pickle:
+            model, algo = _load_trusting(args)
+        else:  # the safe reader: nothing in the file runs (see _stock.py)
+            from sb3_safe_save._errors import StockPickleRefusedError
+            from sb3_safe_save._stock import build_model, read_stock
+
+            given = _algo_from_name(args.algo) if args.algo is not None else None
+            try:
+                stock = read_stock(args.zip_path, trusted=args.trust or None, home=given)
+            except StockPickleRefusedError as e:
+                raise _UsageError(
+                    f"{args.zip_path}: {e.summary()}. If these are classes you trust, add"
+                    f" {' '.join('--trust ' + r for r in e.refs)}; if you trust the file's author, add --trust-pickle"
+                    " (runs code from the file)"
+                ) from None
+            algo = given or _guess_algo({**dict.fromkeys(stock.unreadable), **stock.data}, args.zip_path)
+            model = build_model(algo, stock, device=args.device)
     for w in caught:
         print(f"sb3-safe-save convert: warning: {w.message}", file=sys.stderr)
-    save_model(model, args.out, allow_pickle=args.allow_pickle)
+    save_model(model, args.out, allow_pickle=args.allow_pickle)  # unreadable schedules: placeholders, as for our own
     from sb3_safe_save._persist import read_manifest
     from sb3_safe_save._weights import saved_name
 
     out = saved_name(args.out)
     manifest = read_manifest(out)
-    print(f"converted {args.zip_path} ({algo.__name__}) -> {out} ({format_size(os.path.getsize(out))})", file=sys.stderr)
+    how = "unpickled by SB3" if args.trust_pickle else "read by the safe reader: no pickle was run"
+    print(
+        f"converted {args.zip_path} ({algo.__name__}) -> {out} ({format_size(os.path.getsize(out))}; {how})", file=sys.stderr
+    )
     for ph in manifest.placeholders:
         print(f"  placeholder {ph.key!r}: {clean(ph.type)} at {clean(', '.join(ph.paths))} ({ph.reason})", file=sys.stderr)
     return EXIT_OK
 
 
+def _load_trusting(args: argparse.Namespace) -> tuple[Any, type[Any]]:
+    """SB3's own load (unpickles: runs code from the file); only with --trust-pickle."""
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    if args.algo is not None:
+        algo = _algo_from_name(args.algo)
+    else:
+        data, _, _ = load_from_zip_file(args.zip_path, device="cpu")
+        algo = _guess_algo(data or {}, args.zip_path)
+    return algo.load(args.zip_path, device=args.device), algo
+
+
 _ALGO_PACKAGES = ("stable_baselines3", "sb3_contrib")
-#: policy package -> algorithm, where the policy lives outside the algorithm's own package
-_SHARED_POLICY_PACKAGES = {
-    "sb3_contrib.common.recurrent": "sb3_contrib:RecurrentPPO",
-    "sb3_contrib.common.maskable": "sb3_contrib:MaskablePPO",
-}
 
 
 def _algo_from_name(name: str) -> type[Any]:
@@ -377,30 +421,18 @@ def _algo_from_name(name: str) -> type[Any]:
 
 
 def _guess_algo(data: dict[str, Any], path: str) -> type[Any]:
-    """The algorithm that wrote a stock zip, from its policy class (and, where policies are shared, its data)."""
-    policy = data.get("policy_class")
-    module = getattr(policy, "__module__", "") or ""
-    package = module.rpartition(".")[0]
-    name: str | None = None
-    if package == "stable_baselines3.td3":
-        name = "DDPG" if data.get("policy_delay") == 1 and data.get("target_noise_clip") == 0.0 else "TD3"
-    elif package == "stable_baselines3.common":
-        name = "PPO" if "clip_range" in data else ("TRPO" if "cg_max_steps" in data else "A2C")
-    elif package in _SHARED_POLICY_PACKAGES:
-        return _algo_from_name(_SHARED_POLICY_PACKAGES[package])
-    elif package.startswith(tuple(p + "." for p in _ALGO_PACKAGES)):
-        from stable_baselines3.common.base_class import BaseAlgorithm
+    """The algorithm that wrote a stock zip (``_stock.guess_algorithm``), or a usage error naming ``--algo``."""
+    from sb3_safe_save._stock import guess_algorithm
 
-        pkg = importlib.import_module(package)
-        found = [v for v in vars(pkg).values() if isinstance(v, type) and issubclass(v, BaseAlgorithm)]
-        if len(found) == 1:
-            return found[0]
-    if name is None:
+    found = guess_algorithm(data)
+    if found is None:
+        policy = data.get("policy_class")
         raise _UsageError(
-            f"cannot tell which algorithm wrote {path} (policy class {module}.{getattr(policy, '__qualname__', policy)});"
+            f"cannot tell which algorithm wrote {path} (policy class"
+            f" {getattr(policy, '__module__', '')}.{getattr(policy, '__qualname__', policy)});"
             " pass it with --algo, e.g. --algo DQN or --algo mypackage.module:MyAlgo"
         )
-    return _algo_from_name(name)
+    return found
 
 
 # ============================================================================================= export

@@ -11,6 +11,7 @@ it, so code that already catches ``ValueError``/``TypeError``/``LookupError`` ke
     ├── IntegrityError (ValueError)          load: size or checksum mismatch (truncated or corrupted file)
     ├── UntrustedTypeError (TypeError)       load: the file references classes or functions not on the trust list
     ├── PickleRefusedError (ValueError)      load: the file holds pickled values and ``allow_pickle`` was not given
+    │   └── StockPickleRefusedError          a stock SB3 file's pickle names what the safe reader will not follow
     ├── MissingResourceError (LookupError)   load: a placeholder has no live object to rebind
     ├── ResourceMismatchError (ValueError)   load: a rebound resource does not match its recorded fingerprint
     ├── AlgorithmMismatchError (TypeError)   load: the file was saved by a different algorithm
@@ -153,6 +154,43 @@ class PickleRefusedError(SafeSaveError, ValueError):
             + f"\n  - supply them yourself: Algo.load(path, custom_objects={{{supplied}}})"
             + "\n  - if you trust the file's author: Algo.load(path, allow_pickle=True)"
         )
+
+
+class StockPickleRefusedError(PickleRefusedError):
+    """Raised when a pickle in a stock SB3 file names something the safe reader will not import or call.
+
+    Nothing the file names was imported or called when this is raised.
+
+    :param refused: reference -> the places (data keys, attribute paths) that use it
+    :param detail: one line on the kind of file (optional)
+    :param reasons: reference -> why it was refused (default: not trusted)
+    """
+
+    def __init__(
+        self, refused: dict[str, list[str]], detail: str | None = None, reasons: dict[str, str] | None = None
+    ) -> None:
+        self.refused = {ref: list(paths) for ref, paths in sorted(refused.items())}
+        self.refs = list(self.refused)
+        reasons = reasons or {}
+        lines = [
+            f"{ref}  (used at {', '.join(paths[:3])}; {reasons.get(ref, 'not trusted')})"
+            for ref, paths in self.refused.items()
+        ]
+        super().__init__(
+            sorted({p for paths in self.refused.values() for p in paths}),
+            "The stock SB3 file's pickles name what the safe reader does not import or call; nothing was run:"
+            + (f" {detail}" if detail else "")
+            + _bullets(lines)
+            + "\nFix one of:"
+            + f"\n  - if these are classes you trust (functions and calls are never followed): trusted={self.refs!r}"
+            + " (CLI: --trust REF)"
+            + "\n  - if you trust the file's author: let SB3 unpickle it, which runs it (load_replay_buffer(...,"
+            + " allow_pickle=True); SB3's own Algo.load or VecNormalize.load; CLI: convert --trust-pickle)",
+        )
+
+    def summary(self) -> str:
+        """One line: the references that stopped the reader."""
+        return "refused by the safe reader: " + ", ".join(f"{r} (at {', '.join(p[:2])})" for r, p in self.refused.items())
 
 
 class MissingResourceError(SafeSaveError, LookupError):

@@ -227,7 +227,7 @@ def _load_packaged(path: Path, base_algorithm: str, load_kwargs: Mapping[str, An
     from sb3_safe_save._trust import TrustList
 
     algo = TrustList(None).resolve(base_algorithm, "base_algorithm", "algorithm")
-    return safe(algo).load(path, **dict(load_kwargs or {}))
+    return safe(algo, module=algo.__module__).load(path, **dict(load_kwargs or {}))
 
 
 def _frozen_eval_env(env: Any, statistics: Path | None) -> VecEnv:
@@ -640,12 +640,14 @@ def load_from_hub(
 ) -> Any:
     """Download an agent with ``hf_hub_download`` and load it with every check of ``load``.
 
-    Nothing is unpickled, so there is no ``TRUST_REMOTE_CODE`` switch; classes beyond the default trust list
+    Nothing is unpickled, so there is no ``TRUST_REMOTE_CODE`` switch: a stock SB3 ``.zip`` (huggingface_sb3's
+    repos) is read by the restricted reader of stock files (``load(..., stock=True)``), which runs none of its
+    pickles and imports only what the trust rules allow. Classes beyond the default trust list
     need ``trusted=`` as for any load. Pin ``revision`` to a commit and ``expected_sha256`` to the hash on the
     model card to load exactly the file you reviewed.
 
     :param repo_id: ``"org/name"``
-    :param filename: the agent file in the repo, e.g. ``"ppo-CartPole-v1.safetensors"``
+    :param filename: the agent file in the repo, e.g. ``"ppo-CartPole-v1.safetensors"`` or a stock ``"ppo-CartPole-v1.zip"``
     :param algo: the class to load with (made safe with ``safe()``); default: the file's SB3/sb3-contrib base
         algorithm
     :param revision: a commit hash, branch or tag (default: the main branch)
@@ -660,15 +662,22 @@ def load_from_hub(
     from sb3_safe_save._trust import TrustList
     from sb3_safe_save._version import __version__
 
-    if not filename.endswith(SUFFIX):
-        raise FormatError(
-            f"{filename}: load_from_hub loads sb3_safe_save files ({SUFFIX}); a stock SB3 .zip unpickles when loaded"
-        )
+    stock = filename.endswith(".zip")  # a stock SB3 repo: read by the restricted reader, nothing in it is run
+    if not (filename.endswith(SUFFIX) or stock):
+        raise FormatError(f"{filename}: load_from_hub loads sb3_safe_save files ({SUFFIX}) and stock SB3 .zip files")
     hub = _import_hub()
     path = hub.hf_hub_download(
         repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir, token=token,
         library_name="sb3-safe-save", library_version=__version__,
     )  # fmt: skip
+    if stock:
+        from sb3_safe_save._stock import guess_algorithm, read_stock
+
+        if algo is None:
+            algo = guess_algorithm(read_stock(path, trusted=load_kwargs.get("trusted")).data)
+            if algo is None:
+                raise FormatError(f"{repo_id}/{filename}: cannot tell which algorithm wrote it; pass algo=...")
+        return safe(algo, module=algo.__module__).load(path, expected_sha256=expected_sha256, stock=True, **load_kwargs)
     if algo is None:
         base = read_manifest(path).base_algorithm
         if TrustList(None).why(base, "algorithm") != "default":

@@ -142,6 +142,7 @@ class SafeSaveMixin:
         strict: bool = True,
         restore_random_state: bool = True,
         training: bool = True,
+        stock: bool = False,
         **kwargs: Any,
     ):
         """Load the model from a file written by ``save``.
@@ -174,10 +175,22 @@ class SafeSaveMixin:
             state is neither read nor verified, and no optimizer is built (constructing one imports
             ``torch._dynamo``, about a second in a fresh process). ``learn()``, ``save()`` or
             ``set_parameters()`` afterwards build a fresh optimizer on first use and warn
+        :param stock: ``path`` is a stock SB3 zip (``model.save`` of SB3 itself): read it without running its
+            pickles (see ``sb3_safe_save._stock``); ``env``, ``device``, ``custom_objects``, ``force_reset``,
+            ``trusted``, ``expected_sha256`` and ``kwargs`` apply as above, the other options do not (a stock zip
+            has no checksums, placeholders or random state). A pickle that names what the trust rules refuse raises
+            ``StockPickleRefusedError`` naming it
         :param kwargs: extra arguments to change the model when loading
         :return: new model instance with loaded parameters
         """
         from sb3_safe_save._persist import load_model
+
+        if stock:
+            from sb3_safe_save._stock import load_stock
+
+            return load_stock(
+                cls, path, env, device, custom_objects, force_reset, trusted=trusted, expected_sha256=expected_sha256, **kwargs
+            )
 
         return load_model(  # type: ignore[type-var]
             cls,
@@ -245,18 +258,24 @@ class SafeSaveMixin:
             If set to ``True``, we assume that the last trajectory in the replay buffer was finished
             (and truncate it).
             If set to ``False``, we assume that we continue the same trajectory (same episode).
-        :param allow_pickle: load a legacy pickled buffer (SB3's format) with SB3's loader: runs code!
+        :param allow_pickle: load a pickled buffer (SB3's format) with SB3's loader: runs code! Without it, SB3's
+            ``ReplayBuffer``/``DictReplayBuffer`` pickles are read by the restricted reader of stock files
+            (``_stock.py``: nothing in them is run), then checked and loaded as a file of ours
         :param verify: check every tensor's checksum while reading
         """
         from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-        from sb3_safe_save._buffers import buffer_for, is_pickle, load_buffer_into, read_buffer_header, refuse_pickle
+        from sb3_safe_save._buffers import buffer_for, is_pickle, load_buffer_into, read_buffer_header
 
         if is_pickle(path):
-            if not allow_pickle:
-                raise refuse_pickle(path)
-            super().load_replay_buffer(path, truncate_last_traj)  # type: ignore[misc]
-            return
+            if allow_pickle:
+                super().load_replay_buffer(path, truncate_last_traj)  # type: ignore[misc]
+                return
+            import io as _io
+
+            from sb3_safe_save._stock import read_buffer
+
+            path = _io.BytesIO(read_buffer(path))  # SB3's pickle, read without running it, as our own format
         buffer = buffer_for(self, read_buffer_header(path))  # type: ignore[arg-type]
         load_buffer_into(buffer, path, verify=verify)
         self.replay_buffer = buffer

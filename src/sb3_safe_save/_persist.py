@@ -341,8 +341,9 @@ def _parse(f: IO[bytes], size: int) -> tuple[_weights.Header, Manifest]:
         ours = _weights.saved_name(name)
         sibling = f" ({ours} next to it is an sb3_safe_save file: load that)" if ours != name and os.path.exists(ours) else ""
         raise FormatError(
-            f"{name} is a zip file, probably a stock SB3 save; loading it means unpickling{sibling}. "
-            "If you trust it, convert it once: sb3-safe-save convert MODEL.zip OUT.safetensors --trust-pickle"
+            f"{name} is a zip file, probably a stock SB3 save{sibling}. Read it without running its pickles:"
+            " Algo.load(path, stock=True), or convert it once: sb3-safe-save convert MODEL.zip OUT.safetensors"
+            " (--trust-pickle unpickles it, only for a file the safe reader refuses and whose author you trust)"
         )
     if len(start) < 9 or start[8:9] != b"{":  # a safetensors file starts with its u64 header length, then "{"
         raise FormatError(
@@ -781,10 +782,15 @@ def refused_data_keys(cls: type[BaseAlgorithm], manifest: Manifest) -> dict[str,
     (methods, properties, descriptors, classes, tables such as ``policy_aliases``). Scalar class-level
     defaults (``use_expert = False``) that an instance attribute shadows stay allowed: SB3's ``save`` writes those.
     """
-    excluded = set(_excluded_save_params(cls)) - set(SESSION_STATE)
     roots = {_root(e.name) for e in manifest.state_dicts} | {_root(n) for n in manifest.torch_variables}
+    return refused_keys(cls, manifest.data, roots)
+
+
+def refused_keys(cls: type[BaseAlgorithm], names: Iterable[str], roots: set[str]) -> dict[str, str]:
+    """``refused_data_keys`` for data attribute ``names`` and state-dict/torch-variable ``roots`` (a stock zip's too)."""
+    excluded = set(_excluded_save_params(cls)) - set(SESSION_STATE)
     out: dict[str, str] = {}
-    for name in manifest.data:
+    for name in names:
         static = inspect.getattr_static(cls, name, _NOT_FOUND)
         if name.startswith("__"):
             out[name] = "a dunder name"

@@ -158,8 +158,11 @@ def load_vecnormalize(path: str | os.PathLike[str] | io.BufferedIOBase, venv: Ve
     """Load a ``VecNormalize`` saved by ``save_vecnormalize`` (or bundled in a model file) around ``venv``.
 
     The safe counterpart of ``VecNormalize.load(path, venv)``; nothing is unpickled or imported.
+    A pickle written by SB3's ``VecNormalize.save`` is recognised by its content and read by the restricted
+    reader of stock files (``_stock.py``): its settings and statistics are taken, nothing in it is run or imported.
 
-    :param path: a file written by ``save_vecnormalize``, or a model file saved with ``vec_normalize=``
+    :param path: a file written by ``save_vecnormalize``, a model file saved with ``vec_normalize=``, or
+        SB3's ``vecnormalize.pkl``
     :param venv: the vectorized environment to wrap
     :param verify: check every tensor's checksum while reading
     :return: a new ``VecNormalize`` wrapping ``venv``, with the stored settings and statistics
@@ -172,8 +175,14 @@ def load_vecnormalize(path: str | os.PathLike[str] | io.BufferedIOBase, venv: Ve
 def _load(
     path: str | os.PathLike[str] | io.BufferedIOBase, venv: VecEnv, *, cls: type[VecNormalize], verify: bool
 ) -> VecNormalize:
+    from sb3_safe_save._buffers import is_pickle
     from sb3_safe_save._persist import _open  # local: _persist imports this module
 
+    if is_pickle(path):  # VecNormalize.save's pickle: read without running it (_stock.py)
+        from sb3_safe_save._stock import read_vecnormalize
+
+        state, arrays = read_vecnormalize(path)
+        return restore_vecnormalize(state, lambda key: th.from_numpy(np.asarray(arrays[key])), venv, cls=cls)
     with _open(path) as (f, size):
         header = _weights.read_header(f, size)
         state, checksums = _state_from_header(header)

@@ -90,8 +90,8 @@ def find_file(path: str | os.PathLike[str]) -> Path:
     stock = next((z for z in (target.with_name(target.name + ".zip"), target.with_suffix(".zip")) if z.is_file()), None)
     if stock is not None and stock != target:
         also += (
-            f"; {stock} is there, a stock SB3 zip: loading it means unpickling. If you trust it, convert it once:"
-            f" sb3-safe-save convert {stock} {ours} --trust-pickle"
+            f"; {stock} is there, a stock SB3 zip: read it without running its pickles with load('{stock}', stock=True),"
+            f" or convert it once: sb3-safe-save convert {stock} {ours}"
         )
     raise LoadSourceNotFoundError(errno.ENOENT, f"No such file: {target}{also}", str(target))
 

@@ -206,7 +206,7 @@ def get_model_path(
     load_checkpoint: str | None = None,
     load_last_checkpoint: bool = False,
 ) -> tuple[str, str, str]:
-    """``rl_zoo3.utils.get_model_path`` with ``.safetensors`` names; a stock ``.zip`` there gets a clear error."""
+    """``rl_zoo3.utils.get_model_path`` with ``.safetensors`` names; else rl-zoo3's stock ``.zip`` (read safely)."""
     from huggingface_sb3 import ModelName
     from rl_zoo3.utils import get_latest_run_id
 
@@ -232,12 +232,8 @@ def get_model_path(
         model_path, name_prefix = os.path.join(log_path, f"{env_name}{SUFFIX}"), f"final-model-{model_name}"
     if not os.path.isfile(model_path):
         stock = model_path.removesuffix(SUFFIX) + ".zip"
-        if os.path.isfile(stock):
-            raise PickleRefusedError(
-                [stock],
-                f"{stock} is a stock rl-zoo3 (pickle) model; sb3_safe_save.zoo loads only its own format. If you trust it,"
-                f" convert it once: sb3-safe-save convert {stock} {model_path} --trust-pickle",
-            )
+        if os.path.isfile(stock):  # rl-zoo3's own trained agent: enjoy reads it without running its pickles
+            return name_prefix, stock, log_path
         raise ValueError(f"No model found for {algo} on {env_name}, path: {model_path}")
     return name_prefix, model_path, log_path
 
@@ -271,7 +267,8 @@ def get_saved_hyperparams(
 
 
 def create_test_env(env_id: str, n_envs: int = 1, stats_path: str | None = None, **kwargs: Any) -> VecEnv:
-    """``rl_zoo3.utils.create_test_env`` that restores VecNormalize statistics from ``vecnormalize.safetensors``."""
+    """``rl_zoo3.utils.create_test_env`` that restores VecNormalize statistics from ``vecnormalize.safetensors``
+    (or rl-zoo3's ``vecnormalize.pkl``, read by the restricted reader of stock files)."""
     from rl_zoo3.utils import create_test_env as stock_create_test_env
 
     from sb3_safe_save._vecnormalize import load_vecnormalize
@@ -282,6 +279,8 @@ def create_test_env(env_id: str, n_envs: int = 1, stats_path: str | None = None,
         if hyperparams.get("normalize"):
             print("Loading running average")
             path = os.path.join(stats_path, VECNORMALIZE)
+            if not os.path.exists(path) and os.path.exists(os.path.join(stats_path, "vecnormalize.pkl")):
+                path = os.path.join(stats_path, "vecnormalize.pkl")  # rl-zoo3's: read without running it
             if not os.path.exists(path):
                 raise ValueError(f"VecNormalize stats {path} not found")
             env = load_vecnormalize(path, env)
@@ -450,8 +449,12 @@ def _swapped(obj: Any, name: str, value: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def patched_zoo(trained_agent: str = "", trusted: Sequence[str] = ()) -> Iterator[None]:
-    """Swap rl-zoo3's names for the safe ones (see the module docstring) for the duration of the block."""
+def patched_zoo(trained_agent: str = "", trusted: Sequence[str] = (), *, stock_zips: bool = False) -> Iterator[None]:
+    """Swap rl-zoo3's names for the safe ones (see the module docstring) for the duration of the block.
+
+    :param stock_zips: ``load`` of a ``.zip`` (rl-zoo3's trained agents) reads it with the restricted reader of
+        stock files (``load(..., stock=True)``: none of its pickles run); ``enjoy`` only loads, never saves
+    """
     import rl_zoo3.enjoy
     import rl_zoo3.exp_manager
     import rl_zoo3.train
@@ -482,7 +485,9 @@ def patched_zoo(trained_agent: str = "", trusted: Sequence[str] = ()) -> Iterato
     with contextlib.ExitStack() as stack:
         for obj, name, value in swaps:
             stack.enter_context(_swapped(obj, name, value))
-        ALGOS.update({name: _trusting(safe(cls, module=cls.__module__), trusted) for name, cls in stock_algos.items()})
+        ALGOS.update(
+            {name: _trusting(safe(cls, module=cls.__module__), trusted, stock_zips) for name, cls in stock_algos.items()}
+        )
         try:
             yield
         finally:
@@ -490,15 +495,19 @@ def patched_zoo(trained_agent: str = "", trusted: Sequence[str] = ()) -> Iterato
             ALGOS.update(stock_algos)
 
 
-def _trusting(cls: type[Any], trusted: Sequence[str]) -> type[Any]:
-    """``cls`` itself, or (with ``--trust``) a subclass whose ``load`` passes ``trusted=`` (enjoy calls ``load`` itself)."""
-    if not trusted:
+def _trusting(cls: type[Any], trusted: Sequence[str], stock_zips: bool = False) -> type[Any]:
+    """``cls`` itself, or a subclass whose ``load`` passes ``trusted=`` (``--trust``: enjoy calls ``load`` itself)
+    and, with ``stock_zips``, ``stock=True`` for a ``.zip`` (read without running its pickles)."""
+    if not trusted and not stock_zips:
         return cls
     base_load = cls.load
 
-    def load(klass: type[Any], *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("trusted", list(trusted))
-        return base_load.__func__(klass, *args, **kwargs)
+    def load(klass: type[Any], path: Any, *args: Any, **kwargs: Any) -> Any:
+        if trusted:
+            kwargs.setdefault("trusted", list(trusted))
+        if stock_zips and isinstance(path, (str, os.PathLike)) and os.fspath(path).endswith(".zip"):
+            kwargs.setdefault("stock", True)
+        return base_load.__func__(klass, path, *args, **kwargs)
 
     return type(
         cls.__name__, (cls,), {"load": classmethod(load), "__module__": cls.__module__, "__qualname__": cls.__qualname__}
@@ -572,7 +581,7 @@ def run(command: str, argv: list[str]) -> None:
     old_argv = sys.argv
     sys.argv = [f"sb3_safe_save.zoo {command}", *rest]
     try:
-        with patched_zoo(trained_agent, trusted):
+        with patched_zoo(trained_agent, trusted, stock_zips=command == "enjoy"):
             entry()
     finally:
         sys.argv = old_argv
