@@ -34,8 +34,10 @@ def make_naive_model(expert: Any, net_arch: list[int] | None = None, seed: int =
     policy_kwargs: dict[str, Any] = {"vlm_model": expert, "vlm_model_name": getattr(expert, "name", "expert")}
     if net_arch is not None:
         policy_kwargs["net_arch"] = net_arch
-    with pytest.warns(HazardWarning, match=r"^shared_with_target \(found when the model was built\)"):  # said at once
-        return CustomDQN(
+    with pytest.warns(HazardWarning) as caught:  # said at once, when the model is built
+        model = CustomDQN(
             NaiveDQNPolicy, "CartPole-v1", policy_kwargs=policy_kwargs, learning_starts=50, buffer_size=2000,
             target_update_interval=50, seed=seed, **kwargs,
         )  # fmt: skip
+    assert any(str(w.message).startswith("shared_with_target (found when the model was built)") for w in caught)
+    return model

@@ -210,7 +210,7 @@ def hub_cache(model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tu
 def test_load_from_hub_through_the_offline_cache(model: Any, hub_cache: tuple[Path, str], no_pickle: None) -> None:
     _, sha256 = hub_cache
     loaded = load_from_hub("me/ppo-cartpole", "ppo-CartPole-v1.safetensors")  # main -> COMMIT, algorithm from the file
-    assert type(loaded).__name__ == "PPO" and type(loaded) is safe(PPO)
+    assert type(loaded).__name__ == "SafePPO" and type(loaded) is safe(PPO, module=PPO.__module__)
     for name, tensor in model.policy.state_dict().items():
         assert th.equal(loaded.policy.state_dict()[name], tensor), name
     pinned = load_from_hub("me/ppo-cartpole", "ppo-CartPole-v1.safetensors", revision=COMMIT, expected_sha256=sha256)

@@ -28,7 +28,8 @@ class Opaque:
 
 
 def _dqn() -> DQN:
-    return safe(DQN)("MlpPolicy", "CartPole-v1", policy_kwargs={"net_arch": [8]}, device="cpu")
+    # a class of SB3's module: safe(DQN) called here would trust the classes of this module (Opaque among them)
+    return safe(DQN, module=DQN.__module__)("MlpPolicy", "CartPole-v1", policy_kwargs={"net_arch": [8]}, device="cpu")
 
 
 def _by_key(snapshot: Any) -> dict[str, Any]:
@@ -107,11 +108,11 @@ class DeclaringDQN(SafeSaveMixin, DQN):
 
 def test_declared_resource_via_class_attribute(tmp_path: pathlib.Path) -> None:
     expert = ModuleExpert()
-    model = DeclaringDQN(  # registered naively: its weights are in the state dict, under two prefixes
-        NaiveDQNPolicy, "CartPole-v1", policy_kwargs={"vlm_model": expert, "net_arch": [8]}, device="cpu"
-    )  # fmt: skip
-    with pytest.warns(sb3_safe_save.HazardWarning, match="shared_with_target"):
-        model.save(tmp_path / "m")
+    with pytest.warns(sb3_safe_save.HazardWarning, match="shared_with_target"):  # at build
+        model = DeclaringDQN(  # registered naively: its weights are in the state dict, under two prefixes
+            NaiveDQNPolicy, "CartPole-v1", policy_kwargs={"vlm_model": expert, "net_arch": [8]}, device="cpu"
+        )  # fmt: skip
+    model.save(tmp_path / "m")
     manifest = sb3_safe_save.read_manifest(tmp_path / "m.safetensors")
     (ph,) = manifest.placeholders
     assert ph.key == "expert" and ph.reason == "declared"
@@ -120,7 +121,8 @@ def test_declared_resource_via_class_attribute(tmp_path: pathlib.Path) -> None:
     (entry,) = [e for e in manifest.state_dicts if e.name == "policy"]
     assert set(entry.external_prefixes) == {"q_net.vlm_model.", "q_net_target.vlm_model."}
     assert not any("vlm_model" in k for k in manifest.tensors)
-    loaded = DeclaringDQN.load(tmp_path / "m.safetensors", resources={"expert": expert}, trusted=[NaiveDQNPolicy])
+    with pytest.warns(sb3_safe_save.HazardWarning, match=r"^shared_with_target \(found when the model was loaded\)"):
+        loaded = DeclaringDQN.load(tmp_path / "m.safetensors", resources={"expert": expert}, trusted=[NaiveDQNPolicy])
     assert loaded.policy.q_net.vlm_model is expert
 
 
@@ -292,7 +294,8 @@ def test_optimizer_holding_expert_params_roundtrip(tmp_path: pathlib.Path) -> No
     expert = ModuleExpert(width=8)
     for p in expert.parameters():
         p.requires_grad_(True)
-    model = make_naive_model(expert, net_arch=[8])  # registered: its parameters are in the optimizer
+    # registered: its parameters are in the optimizer (tau=0: the target update leaves the shared tensors alone)
+    model = make_naive_model(expert, net_arch=[8], tau=0.0)
     model.learn(60)
     q_net = model.policy.q_net
     obs = th.randn(5, 4)
@@ -305,16 +308,16 @@ def test_optimizer_holding_expert_params_roundtrip(tmp_path: pathlib.Path) -> No
     n_all = len(original["param_groups"][0]["params"])
     assert len(original["state"]) == n_all
 
-    with pytest.warns(sb3_safe_save.HazardWarning, match="shared_with_target"):
-        model.save(tmp_path / "m")
+    model.save(tmp_path / "m")  # the hazards were warned when the model was built
     manifest = sb3_safe_save.read_manifest(tmp_path / "m.safetensors")
     (opt_entry,) = [e for e in manifest.state_dicts if e.name == "policy.optimizer"]
     assert opt_entry.dropped == list(range(n_all - n_expert, n_all))
     assert "external_in_optimizer" in {h.code for h in manifest.hazards}
 
-    loaded = CustomDQN.load(
-        tmp_path / "m.safetensors", resources={"vlm_model": expert}, device="cpu", trusted=[NaiveDQNPolicy]
-    )
+    with pytest.warns(sb3_safe_save.HazardWarning, match="found when the model was loaded"):
+        loaded = CustomDQN.load(
+            tmp_path / "m.safetensors", resources={"vlm_model": expert}, device="cpu", trusted=[NaiveDQNPolicy]
+        )
     restored = loaded.policy.optimizer.state_dict()
     assert_same_tree(original["param_groups"], restored["param_groups"], "param_groups")
     assert set(restored["state"]) == set(range(n_all - n_expert))

@@ -30,6 +30,7 @@ model is built or loaded, once per model); ``SaveWarning``, a save that writes a
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 
 
@@ -101,8 +102,7 @@ class UntrustedTypeError(SafeSaveError, TypeError):
         base = base_name(algo) if algo is not None else "Algo"
         once = ""
         if algo is not None and "_sb3_safe_base" in vars(algo):  # made by safe(): a trusting one
-            made_from = vars(algo)["_sb3_safe_base"].__name__
-            once = f"\nor once, on the algorithm class:\n  safe({made_from}, trusted=[{classes}]).load(path)"
+            once = f"\nor once, on the algorithm class:\n  safe({made_from(algo).__name__}, trusted=[{classes}]).load(path)"
         elif algo is not None and call.endswith(".load"):
             once = (
                 "\nor once, on the algorithm class (next to safe_save_resources):"
@@ -129,13 +129,25 @@ _SB3 = ("stable_baselines3.", "sb3_contrib.")
 
 def base_name(algo: type) -> str:
     """The SB3 / sb3-contrib algorithm a class derives from, by name (``DQN``)."""
-    return next((k.__name__ for k in algo.__mro__ if k.__module__.startswith(_SB3)), algo.__name__)
+    return next((k.__name__ for k in algo.__mro__ if is_sb3_class(k)), algo.__name__)
+
+
+def is_sb3_class(cls: type) -> bool:
+    """A class SB3 or sb3-contrib defines: found under its name in its module (not a subclass that borrows the module)."""
+    module = sys.modules.get(cls.__module__)
+    return cls.__module__.startswith(_SB3) and module is not None and vars(module).get(cls.__name__) is cls
+
+
+def made_from(algo: type) -> type:
+    """The class ``safe()`` made ``algo`` from (``DQN`` for ``safe(DQN)``); ``algo`` itself if ``safe()`` did not make it."""
+    while "_sb3_safe_base" in vars(algo):
+        algo = vars(algo)["_sb3_safe_base"]
+    return algo
 
 
 def algo_name(algo: type) -> str:
     """How the user wrote the class in their code: ``safe(DQN)`` for a class made by ``safe()``, else its name."""
-    base = getattr(algo, "_sb3_safe_base", None)
-    return f"safe({base.__name__})" if isinstance(base, type) and "_sb3_safe_base" in vars(algo) else algo.__qualname__
+    return f"safe({made_from(algo).__name__})" if "_sb3_safe_base" in vars(algo) else algo.__qualname__
 
 
 class PickleRefusedError(SafeSaveError, ValueError):

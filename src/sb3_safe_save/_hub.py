@@ -127,6 +127,7 @@ def package_for_hub(
         evaluation; a live model is evaluated as it is
     :return: the folder
     """
+    from sb3_safe_save._errors import made_from
     from sb3_safe_save._mixin import SafeSaveMixin
     from sb3_safe_save._persist import read_manifest
     from sb3_safe_save._weights import file_sha256
@@ -140,7 +141,7 @@ def package_for_hub(
             raise ValueError("vec_normalize= and save_kwargs= apply when saving a model, not when packaging a file")
         algo_name = read_manifest(source).algorithm.rpartition(":")[2]
     elif isinstance(model, SafeSaveMixin):
-        saver, algo_name = model, type(model).__name__
+        saver, algo_name = model, made_from(type(model)).__name__  # what the file records: PPO for safe(PPO)
         env_id = env_id or _env_id_of(model)
         vec_normalize = vec_normalize if vec_normalize is not None else cast(Any, model).get_vec_normalize_env()
     else:

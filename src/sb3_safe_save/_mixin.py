@@ -285,7 +285,10 @@ class SafeSaveMixin:
 
 
 def _warn_pickled_vecnormalize(model: Any, callback: Any) -> None:
-    """``CheckpointCallback(save_vecnormalize=True)`` with a stock ``VecNormalize`` writes pickles: say so once."""
+    """``CheckpointCallback(save_vecnormalize=True)`` with a stock ``VecNormalize`` writes pickles: say so once.
+
+    A subclass with its own ``_on_step`` (``sb3_safe_save.zoo``'s writes safetensors) is left to itself.
+    """
     from stable_baselines3.common.callbacks import CheckpointCallback
 
     from sb3_safe_save._vecnormalize import SafeVecNormalize
@@ -298,7 +301,7 @@ def _warn_pickled_vecnormalize(model: Any, callback: Any) -> None:
         cb, seen = pending.pop(), seen + 1
         if isinstance(cb, (list, tuple)):
             pending.extend(cb)
-        elif isinstance(cb, CheckpointCallback) and cb.save_vecnormalize:
+        elif isinstance(cb, CheckpointCallback) and cb.save_vecnormalize and type(cb)._on_step is CheckpointCallback._on_step:
             from sb3_safe_save._hazards import warn_once
 
             warn_once(

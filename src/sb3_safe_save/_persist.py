@@ -57,6 +57,8 @@ from sb3_safe_save._errors import (
     StateMismatchError,
     UntrustedTypeError,
     algo_name,
+    is_sb3_class,
+    made_from,
 )
 from sb3_safe_save._external import external, unwrap
 from sb3_safe_save._manifest import (
@@ -230,7 +232,7 @@ def snapshot_model(
 def build_manifest(model: BaseAlgorithm, snapshot: Snapshot, tensors: Mapping[str, TensorMeta]) -> Manifest:
     return Manifest(
         versions=current_versions(),
-        algorithm=ref_of(_made_from(type(model))),
+        algorithm=ref_of(made_from(type(model))),
         base_algorithm=base_algorithm_ref(type(model)),
         data=snapshot.data,
         state_dicts=snapshot.state_dicts,
@@ -274,13 +276,6 @@ def current_versions() -> Versions:
     )
 
 
-def _made_from(cls: type) -> type:
-    """The class a file records as its algorithm: ``DQN`` for ``safe(DQN)``, which adds only safe save/load."""
-    while "_sb3_safe_base" in vars(cls):
-        cls = vars(cls)["_sb3_safe_base"]
-    return cls
-
-
 def _short_ref(ref: str) -> str:
     """``stable_baselines3.dqn.dqn:DQN`` -> ``DQN`` (the file's text: printable characters only)."""
     return "".join(c if c.isprintable() else "?" for c in ref.rpartition(":")[2])[:100]
@@ -289,8 +284,7 @@ def _short_ref(ref: str) -> str:
 def base_algorithm_ref(cls: type) -> str:
     """The SB3 / sb3-contrib algorithm a class derives from (``stable_baselines3.dqn.dqn:DQN``)."""
     for klass in cls.__mro__:
-        module = klass.__module__
-        if module.startswith(("stable_baselines3.", "sb3_contrib.")) and issubclass(klass, BaseAlgorithm):
+        if is_sb3_class(klass) and issubclass(klass, BaseAlgorithm):  # not a subclass that borrows SB3's module
             return ref_of(klass)
     raise TypeError(f"{cls.__qualname__} does not derive from a stable_baselines3 or sb3_contrib algorithm")
 
@@ -453,7 +447,7 @@ def load_model(
             body.finish()
         except BaseException as e:
             _restore_env_seeds(seeds)
-            if isinstance(e, (SafeSaveError, OSError)) or not isinstance(e, Exception):
+            if isinstance(e, (SafeSaveError, OSError, Warning)) or not isinstance(e, Exception):
                 raise
             # last line of defence: whatever else a file made fail here is still a SafeSaveError
             raise FormatError(f"the file cannot be loaded: {type(e).__name__}: {e}") from e
@@ -865,7 +859,7 @@ def _build(
         with no_weight_init(), _hazards.loading(), contextlib.nullcontext() if training else deferred_optimizers(model):
             model._setup_model()
         _restore_session_state(model, data)
-    except SafeSaveError:
+    except (SafeSaveError, Warning):  # a HazardWarning made an error by the caller's warning filters is theirs
         raise
     except Exception as e:  # hostile or corrupted hyperparameters (n_steps=-5, net_arch=[2**31], an env id, ...)
         raise FormatError(

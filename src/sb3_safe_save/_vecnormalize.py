@@ -91,7 +91,9 @@ def export_vecnormalize(venv_norm: VecNormalize) -> tuple[VecNormalizeState, dic
     elif old_obs is not None:
         kind = "array"
         arrays["old_obs"] = np.asarray(old_obs)
-    returns = getattr(venv_norm, "returns", None)  # absent only on an unpickled wrapper before set_venv
+    # absent on an unpickled wrapper before set_venv (SB3's pickle drops it); read from the instance: a wrapper
+    # without venv forwards unknown attributes to a venv it does not have
+    returns = vars(venv_norm).get("returns")
     if returns is not None:
         arrays["returns"] = np.asarray(returns, dtype=np.float64)
     scalars = [k for k, v in arrays.items() if isinstance(v, np.generic)]

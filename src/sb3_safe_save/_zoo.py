@@ -510,7 +510,9 @@ def _trusting(cls: type[Any], trusted: Sequence[str], stock_zips: bool = False) 
         return base_load.__func__(klass, path, *args, **kwargs)
 
     return type(
-        cls.__name__, (cls,), {"load": classmethod(load), "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        cls.__name__,
+        (cls,),
+        {"load": classmethod(load), "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_sb3_safe_base": cls},
     )
 
 
