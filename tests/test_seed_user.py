@@ -48,6 +48,7 @@ def test_natural_registration_is_stopped_before_the_first_change() -> None:
     messages = [str(w.message) for w in caught]
     assert [m.split(" (")[0] for m in messages] == ["shared_with_target", "external_in_optimizer"], messages
     assert all(m.endswith(FIX) for m in messages) and "found when the model was built" in messages[0]
+    assert {w.filename for w in caught} == {__file__}  # it points at the user's line, not at SB3's
     with pytest.raises(HazardError, match=r"CustomDQN\.learn\(\) refused to start") as info:
         model.learn(220)
     assert FIX in str(info.value) and "zeroes them at the first target update" in str(info.value)

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 import threading
+import types
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
@@ -207,20 +209,34 @@ _warned: weakref.WeakKeyDictionary[Any, set[tuple[str, ...]]] = weakref.WeakKeyD
 _warned_lock = threading.Lock()
 
 
-def warn_once(model: Any, ident: tuple[str, ...], message: str, category: type[Warning], stacklevel: int) -> None:
-    """Warn ``message`` once per model and ``ident`` (not at every build, learn or checkpoint of it)."""
+_LIBRARIES = ("sb3_safe_save", "stable_baselines3", "sb3_contrib", "rl_zoo3", "contextlib")
+
+
+def warn_once(model: Any, ident: tuple[str, ...], message: str, category: type[Warning]) -> None:
+    """Warn ``message`` once per model and ``ident`` (not at every build, learn or checkpoint of it).
+
+    The warning points at the caller's line (``model = CustomDQN(...)``), not at SB3's or ours.
+    """
     with _warned_lock:
         seen = _warned.setdefault(model, set())
         if ident in seen:
             return
         seen.add(ident)
-    warnings.warn(message, category, stacklevel=stacklevel + 1)
+    warnings.warn(message, category, stacklevel=_outside_libraries())
 
 
-def warn_hazard(model: Any, hazard: Any, when: str, stacklevel: int) -> None:
+def _outside_libraries() -> int:
+    """The ``stacklevel`` of the first frame, from ``warn_once``'s caller outwards, that is not in SB3 or here."""
+    frame: types.FrameType | None = sys._getframe(2)
+    level = 2
+    while frame is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] in _LIBRARIES:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_hazard(model: Any, hazard: Any, when: str) -> None:
     """``HazardWarning`` for a ``Hazard`` (ours or the manifest's), once per model."""
-    message = f"{hazard.code} ({when}): {hazard.message}"
-    warn_once(model, (hazard.code, *hazard.paths), message, HazardWarning, stacklevel + 1)
+    warn_once(model, (hazard.code, *hazard.paths), f"{hazard.code} ({when}): {hazard.message}", HazardWarning)
 
 
 _loading = contextvars.ContextVar("sb3_safe_save_loading", default=False)
@@ -261,7 +277,7 @@ def guard_build(model: BaseAlgorithm, *, externalize: bool) -> Iterator[None]:
         raise HazardError(f"{reinitialised[0].message}. Your resource's weights were restored. {_rewire_hint(model)}")
     for hazard in [*hazards, *optimizer_hazards(model, resources)]:
         if hazard.code != "reinitialised_on_build" or loading:
-            warn_hazard(model, hazard, "found when the model was " + ("loaded" if loading else "built"), stacklevel=4)
+            warn_hazard(model, hazard, "found when the model was " + ("loaded" if loading else "built"))
 
 
 def check_before_learn(model: BaseAlgorithm) -> None:

@@ -310,7 +310,7 @@ def _warn_pickled_vecnormalize(model: Any, callback: Any) -> None:
                 " (.pkl) next to every checkpoint, which load only by unpickling. Wrap the env in"
                 " sb3_safe_save.SafeVecNormalize instead of VecNormalize (its save() writes safetensors), or use"
                 " sb3_safe_save.ResumeCheckpointCallback (one file per checkpoint).",
-                UserWarning, stacklevel=4,
+                UserWarning,
             )  # fmt: skip
             return
         else:

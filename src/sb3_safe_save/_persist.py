@@ -129,7 +129,7 @@ def _warn_hazards(model: BaseAlgorithm, snapshot: Snapshot) -> None:
     """``HazardWarning`` for each error-level hazard, once per model (the build already warned the same ones)."""
     for hazard in snapshot.hazards:
         if hazard.severity == "error":
-            _hazards.warn_hazard(model, hazard, "found at save", stacklevel=4)
+            _hazards.warn_hazard(model, hazard, "found at save")
 
 
 def _warn_unloadable(model: BaseAlgorithm, excluded: set[str]) -> None:
@@ -144,7 +144,7 @@ def _warn_unloadable(model: BaseAlgorithm, excluded: set[str]) -> None:
         " unnecessary: live objects in policy_kwargs (an expert) are kept out of the file anyway, as placeholders"
         " rebound with load(..., resources=...). Remove 'policy_kwargs' from _excluded_save_params()."
     )
-    _hazards.warn_once(model, ("policy_kwargs_excluded",), message, SaveWarning, stacklevel=4)
+    _hazards.warn_once(model, ("policy_kwargs_excluded",), message, SaveWarning)
 
 
 def write_file(path: PathLike, blobs: Mapping[str, _weights.Blob], metadata: _weights.Metadata, *, fsync: bool) -> None:
