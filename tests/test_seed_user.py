@@ -19,6 +19,7 @@ import torch as th
 
 pytest.importorskip("transformers")
 
+import _seed_user
 from _gpt2_expert import tiny_gpt2
 from _seed_user import CustomDQN, CustomDQNPolicy, ListDQNPolicy, ModuleListDQNPolicy, WorkaroundDQN, make
 from sb3_safe_save import HazardError, HazardWarning, SaveWarning, StateMismatchError
@@ -48,7 +49,7 @@ def test_natural_registration_is_stopped_before_the_first_change() -> None:
     messages = [str(w.message) for w in caught]
     assert [m.split(" (")[0] for m in messages] == ["shared_with_target", "external_in_optimizer"], messages
     assert all(m.endswith(FIX) for m in messages) and "found when the model was built" in messages[0]
-    assert {w.filename for w in caught} == {__file__}  # it points at the user's line, not at SB3's
+    assert {w.filename for w in caught} == {_seed_user.__file__}  # the user's line (make()'s algo(...)), not SB3's
     with pytest.raises(HazardError, match=r"CustomDQN\.learn\(\) refused to start") as info:
         model.learn(220)
     assert FIX in str(info.value) and "zeroes them at the first target update" in str(info.value)
@@ -109,7 +110,8 @@ _CHILD = textwrap.dedent(
     """
     import sys, warnings
     import torch as th
-    from _gpt2_expert import tiny_gpt2
+    import _seed_user
+from _gpt2_expert import tiny_gpt2
     from _seed_user import CustomDQN
     from sb3_safe_save import HazardError, HazardWarning
     expert = tiny_gpt2(3)
