@@ -224,7 +224,7 @@ def test_export_leaves_placeholders_out_and_lists_them(
 ) -> None:
     out = tmp_path / "lang.zip"
     assert main(["export", str(files["guarded"]), str(out)]) == 2  # the custom policy must be trusted
-    assert "--trust lang_dqn.CustomDQNPolicy" in capsys.readouterr().err
+    assert "--trust lang_dqn:CustomDQNPolicy" in capsys.readouterr().err
     assert main(["export", str(files["guarded"]), str(out), "--trust", "lang_dqn.*"]) == 0
     err = capsys.readouterr().err
     assert "left out placeholder 'vlm_model'" in err and "lang_dqn.ModuleExpert" in err

@@ -99,7 +99,7 @@ def test_defining_a_safe_algorithm_does_not_import_the_machinery() -> None:
         "print(heavy)\n"
         "import sb3_safe_save\n"
         "sb3_safe_save.read_manifest\n"
-        "print('sb3_safe_save._persist' in sys.modules)\n"
+        "print('sb3_safe_save._file' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]", out

@@ -168,7 +168,7 @@ def load_vecnormalize(path: str | os.PathLike[str] | io.BufferedIOBase, venv: Ve
 def _load(
     path: str | os.PathLike[str] | io.BufferedIOBase, venv: VecEnv, *, cls: type[VecNormalize], verify: bool
 ) -> VecNormalize:
-    from sb3_safe_save._persist import _open  # local: _persist imports this module
+    from sb3_safe_save._file import _open
 
     with _open(path) as (f, size):
         header = _weights.read_header(f, size)
