@@ -26,9 +26,13 @@ NEWEST_STAMP := $(NEWEST_VENV)/.installed-stamp
 NEWEST_TESTS ?= tests/test_roundtrip.py tests/test_scenario.py tests/test_audit.py tests/test_cli.py \
 	tests/test_cli_safety.py tests/test_format_compat.py tests/test_bounds.py tests/test_security.py tests/security
 
-#: the extras test-extras installs, one fresh venv each (the package as a user installs it, with that extra only)
+#: the extras test-extras installs, one fresh venv each (the package as a user installs it, with that extra only);
+#: for the lowest versions: make test-extras EXTRAS_PYTHON=$(MIN_PYTHON) EXTRAS_PIN="-c constraints-min.txt" EXTRAS="contrib remote"
+#: (rl-zoo3 2.9 needs SB3 >= 2.9); for the newest releases: EXTRAS_PYTHON=$(NEWEST_PYTHON) EXTRAS_PIN= (nothing pinned)
 EXTRAS ?= contrib remote zoo hub
 EXTRAS_DIR ?= .venv-extras
+EXTRAS_PYTHON ?= $(PYTHON)
+EXTRAS_PIN ?= -c constraints.txt
 
 .PHONY: demo test test-min test-newest test-extras lint bench bench-quick clean
 
@@ -36,9 +40,8 @@ EXTRAS_DIR ?= .venv-extras
 $(STAMP): pyproject.toml constraints.txt tests/resource_plugin/pyproject.toml src/sb3_safe_save/_version.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[contrib,remote]" \
-		pytest pytest-timeout pytest-xdist hypothesis mypy ruff matplotlib "moto[server]" \
-		transformers rl_zoo3 huggingface_hub
+	$(PY) -m pip install -q -c constraints.txt -e ".[contrib,remote,zoo,hub]" \
+		pytest pytest-timeout pytest-xdist hypothesis mypy ruff matplotlib "moto[server]" transformers
 	$(PY) -m pip install -q -c constraints.txt --no-deps -e tests/resource_plugin
 	touch $(STAMP)
 
@@ -67,14 +70,15 @@ test-newest: $(NEWEST_STAMP)
 	$(NEWEST_VENV)/bin/python -m pytest -n 2 -p no:cacheprovider $(NEWEST_TESTS)
 
 # One after another (each venv holds torch); rebuilt every run, so nothing left from an earlier install helps.
-# constraints.txt pins what pip picks (torch stays the CPU wheel) but adds nothing: the venv holds only the extra.
+# A constraints file pins what pip picks (torch stays the CPU wheel) but installs nothing: the venv holds only the
+# package (a regular, non-editable install, as a user gets it) and what the extra declares.
 test-extras:
 	@set -e; for extra in $(EXTRAS); do \
 		venv=$(EXTRAS_DIR)/$$extra; rm -rf $$venv; \
 		echo "== [$$extra] fresh venv $$venv"; \
-		$(PYTHON) -m venv $$venv; \
+		$(EXTRAS_PYTHON) -m venv $$venv; \
 		$$venv/bin/python -m pip install -q --upgrade pip; \
-		$$venv/bin/python -m pip install -q -c constraints.txt ".[$$extra]"; \
+		$$venv/bin/python -m pip install -q $(EXTRAS_PIN) ".[$$extra]"; \
 		$$venv/bin/python tests/extras_smoke.py $$extra; \
 	done
 
