@@ -257,7 +257,8 @@ def test_console_script_and_python_m(files: dict[str, Path]) -> None:
 
 # ------------------------------------------------------------------------------------- light commands
 def test_inspect_help_and_version_import_neither_torch_nor_sb3(files: dict[str, Path]) -> None:
-    """Reading a header needs no torch: ``inspect``, ``--help``, ``--version`` and ``read_manifest`` never import it.
+    """Reading a header needs no torch: ``inspect``, ``--help``, ``--version`` and ``read_manifest`` import neither it,
+    SB3, gymnasium nor numpy.
 
     Run in a fresh interpreter on the package under test; it imports what the commands import, nothing more.
     """
@@ -273,7 +274,7 @@ def test_inspect_help_and_version_import_neither_torch_nor_sb3(files: dict[str, 
         "with contextlib.redirect_stdout(out):\n"
         "    codes = [main(['inspect', path]), main(['inspect', '--format', 'json', path]), main(['--version']),\n"
         "             main(['--help']), main(['audit', '--help'])]\n"
-        "print(codes, sorted(m for m in ('torch', 'stable_baselines3', 'gymnasium') if m in sys.modules))\n"
+        "print(codes, sorted(m for m in ('torch', 'stable_baselines3', 'gymnasium', 'numpy') if m in sys.modules))\n"
         "print('PPO' in out.getvalue() and 'sb3-safe-save 0.' in out.getvalue())\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(sb3_safe_save.__file__).parents[1])}

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from stable_baselines3.common.type_aliases import GymEnv
     from stable_baselines3.common.vec_env import VecNormalize
 
-    from sb3_safe_save._manifest import ResourceSpec
     from sb3_safe_save._file import PathLike
+    from sb3_safe_save._manifest import ResourceSpec
     from sb3_safe_save._trust import TrustSpec
 
 SelfAlgo = TypeVar("SelfAlgo", bound=BaseAlgorithm)

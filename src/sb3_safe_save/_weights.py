@@ -23,6 +23,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import mmap
 import os
 import struct
@@ -35,13 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import xxhash
 
 from sb3_safe_save._errors import FormatError, IntegrityError
 from sb3_safe_save._manifest import check_encodable
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch as th
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
@@ -152,6 +153,7 @@ class Blob:
 
 def to_blob(value: th.Tensor | np.ndarray) -> Blob:
     """View a tensor or array as bytes without copying (unless it is not contiguous or not on the CPU)."""
+    import numpy as np
     import torch as th
 
     if isinstance(value, np.ndarray):
@@ -376,7 +378,7 @@ def _tensor_info(key: str, entry: Any, body_start: int) -> TensorInfo:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
         raise FormatError(f"tensor {key!r}: data_offsets must be two non-negative integers, got {offsets!r}")
     start, end = offsets
-    nbytes = DTYPE_SIZES[dtype] * int(np.prod(shape, dtype=object))
+    nbytes = DTYPE_SIZES[dtype] * math.prod(shape)
     if end - start != nbytes:
         raise FormatError(f"tensor {key!r}: {dtype} {shape} needs {nbytes} bytes but its data offsets span {end - start}")
     return TensorInfo(dtype=dtype, shape=tuple(shape), start=body_start + start, end=body_start + end)
@@ -555,6 +557,8 @@ def fresh_zeros(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
     write to each page can then stall on memory compaction (5.6x the plain read for a 2 GB replay buffer,
     ``benchmarks/SCALE.md``). An anonymous mapping gets the same lazily zeroed pages without asking.
     """
+    import numpy as np
+
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if nbytes < NUMPY_HUGE_MIN:
         return np.zeros(shape, dtype=dtype)
