@@ -74,12 +74,13 @@ test-newest: $(NEWEST_STAMP)
 # package (a regular, non-editable install, as a user gets it) and what the extra declares.
 test-extras:
 	@set -e; for extra in $(EXTRAS); do \
-		venv=$(EXTRAS_DIR)/$$extra; rm -rf $$venv; \
+		venv=$(EXTRAS_DIR)/$$extra; rm -rf $$venv; start=$$(date +%s); \
 		echo "== [$$extra] fresh venv $$venv"; \
 		$(EXTRAS_PYTHON) -m venv $$venv; \
 		$$venv/bin/python -m pip install -q --upgrade pip; \
 		$$venv/bin/python -m pip install -q $(EXTRAS_PIN) ".[$$extra]"; \
 		$$venv/bin/python tests/extras_smoke.py $$extra; \
+		echo "== [$$extra] installed and smoke-tested in $$(( $$(date +%s) - start )) s"; \
 	done
 
 # examples/demo.py imports the package, SB3, torch, gymnasium and numpy (all dependencies of the package) and
