@@ -27,8 +27,8 @@ NEWEST_TESTS ?= tests/test_roundtrip.py tests/test_scenario.py tests/test_audit.
 	tests/test_cli_safety.py tests/test_format_compat.py tests/test_bounds.py tests/test_security.py tests/security
 
 #: the extras test-extras installs, one fresh venv each (the package as a user installs it, with that extra only);
-#: for the lowest versions: make test-extras EXTRAS_PYTHON=$(MIN_PYTHON) EXTRAS_PIN="-c constraints-min.txt" EXTRAS="contrib remote"
-#: (rl-zoo3 2.9 needs SB3 >= 2.9); for the newest releases: EXTRAS_PYTHON=$(NEWEST_PYTHON) EXTRAS_PIN= (nothing pinned)
+#: for the lowest versions: make test-extras EXTRAS_PYTHON=$(MIN_PYTHON) EXTRAS_PIN="-c constraints-min.txt" EXTRAS="contrib remote hub"
+#: (rl-zoo3 2.9 needs sb3-contrib >= 2.9.2); for the newest releases: EXTRAS_PYTHON=$(NEWEST_PYTHON) EXTRAS_PIN= (nothing pinned)
 EXTRAS ?= contrib remote zoo hub
 EXTRAS_DIR ?= .venv-extras
 EXTRAS_PYTHON ?= $(PYTHON)
