@@ -89,7 +89,7 @@ import torch as th
 import stable_baselines3 as sb3
 from safetensors.torch import load_file
 from sb3_safe_save import load_policy, safe
-from sb3_safe_save._weights import DTYPES
+from sb3_safe_save._weights import torch_dtype
 
 path, algo, reps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 th.set_num_threads(1)
@@ -100,7 +100,7 @@ def layout():
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
-    return 8 + n, [(k, DTYPES[v["dtype"]][0], v["shape"], v["data_offsets"]) for k, v in header.items()]
+    return 8 + n, [(k, torch_dtype(v["dtype"]), v["shape"], v["data_offsets"]) for k, v in header.items()]
 
 BODY, TENSORS = layout()
 

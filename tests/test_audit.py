@@ -18,7 +18,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 import sb3_safe_save
 from _naive import make_naive_model
 from lang_dqn import CustomDQNPolicy, ModuleExpert, UnpicklableExpert, make_model
-from sb3_safe_save import AuditReport, Finding, _persist, _weights, assert_save_budget, audit, safe
+from sb3_safe_save import AuditReport, Finding, _file, _persist, _weights, assert_save_budget, audit, safe
 from sb3_safe_save._audit import format_size, parse_size
 from sb3_safe_save._manifest import META_CHECKSUM, META_MANIFEST, ArrayNode, TensorMeta
 
@@ -173,7 +173,7 @@ def test_file_audit_reads_only_the_header_of_a_1gb_file(
             opened.append(os.fspath(file))
             return _CountingFile(open(file, *args, **kwargs), counter)
 
-        monkeypatch.setattr(_persist, "open", counting_open, raising=False)  # shadows the builtin inside _persist only
+        monkeypatch.setattr(_file, "open", counting_open, raising=False)  # shadows the builtin inside _file only
         report = audit(big)
         monkeypatch.undo()
         assert opened == [str(big)]

@@ -222,7 +222,7 @@ def test_export_leaves_placeholders_out_and_lists_them(
 ) -> None:
     out = tmp_path / "lang.zip"
     assert main(["export", str(files["guarded"]), str(out)]) == 2  # the custom policy must be trusted
-    assert "--trust lang_dqn.CustomDQNPolicy" in capsys.readouterr().err
+    assert "--trust lang_dqn:CustomDQNPolicy" in capsys.readouterr().err
     assert main(["export", str(files["guarded"]), str(out), "--trust", "lang_dqn.*"]) == 0
     err = capsys.readouterr().err
     assert "left out placeholder 'vlm_model'" in err and "lang_dqn.ModuleExpert" in err
@@ -251,3 +251,50 @@ def test_console_script_and_python_m(files: dict[str, Path]) -> None:
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert done.returncode == 1 and "over the budget" in done.stdout and "FAIL" in done.stderr
+
+
+# ------------------------------------------------------------------------------------- light commands
+def test_inspect_help_and_version_import_neither_torch_nor_sb3(files: dict[str, Path]) -> None:
+    """Reading a header needs no torch: ``inspect``, ``--help``, ``--version`` and ``read_manifest`` import neither it,
+    SB3, gymnasium nor numpy.
+
+    Run in a fresh interpreter on the package under test; it imports what the commands import, nothing more.
+    """
+    import sb3_safe_save
+
+    code = (
+        "import contextlib, io, sys\n"
+        "import sb3_safe_save\n"
+        "from sb3_safe_save._cli import main\n"
+        f"path = {str(files['ppo'])!r}\n"
+        "assert sb3_safe_save.read_manifest(path).base_algorithm == 'stable_baselines3.ppo.ppo:PPO'\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    codes = [main(['inspect', path]), main(['inspect', '--format', 'json', path]), main(['--version']),\n"
+        "             main(['--help']), main(['audit', '--help'])]\n"
+        "print(codes, sorted(m for m in ('torch', 'stable_baselines3', 'gymnasium', 'numpy') if m in sys.modules))\n"
+        "print('PPO' in out.getvalue() and 'sb3-safe-save 0.' in out.getvalue())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(sb3_safe_save.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-3:] == ["[0, 0, 0, 0, 0] []", "True", ""], done.stdout[-500:]
+
+
+def test_trust_references_are_written_module_colon_qualname(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``export --help``, its hint and the ``trusted=True`` error write ``module:QualName``; the hint works as copied."""
+    from sb3_safe_save._trust import TrustList
+
+    assert main(["export", "--help"]) == 0
+    assert "'pkg.mod:Name'" in capsys.readouterr().out
+    with pytest.raises(TypeError, match="'module:QualName' strings"):
+        TrustList(True)  # type: ignore[arg-type]
+    out = tmp_path / "lang.zip"
+    assert main(["export", str(files["guarded"]), str(out)]) == 2
+    hint = capsys.readouterr().err
+    flags = hint.rpartition("add ")[2].split()
+    assert flags == ["--trust", "lang_dqn:CustomDQNPolicy"], hint
+    assert main(["export", str(files["guarded"]), str(out), *flags]) == 0
+    assert out.exists()

@@ -1,6 +1,10 @@
 """The public API is exactly ``__all__``; everything else is private (``_module``)."""
 
 import importlib.metadata
+import re
+from pathlib import Path
+
+import pytest
 
 import sb3_safe_save
 
@@ -104,8 +108,25 @@ def test_defining_a_safe_algorithm_does_not_import_the_machinery() -> None:
         "print(heavy)\n"
         "import sb3_safe_save\n"
         "sb3_safe_save.read_manifest\n"
-        "print('sb3_safe_save._persist' in sys.modules)\n"
+        "print('sb3_safe_save._file' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]", out
     assert out[1] == "True"
+
+
+def test_one_version_everywhere(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The version lives in _version.py: the CLI, every manifest and the changelog's newest release say it."""
+    from stable_baselines3 import PPO
+
+    from sb3_safe_save._cli import main
+
+    version = sb3_safe_save.__version__
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"sb3-safe-save {version}\n"
+    model = sb3_safe_save.safe(PPO)("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, policy_kwargs={"net_arch": [4]})
+    model.save(tmp_path / "ppo")
+    assert sb3_safe_save.read_manifest(tmp_path / "ppo.safetensors").versions.sb3_safe_save == version
+    changelog = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    newest = re.search(r"^## \[(\d+\.\d+\.\d+)\]", changelog, re.MULTILINE)
+    assert newest is not None and newest.group(1) == version

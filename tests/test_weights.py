@@ -445,3 +445,15 @@ def test_a_forked_child_reads_with_threads_of_its_own(tmp_path: pathlib.Path) ->
         os.waitpid(pid, 0)
         pytest.fail("the forked child hung reading with the parent's (absent) reader threads")
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def test_dtype_tables_agree_with_torch() -> None:
+    """The torch-free size table that reading a header uses is torch's own itemsize, for every dtype both ways."""
+    assert set(_weights.DTYPE_SIZES) == {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "U16", "U32",
+                                         "U64", "F8_E4M3", "F8_E5M2"}  # fmt: skip
+    for name, size in _weights.DTYPE_SIZES.items():
+        dtype = _weights.torch_dtype(name)
+        assert isinstance(dtype, th.dtype) and th.empty(0, dtype=dtype).element_size() == size, name
+        assert _weights.st_dtype(dtype) == name
+    with pytest.raises(FormatError, match="cannot be stored"):
+        _weights.st_dtype(th.complex64)

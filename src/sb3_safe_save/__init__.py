@@ -30,24 +30,29 @@ from sb3_safe_save._errors import (
     UntrustedTypeError,
 )
 from sb3_safe_save._external import External, external, unwrap
-from sb3_safe_save._mixin import SafeSaveMixin, safe
 from sb3_safe_save._trust import trust
 from sb3_safe_save._version import __version__
 
 if _typing.TYPE_CHECKING:
     from sb3_safe_save._audit import AuditReport, Finding, assert_save_budget, audit
     from sb3_safe_save._checkpoint import ResumeCheckpointCallback, list_checkpoints, load_checkpoint, save_checkpoint
+    from sb3_safe_save._file import read_manifest
     from sb3_safe_save._hub import load_from_hub, package_for_hub, push_to_hub
     from sb3_safe_save._manifest import FORMAT_VERSION, Hazard, Manifest, Placeholder, ResourceSpec
-    from sb3_safe_save._persist import load_model, read_manifest, save_model
+    from sb3_safe_save._mixin import SafeSaveMixin, safe
+    from sb3_safe_save._persist import load_model, save_model
     from sb3_safe_save._policy import load_policy, save_policy
     from sb3_safe_save._resources import LazyResource, factory, lazy, register_resource, unregister_resource
     from sb3_safe_save._vecnormalize import SafeVecNormalize, load_vecnormalize, save_vecnormalize
     from sb3_safe_save._weights import file_sha256
 
 # Imported on first use (PEP 562): they pull in pydantic, the codecs and the walker, which a module
-# that only defines ``class MyDQN(SafeSaveMixin, DQN)`` does not need until it saves or loads.
+# that only defines ``class MyDQN(SafeSaveMixin, DQN)`` does not need until it saves or loads; and
+# SafeSaveMixin/safe import Stable-Baselines3 (and torch), which reading a file's header does not need
+# (``sb3-safe-save inspect``, ``read_manifest``).
 _LAZY = {
+    "SafeSaveMixin": "sb3_safe_save._mixin",
+    "safe": "sb3_safe_save._mixin",
     "AuditReport": "sb3_safe_save._audit",
     "Finding": "sb3_safe_save._audit",
     "assert_save_budget": "sb3_safe_save._audit",
@@ -65,7 +70,7 @@ _LAZY = {
     "Placeholder": "sb3_safe_save._manifest",
     "ResourceSpec": "sb3_safe_save._manifest",
     "load_model": "sb3_safe_save._persist",
-    "read_manifest": "sb3_safe_save._persist",
+    "read_manifest": "sb3_safe_save._file",
     "save_model": "sb3_safe_save._persist",
     "load_policy": "sb3_safe_save._policy",
     "save_policy": "sb3_safe_save._policy",

@@ -49,16 +49,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-import numpy as np
-import torch as th
 from pydantic import BaseModel, ConfigDict, Field
-from stable_baselines3.common.base_class import BaseAlgorithm
 
 from sb3_safe_save import _weights
 from sb3_safe_save._errors import SafeSaveError
+from sb3_safe_save._file import _open, _parse
 from sb3_safe_save._manifest import (
     META_CHECKSUM,
     META_MANIFEST,
@@ -74,18 +73,12 @@ from sb3_safe_save._manifest import (
     iter_nodes,
     iter_paths,
 )
-from sb3_safe_save._persist import (
-    _open,
-    _parse,
-    base_algorithm_ref,
-    build_manifest,
-    rebind_problems,
-    references,
-    refused_data_keys,
-    snapshot_model,
-)
 from sb3_safe_save._trust import LOCALS, Refusal, TrustList, TrustSpec
-from sb3_safe_save._walker import DEFAULT_MAX_OBJECT_BYTES
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch as th
+    from stable_baselines3.common.base_class import BaseAlgorithm
 
 SCHEMA_VERSION: Literal[1] = 1
 Severity = Literal["info", "warning", "error"]
@@ -297,7 +290,7 @@ def audit(
     exclude: Iterable[str] | None = None,
     include: Iterable[str] | None = None,
     resources: Mapping[str, Any] | None = None,
-    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    max_object_bytes: int | None = None,
     top: int = 10,
     algo: type | None = None,
 ) -> AuditReport:
@@ -318,14 +311,14 @@ def audit(
     :param allow_placeholders: True, False, or the placeholder keys that are expected; other
         placeholders become ``error`` findings
     :param allow_pickle: pickled values are ``warning`` instead of ``error`` findings
-    :param trusted: classes or ``"module.Name"`` strings, as ``load(..., trusted=)``: the audit makes the
+    :param trusted: classes or ``"module:QualName"`` strings, as ``load(..., trusted=)``: the audit makes the
         decisions ``load`` makes with them, on the model's class (a live model), ``algo``, or the
         file's SB3 base algorithm (never on what the file says its algorithm is)
     :param algo: (file) audit as ``algo.load(path)`` would decide (its module and ``safe_save_trusted``)
     :param exclude: (live model) as in ``save``
     :param include: (live model) as in ``save``
     :param resources: (live model) resource key -> live object to leave out, as in ``save``
-    :param max_object_bytes: (live model) as in ``save``
+    :param max_object_bytes: (live model) as in ``save`` (None: save's default)
     :param top: how many of the largest tensors and attributes to list
     :return: the ``AuditReport``
     :raises FormatError: the file is not an sb3_safe_save file, or is malformed
@@ -335,12 +328,14 @@ def audit(
     if fail_on is not None and fail_on not in SEVERITY_RANK:
         raise ValueError(f"fail_on must be 'info', 'warning', 'error' or None, not {fail_on!r}")
     kind: Literal["file", "model"]
-    if isinstance(model_or_path, BaseAlgorithm):
-        layout = _live_layout(model_or_path, exclude, include, resources, max_object_bytes)
-        source, kind = f"<live {type(model_or_path).__name__} model>", "model"
+    if _is_model(model_or_path):
+        model = cast("BaseAlgorithm", model_or_path)
+        layout = _live_layout(model, exclude, include, resources, max_object_bytes)
+        source, kind = f"<live {type(model).__name__} model>", "model"
     else:
-        layout = _file_layout(model_or_path, algo)
-        source, kind = os.fspath(model_or_path), "file"
+        path = cast("str | os.PathLike[str]", model_or_path)
+        layout = _file_layout(path, algo)
+        source, kind = os.fspath(path), "file"
     return _analyse(
         layout, source, kind, budget=budget, fail_on=fail_on, allow_placeholders=allow_placeholders,
         allow_pickle=allow_pickle, trusted=trusted, top=top,
@@ -390,13 +385,24 @@ def assert_save_budget(
 
 
 # ------------------------------------------------------------------------------------------ layouts
+def _is_model(obj: object) -> bool:
+    """True for a live SB3 model; decided without importing SB3 (an instance means its module is loaded)."""
+    base_class = sys.modules.get("stable_baselines3.common.base_class")
+    return base_class is not None and isinstance(obj, base_class.BaseAlgorithm)
+
+
 def _st_dtype(value: th.Tensor | np.ndarray) -> str:
+    import numpy as np
+    import torch as th
+
     if isinstance(value, np.ndarray):
         return _weights.st_dtype(th.from_numpy(np.empty(0, dtype=value.dtype)).dtype)
     return _weights.st_dtype(value.dtype)
 
 
 def _nbytes(value: th.Tensor | np.ndarray) -> int:
+    import numpy as np
+
     if isinstance(value, np.ndarray):
         return int(value.nbytes)
     return value.numel() * value.element_size()
@@ -407,8 +413,12 @@ def _live_layout(
     exclude: Iterable[str] | None,
     include: Iterable[str] | None,
     resources: Mapping[str, Any] | None,
-    max_object_bytes: int,
+    max_object_bytes: int | None,
 ) -> _Layout:
+    import numpy as np
+
+    from sb3_safe_save._persist import build_manifest, snapshot_model
+
     # allow_pickle=True: values save would refuse are reported as pickle findings instead of raising
     snapshot = snapshot_model(
         model, exclude, include, resources=resources, allow_pickle=True, max_object_bytes=max_object_bytes
@@ -609,6 +619,8 @@ def _findings(
 
 def _attribute_findings(manifest: Manifest, algo: type | None) -> list[Finding]:
     """What ``load`` refuses about the file's algorithm, stored attributes and rebind paths."""
+    from sb3_safe_save._persist import base_algorithm_ref, rebind_problems, refused_data_keys
+
     findings: list[Finding] = []
     if manifest.content == "policy":
         pass  # a policy file (save_policy): no algorithm loads it, load_policy does; its policy_class is a reference
@@ -659,6 +671,8 @@ def _attribute_findings(manifest: Manifest, algo: type | None) -> list[Finding]:
 
 def _reference_findings(manifest: Manifest, trust: TrustList, algo: type | None) -> list[Finding]:
     """What ``load`` decides about the file's references and spec factories, with the same ``TrustList``."""
+    from sb3_safe_save._persist import references
+
     findings = _attribute_findings(manifest, algo)
     refs, _ = references(manifest)
     refused = {r.ref: r for r in trust.refusals(refs)}

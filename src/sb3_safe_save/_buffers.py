@@ -150,7 +150,7 @@ def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buffered
 # ---------------------------------------------------------------------------------------------- load
 def is_pickle(path: str | os.PathLike[str] | io.BufferedIOBase) -> bool:
     """True for a pickle (protocol 2+ starts with ``0x80``) that is not a safetensors file (u64 length, then ``{``)."""
-    from sb3_safe_save._persist import _open
+    from sb3_safe_save._file import _open
 
     with _open(_existing(path)) as (f, size):
         head = f.read(9)
@@ -171,7 +171,7 @@ def _existing(path: Any) -> Any:
 
 def read_buffer_header(path: str | os.PathLike[str] | io.BufferedIOBase) -> ReplayBufferFile:
     """The header of a replay-buffer file (settings, ``pos``, tensor table); reads no rows."""
-    from sb3_safe_save._persist import _open
+    from sb3_safe_save._file import _open
 
     with _open(_existing(path)) as (f, size):
         return _parse(_weights.read_header(f, size))
@@ -225,7 +225,7 @@ def buffer_for(model: OffPolicyAlgorithm, meta: ReplayBufferFile) -> ReplayBuffe
 
 def load_buffer_into(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.BufferedIOBase, *, verify: bool = True) -> None:
     """Fill ``buffer`` (the model's own) with a file written by ``save_buffer``. See the module docstring."""
-    from sb3_safe_save._persist import _open
+    from sb3_safe_save._file import _open
 
     with _open(_existing(path)) as (f, size):
         header = _weights.read_header(f, size)

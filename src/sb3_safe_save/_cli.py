@@ -162,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a stock SB3 zip (placeholders are left out and listed)")
     p.add_argument("path", metavar="PATH")
     p.add_argument("out", metavar="OUT.zip")
-    p.add_argument("--trust", action="append", default=[], metavar="REF", help="trust REF ('pkg.mod.Name', 'pkg.*') at load")
+    p.add_argument("--trust", action="append", default=[], metavar="REF", help="trust REF ('pkg.mod:Name', 'pkg.*') at load")
     p.add_argument("--allow-pickle", action="store_true", help="unpickle pickled values in the file (runs code)")
     p.set_defaults(func=_cmd_export)
     return parser
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # ============================================================================================ inspect
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from sb3_safe_save._persist import _open, _parse
+    from sb3_safe_save._file import _open, _parse
     from sb3_safe_save._weights import sha256_of
 
     with _open(args.path) as (f, size):  # a path or a URL (s3://...)
@@ -368,7 +368,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     for w in caught:
         print(f"sb3-safe-save convert: warning: {w.message}", file=sys.stderr)
     save_model(model, args.out, allow_pickle=args.allow_pickle)  # unreadable schedules: placeholders, as for our own
-    from sb3_safe_save._persist import read_manifest
+    from sb3_safe_save._file import read_manifest
     from sb3_safe_save._weights import saved_name
 
     out = saved_name(args.out)
@@ -440,7 +440,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from stable_baselines3.common.base_class import BaseAlgorithm
 
     from sb3_safe_save._errors import PickleRefusedError, UntrustedTypeError
-    from sb3_safe_save._persist import load_model, read_manifest
+    from sb3_safe_save._file import read_manifest
+    from sb3_safe_save._persist import load_model
 
     if not str(args.out).endswith(".zip"):
         raise _UsageError(f"{args.out}: the output of export must end in .zip (stock SB3 would add the suffix)")
@@ -462,7 +463,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 allow_pickle=args.allow_pickle, strict=False,
             )  # fmt: skip
     except UntrustedTypeError as e:
-        flags = " ".join(f"--trust {r.replace(':', '.')}" for r in e.refs)
+        flags = " ".join(f"--trust {r}" for r in e.refs)
         raise _UsageError(
             f"{args.path} references types that are not trusted: {', '.join(e.refs)}; if you trust it, add {flags}"
         ) from None
@@ -488,8 +489,9 @@ def _optimizers_without_left_out(path: str, trusted: list[str] | None) -> dict[s
     (``OptimizerState.dropped``); without the module the rebuilt optimizer has fewer parameters.
     """
     from sb3_safe_save import _weights
+    from sb3_safe_save._file import _open, _parse
     from sb3_safe_save._manifest import OptimizerState
-    from sb3_safe_save._persist import _Decoder, _open, _parse
+    from sb3_safe_save._persist import _Decoder
 
     overrides: dict[str, Any] = {}
     with _open(path) as (f, size):

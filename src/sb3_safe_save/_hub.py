@@ -128,8 +128,8 @@ def package_for_hub(
     :return: the folder
     """
     from sb3_safe_save._errors import made_from
+    from sb3_safe_save._file import read_manifest
     from sb3_safe_save._mixin import SafeSaveMixin
-    from sb3_safe_save._persist import read_manifest
     from sb3_safe_save._weights import file_sha256
 
     out = Path(folder)
@@ -658,8 +658,8 @@ def load_from_hub(
     :param load_kwargs: ``env``, ``device``, ``resources``, ``trusted``, ``custom_objects``, ... for ``load``
     :return: the loaded model
     """
+    from sb3_safe_save._file import read_manifest
     from sb3_safe_save._mixin import safe
-    from sb3_safe_save._persist import read_manifest
     from sb3_safe_save._trust import TrustList
     from sb3_safe_save._version import __version__
 

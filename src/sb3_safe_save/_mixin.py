@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from stable_baselines3.common.type_aliases import GymEnv
     from stable_baselines3.common.vec_env import VecNormalize
 
+    from sb3_safe_save._file import PathLike
     from sb3_safe_save._manifest import ResourceSpec
-    from sb3_safe_save._persist import PathLike
     from sb3_safe_save._trust import TrustSpec
 
 SelfAlgo = TypeVar("SelfAlgo", bound=BaseAlgorithm)
@@ -162,7 +162,7 @@ class SafeSaveMixin:
         :param force_reset: Force call to ``reset()`` before training (see SB3 #597)
         :param resources: placeholder key -> live object (or its ``external()`` wrapper), ``factory(fn)`` or
             ``lazy(fn)``; a path that held a wrapper at save gets a wrapper, any other path the object
-        :param trusted: classes or ``"module.Name"`` strings the file may reference beyond the defaults
+        :param trusted: classes or ``"module:QualName"`` strings the file may reference beyond the defaults
         :param allow_pickle: unpickle values that were saved with ``allow_pickle=True`` (runs code!)
         :param verify: check every tensor's checksum while reading (default)
         :param expected_sha256: refuse the file unless its SHA-256 matches

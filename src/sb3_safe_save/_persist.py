@@ -4,7 +4,7 @@ Save (top to bottom): walk the model -> tensors to bytes views + checksums -> ma
 
 Load, in three phases (nothing the file names is imported before phase 3):
 
-1. **parse**: read the safetensors header only, check the manifest checksum, validate it with pydantic;
+1. **parse** (``_file``, no torch): read the safetensors header only, check the manifest checksum, validate it with pydantic;
 2. **audit**: the algorithm matches, every import reference is trusted, pickled values are allowed or
    replaced, every placeholder has a live object (``MissingResourceError`` before any model exists);
 3. **construct**: import, decode, build the model the way ``BaseAlgorithm.load`` does but with weight
@@ -61,6 +61,10 @@ from sb3_safe_save._errors import (
     made_from,
 )
 from sb3_safe_save._external import external, unwrap
+
+# phase 1 lives in _file (no torch); re-exported for the modules that import it from here
+from sb3_safe_save._file import PathLike, _open, _parse
+from sb3_safe_save._file import read_manifest as read_manifest
 from sb3_safe_save._manifest import (
     META_CHECKSUM,
     META_MANIFEST,
@@ -78,7 +82,6 @@ from sb3_safe_save._manifest import (
     iter_nodes,
     iter_paths,
     node_refs,
-    parse_manifest,
 )
 from sb3_safe_save._resources import resolve
 from sb3_safe_save._trust import RefKind, TrustList, TrustSpec, default_trusted, ref_of, slots
@@ -87,7 +90,6 @@ from sb3_safe_save._vecnormalize import export_vecnormalize, stage_vecnormalize
 from sb3_safe_save._version import __version__
 from sb3_safe_save._walker import _MODULE_INTERNALS, DEFAULT_MAX_OBJECT_BYTES, Snapshot, Walker, excluded_names, resolve_attr
 
-PathLike = str | os.PathLike[str] | io.BufferedIOBase
 SUFFIX = _weights.SUFFIX
 SelfAlgo = TypeVar("SelfAlgo", bound=BaseAlgorithm)
 
@@ -290,77 +292,6 @@ def base_algorithm_ref(cls: type) -> str:
 
 
 # =============================================================================================== load
-@contextlib.contextmanager
-def _open(path: PathLike) -> Iterator[tuple[IO[bytes], int]]:
-    if isinstance(path, (io.BufferedIOBase, io.RawIOBase)):
-        f: Any = path
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(0)
-        yield f, size
-        return
-    if _remote.is_url(path):
-        with _remote.open_read(path) as (f, size):
-            yield f, size
-        return
-    target = _weights.find_file(_remote.local(path))
-    with open(target, "rb", buffering=0) as raw:
-        yield raw, os.fstat(raw.fileno()).st_size
-
-
-def read_manifest(path: PathLike) -> Manifest:
-    """Read and validate the manifest of a saved agent without building a model or reading tensors.
-
-    :param path: the file, a URL such as ``s3://bucket/key`` (the ``remote`` extra), or a seekable binary file object
-    :return: the ``Manifest``
-    :raises FormatError: not an sb3_safe_save file, or malformed
-    :raises IntegrityError: the header does not match its checksum
-    """
-    with _open(path) as (f, size):
-        return _parse(f, size)[1]
-
-
-def _parse(f: IO[bytes], size: int) -> tuple[_weights.Header, Manifest]:
-    """Phase 1: header + manifest, validated; imports nothing."""
-    start = f.read(9)
-    f.seek(0)
-    name = getattr(f, "name", None)
-    name = name if isinstance(name, str) else "the file"
-    if size == 0:
-        raise FormatError(
-            f"{name} is empty (0 bytes): what a save that crashed leaves behind (stock SB3 truncates the file first)."
-            " Load an earlier checkpoint; sb3_safe_save's own saves are atomic and never leave an empty file"
-        )
-    if start[:4] == b"PK\x03\x04":
-        ours = _weights.saved_name(name)
-        sibling = f" ({ours} next to it is an sb3_safe_save file: load that)" if ours != name and os.path.exists(ours) else ""
-        raise FormatError(
-            f"{name} is a zip file, probably a stock SB3 save{sibling}. Read it without running its pickles:"
-            " Algo.load(path, stock=True), or convert it once: sb3-safe-save convert MODEL.zip OUT.safetensors"
-            " (--trust-pickle unpickles it, only for a file the safe reader refuses and whose author you trust)"
-        )
-    if len(start) < 9 or start[8:9] != b"{":  # a safetensors file starts with its u64 header length, then "{"
-        raise FormatError(
-            f"{name} is neither a zip file nor an sb3_safe_save file: it wasn't a zip-file (a stock SB3 save)"
-            " and it is not a safetensors file (no 8-byte header length followed by a JSON header)"
-        )
-    header = _weights.read_header(f, size)
-    text = _weights.checked_metadata(header, META_MANIFEST, META_CHECKSUM, "the manifest")
-    if text is None:
-        raise FormatError("this safetensors file has no sb3_safe_save manifest: it was not written by sb3_safe_save")
-    manifest = parse_manifest(text)
-    if set(manifest.tensors) != set(header.tensors):
-        extra = sorted(set(header.tensors) ^ set(manifest.tensors))[:5]
-        raise IntegrityError(f"the manifest and the safetensors header list different tensors (e.g. {extra})")
-    for key, meta in manifest.tensors.items():
-        info = header.tensors[key]
-        if meta.dtype != info.dtype or tuple(meta.shape) != info.shape:
-            raise IntegrityError(
-                f"tensor {key!r}: the manifest says {meta.dtype} {meta.shape}, the header {info.dtype} {list(info.shape)}"
-            )
-    return header, manifest
-
-
 @_rng.keep_on_error
 def load_model(
     cls: type[SelfAlgo],
@@ -1202,7 +1133,7 @@ def _check_aliases(entry: ModuleState, targets: Mapping[str, th.Tensor], protect
 
 def _check_target(body: _weights.Body, key: str, dest: th.Tensor, protected: set[int]) -> None:
     info = body.info(key)
-    if _weights.DTYPES[info.dtype][0] != dest.dtype or info.shape != tuple(dest.shape):
+    if _weights.torch_dtype(info.dtype) != dest.dtype or info.shape != tuple(dest.shape):
         raise StateMismatchError(
             f"tensor {key!r}: stored as {info.dtype} {list(info.shape)} but the model has {dest.dtype} {list(dest.shape)}"
         )

@@ -31,15 +31,13 @@ from stable_baselines3.common.utils import get_device
 from sb3_safe_save import _weights
 from sb3_safe_save._deferred import deferred_optimizers
 from sb3_safe_save._errors import FormatError
+from sb3_safe_save._file import PathLike, _open, _parse
 from sb3_safe_save._manifest import META_CHECKSUM, META_MANIFEST, Manifest, ModuleState
 from sb3_safe_save._persist import (
     _DECODE_ERRORS,
-    PathLike,
     _Decoder,
     _given_by_custom_objects,
     _load_state_dicts,
-    _open,
-    _parse,
     _rebind,
     _root,
     audit_phase,
@@ -124,7 +122,7 @@ def load_policy(
     :param device: where the policy lives (``"auto"``: CUDA if available)
     :param custom_objects: objects to use instead of stored values (``"policy_kwargs.net_arch"``, ...)
     :param resources: placeholder key -> live object, ``factory(fn)`` or ``lazy(fn)``
-    :param trusted: classes or ``"module.Name"`` strings the file may reference beyond the defaults
+    :param trusted: classes or ``"module:QualName"`` strings the file may reference beyond the defaults
     :param allow_pickle: unpickle values that were saved with ``allow_pickle=True`` (runs code!)
     :param verify: check the checksum of every tensor read (default)
     :param expected_sha256: refuse the file unless its SHA-256 matches

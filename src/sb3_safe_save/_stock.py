@@ -1247,7 +1247,8 @@ def load_stock(
 ) -> Any:
     """Load a stock SB3 zip as a ``cls`` model without running its pickles (``Algo.load(path, stock=True)``)."""
     if expected_sha256 is not None:
-        from sb3_safe_save._persist import _open, check_sha256
+        from sb3_safe_save._file import _open
+        from sb3_safe_save._persist import check_sha256
 
         with _open(cast(Any, path)) as (f, _):
             check_sha256(f, expected_sha256)

@@ -107,7 +107,7 @@ def _normalise(item: Any) -> str:
 def trust(*items: type | str | Any) -> None:
     """Trust classes or functions process-wide, for every later ``load``.
 
-    :param items: class or function objects, ``"module.QualName"`` / ``"module:QualName"`` strings,
+    :param items: class or function objects, ``"module:QualName"`` strings (``"module.QualName"`` is read the same),
         or ``"package.*"`` to trust every class and function of a package (your explicit choice)
     """
     normalised = [_normalise(i) for i in items]
@@ -336,7 +336,7 @@ class TrustList:
         if isinstance(trusted, bool):
             raise TypeError(
                 f"trusted={trusted} is not accepted: there is no 'trust everything' switch. "
-                "Pass the classes or 'module.Name' strings that the UntrustedTypeError lists."
+                "Pass the classes or 'module:QualName' strings that the UntrustedTypeError lists."
             )
         with _lock:
             extra = set(_registered)

@@ -178,7 +178,7 @@ def _load(
     path: str | os.PathLike[str] | io.BufferedIOBase, venv: VecEnv, *, cls: type[VecNormalize], verify: bool
 ) -> VecNormalize:
     from sb3_safe_save._buffers import is_pickle
-    from sb3_safe_save._persist import _open  # local: _persist imports this module
+    from sb3_safe_save._file import _open
 
     if is_pickle(path):  # VecNormalize.save's pickle: read without running it (_stock.py)
         from sb3_safe_save._stock import read_vecnormalize

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import mmap
 import os
 import struct
@@ -33,14 +34,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol, cast
+from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
-import numpy as np
-import torch as th
 import xxhash
 
 from sb3_safe_save._errors import FormatError, IntegrityError, LoadSourceIsADirectoryError, LoadSourceNotFoundError
 from sb3_safe_save._manifest import check_encodable
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch as th
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 _ALIGN = 8
@@ -96,31 +99,49 @@ def find_file(path: str | os.PathLike[str]) -> Path:
     raise LoadSourceNotFoundError(errno.ENOENT, f"No such file: {target}{also}", str(target))
 
 
-#: safetensors dtype name -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[th.dtype, int]] = {
-    "F64": (th.float64, 8),
-    "F32": (th.float32, 4),
-    "F16": (th.float16, 2),
-    "BF16": (th.bfloat16, 2),
-    "I64": (th.int64, 8),
-    "I32": (th.int32, 4),
-    "I16": (th.int16, 2),
-    "I8": (th.int8, 1),
-    "U8": (th.uint8, 1),
-    "BOOL": (th.bool, 1),
-    "U16": (th.uint16, 2),
-    "U32": (th.uint32, 4),
-    "U64": (th.uint64, 8),
-    "F8_E4M3": (th.float8_e4m3fn, 1),
-    "F8_E5M2": (th.float8_e5m2, 1),
+#: safetensors dtype name -> (the torch dtype's name in ``torch``, bytes per element); reading a header needs no torch
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-_TORCH_TO_ST = {dt: name for name, (dt, _) in DTYPES.items()}
+#: safetensors dtype name -> bytes per element
+DTYPE_SIZES: dict[str, int] = {name: size for name, (_, size) in _DTYPES.items()}
+
+
+@functools.cache
+def _torch_dtypes() -> dict[str, th.dtype]:
+    import torch
+
+    return {name: getattr(torch, attr) for name, (attr, _) in _DTYPES.items()}
+
+
+def torch_dtype(name: str) -> th.dtype:
+    """The torch dtype of a safetensors dtype name (one that ``read_header`` accepted)."""
+    return _torch_dtypes()[name]
+
+
+@functools.cache
+def _st_names() -> dict[th.dtype, str]:
+    return {dtype: name for name, dtype in _torch_dtypes().items()}
 
 
 def st_dtype(dtype: th.dtype) -> str:
     """The safetensors name of a torch dtype, or ``FormatError`` if safetensors cannot store it."""
     try:
-        return _TORCH_TO_ST[dtype]
+        return _st_names()[dtype]
     except KeyError:
         raise FormatError(f"tensors of dtype {dtype} cannot be stored in safetensors") from None
 
@@ -154,6 +175,9 @@ class Blob:
 
 def to_blob(value: th.Tensor | np.ndarray) -> Blob:
     """View a tensor or array as bytes without copying (unless it is not contiguous or not on the CPU)."""
+    import numpy as np
+    import torch as th
+
     if isinstance(value, np.ndarray):
         array = np.ascontiguousarray(value).reshape(value.shape)  # ascontiguousarray makes 0-d arrays 1-d
         if not array.flags.writeable:  # torch warns on read-only arrays (e.g. pickled bytes); copy them
@@ -453,14 +477,14 @@ def _tensor_info(key: str, entry: Any, body_start: int) -> TensorInfo:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise FormatError(f"tensor {key!r}: header entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise FormatError(f"tensor {key!r}: unsupported dtype {dtype!r}")
     if not (isinstance(shape, list) and len(shape) <= 64 and all(type(d) is int and 0 <= d < 2**48 for d in shape)):
         raise FormatError(f"tensor {key!r}: shape must be a list of non-negative integers, got {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
         raise FormatError(f"tensor {key!r}: data_offsets must be two non-negative integers, got {offsets!r}")
     start, end = offsets
-    nbytes = DTYPES[dtype][1] * int(np.prod(shape, dtype=object))
+    nbytes = DTYPE_SIZES[dtype] * math.prod(shape)
     if end - start != nbytes:
         raise FormatError(f"tensor {key!r}: {dtype} {shape} needs {nbytes} bytes but its data offsets span {end - start}")
     return TensorInfo(dtype=dtype, shape=tuple(shape), start=body_start + start, end=body_start + end)
@@ -562,9 +586,10 @@ class Body:
 
     def read_tensor(self, key: str) -> th.Tensor:
         """A new CPU tensor holding tensor ``key``."""
+        import torch as th
+
         info = self.info(key)
-        dtype, _ = DTYPES[info.dtype]
-        out = th.empty(info.shape, dtype=dtype)
+        out = th.empty(info.shape, dtype=torch_dtype(info.dtype))
         if info.nbytes:
             self.read_into(key, out.reshape(-1).view(th.uint8).numpy())
         else:
@@ -576,9 +601,10 @@ class Body:
 
         CPU destinations are filled straight from the file; CUDA ones through ``_read_staged``.
         """
+        import torch as th
+
         info = self.info(key)
-        dtype, _ = DTYPES[info.dtype]
-        if dest.dtype != dtype or tuple(dest.shape) != info.shape:
+        if dest.dtype != torch_dtype(info.dtype) or tuple(dest.shape) != info.shape:
             raise FormatError(
                 f"tensor {key!r}: stored as {info.dtype} {list(info.shape)} but the model has {dest.dtype} {list(dest.shape)}"
             )
@@ -597,6 +623,8 @@ class Body:
         The next tensor is read into the other buffer while this copy runs; a buffer is reused only
         after the copy out of it has finished (its CUDA event).
         """
+        import torch as th
+
         slot, self._slot = self._slot, 1 - self._slot
         if self._copied[slot] is not None:
             self._copied[slot].synchronize()
@@ -635,6 +663,8 @@ def fresh_zeros(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
     write to each page can then stall on memory compaction (5.6x the plain read for a 2 GB replay buffer,
     ``benchmarks/SCALE.md``). An anonymous mapping gets the same lazily zeroed pages without asking.
     """
+    import numpy as np
+
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if nbytes < NUMPY_HUGE_MIN:
         return np.zeros(shape, dtype=dtype)
