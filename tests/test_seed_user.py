@@ -110,8 +110,7 @@ _CHILD = textwrap.dedent(
     """
     import sys, warnings
     import torch as th
-    import _seed_user
-from _gpt2_expert import tiny_gpt2
+    from _gpt2_expert import tiny_gpt2
     from _seed_user import CustomDQN
     from sb3_safe_save import HazardError, HazardWarning
     expert = tiny_gpt2(3)
