@@ -281,6 +281,8 @@ def _stage(venv_norm: VecNormalize, state: VecNormalizeState, read: ReadTensor) 
                     f"the VecNormalize statistics are for Dict keys {state.obs_keys}; this env has {space}"
                 )
             obs_rms = {k: _read_rms(read_array, f"obs_rms/{k}", space.spaces[k].shape) for k in state.obs_keys}
+        elif isinstance(space, spaces.Dict):  # normalize_obs would look up obs_rms[key]
+            raise StateMismatchError(f"the VecNormalize statistics are for one array, not per Dict key; this env has {space}")
         else:
             obs_rms = _read_rms(read_array, "obs_rms", space.shape)
     ret_rms = _read_rms(read_array, "ret_rms", ())
