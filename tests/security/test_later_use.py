@@ -47,12 +47,12 @@ NORMAL_Y, NORMAL_IS_VALID = 5024, 5040  # torch's CPU generator state: the cache
 
 
 # ------------------------------------------------------------------------------------ the caller's objects
-def _caller_env() -> DummyVecEnv:
+def _caller_env(env_id: str = "CartPole-v1") -> DummyVecEnv:
     """The caller's env: stepped once, with generators of its own and seeds pending for its next reset."""
-    env = DummyVecEnv([lambda: gym.make("CartPole-v1")])
+    env = DummyVecEnv([lambda: gym.make(env_id)])
     env.seed(11)
     env.reset()
-    env.step(np.array([0]))
+    env.step(np.zeros((1, *env.action_space.shape), dtype=env.action_space.dtype))
     env.seed(123)
     return env
 
@@ -193,9 +193,12 @@ GSDE_EDITS: dict[str, Callable[[Tensors], None]] = {
 @pytest.mark.parametrize("edit", list(GSDE_EDITS.values()), ids=list(GSDE_EDITS))
 def test_gsde_noise_the_policy_cannot_use_is_refused(tmp_path: Path, edit: Callable[[Tensors], None]) -> None:
     path = write(tmp_path, forge(gsde_bytes(), tensors=edit))
-    error = refused(lambda: safe(PPO).load(path))
+    env = _caller_env("Pendulum-v1")
+    before = _env_state(env)
+    error = refused(lambda: safe(PPO).load(path, env=env))
     assert isinstance(error, StateMismatchError)
     assert "random_state.gsde: policy.action_dist.exploration_mat" in str(error)
+    assert_same_tree(before, _env_state(env))
 
 
 def test_stored_gsde_noise_is_restored_exactly(tmp_path: Path) -> None:
@@ -228,10 +231,13 @@ def _log_std(value: float) -> Callable[[Tensors], None]:
 @pytest.mark.parametrize("value", list(LOG_STD.values()), ids=list(LOG_STD))
 def test_a_log_std_that_gives_no_standard_deviation_is_refused(tmp_path: Path, value: float) -> None:
     path = write(tmp_path, forge(gsde_bytes(), tensors=_log_std(value)))
-    for load in (lambda: load_policy(path), lambda: safe(PPO).load(path)):
+    env = _caller_env("Pendulum-v1")
+    before = _env_state(env)
+    for load in (lambda: load_policy(path), lambda: safe(PPO).load(path, env=env)):
         error = refused(load)  # load_policy used to let torch's ValueError escape from reset_noise
         assert isinstance(error, StateMismatchError)
         assert "tensor 'policy/log_std'" in str(error) and "positive, finite" in str(error)
+    assert_same_tree(before, _env_state(env))
     model = safe(PPO)("MlpPolicy", "Pendulum-v1", use_sde=True, **tiny_kwargs("PPO"))
     before = _model_state(model)
     error = refused(lambda: model.set_parameters(str(path)))  # in place: the caller's model must stay as it was
