@@ -333,8 +333,12 @@ def _read_rms(read: Callable[[str], Any], prefix: str, shape: Any) -> RunningMea
             f"VecNormalize {prefix}: the stored statistics have shape {list(mean.shape)} but the env's"
             f" observations have shape {list(shape)}; load them with the env they were computed on"
         )
-    if mean.dtype != np.float64 or var.dtype != np.float64 or count.shape != ():
+    if mean.dtype != np.float64 or var.dtype != np.float64 or count.shape != () or count.dtype != np.float64:
         raise FormatError(f"VecNormalize {prefix}: mean/var must be float64 and count a float64 scalar")
+    if not (np.isfinite(mean).all() and np.isfinite(var).all() and (var >= 0).all() and 0 < count < math.inf):
+        raise FormatError(  # normalizing with them gives NaN, which a policy's distribution then refuses
+            f"VecNormalize {prefix}: mean and var must be finite, var >= 0 and count > 0 and finite"
+        )
     rms = RunningMeanStd(shape=mean.shape)
     rms.mean, rms.var, rms.count = mean, var, float(count)  # (RunningMeanStd.update makes 0-d ret_rms numpy scalars)
     return rms

@@ -283,17 +283,29 @@ def _drop_obs_rms(t: Tensors) -> None:
         del t[k]
 
 
-VN_EDITS: dict[str, tuple[Callable[[dict[str, Any]], None], Callable[[Tensors], None] | None, str]] = {
+def _statistic(key: str, value: float) -> Callable[[Tensors], None]:
+    def edit(t: Tensors) -> None:
+        t[key] = t[key].clone()
+        t[key].view(-1)[-1] = value
+
+    return edit
+
+
+VN_EDITS: dict[str, tuple[Callable[[dict[str, Any]], None] | None, Callable[[Tensors], None] | None, str]] = {
     "norm_obs without obs_rms": (
         lambda h: h["state"].update(has_obs_rms=False),
         _drop_obs_rms,
-        "norm_obs is true but there are no obs_rms statistics",
+        "state: Value error, norm_obs is true but there are no obs_rms statistics",
     ),
     "norm_obs_keys for a single obs_rms": (
         lambda h: h["state"].update(norm_obs_keys=["observation"]),
         None,
-        "obs_keys and norm_obs_keys must both be given",
+        "state: Value error, obs_keys and norm_obs_keys must both be given",
     ),
+    "a negative obs_rms var": (None, _statistic("vec_normalize/obs_rms/var", -1.0), "VecNormalize obs_rms: mean and var"),
+    "a NaN obs_rms mean": (None, _statistic("vec_normalize/obs_rms/mean", math.nan), "VecNormalize obs_rms: mean and var"),
+    "an infinite ret_rms var": (None, _statistic("vec_normalize/ret_rms/var", math.inf), "VecNormalize ret_rms: mean and var"),
+    "a zero count": (None, _statistic("vec_normalize/obs_rms/count", 0.0), "VecNormalize obs_rms: mean and var"),
 }
 
 
@@ -306,7 +318,7 @@ def test_vecnormalize_without_the_statistics_it_uses_is_refused(tmp_path: Path, 
     before = _vn_state(vn)
     error = refused(lambda: load_vecnormalize(path, vn))
     assert isinstance(error, FormatError)
-    assert "state: Value error, " + message in str(error)
+    assert message in str(error)
     assert_same_tree(before, _vn_state(vn))
 
 
