@@ -188,10 +188,12 @@ def check_wrappers(hyperparams: dict[str, Any], trusted: Sequence[str], where: s
     for key in ZOO_SLOTS:
         value = hyperparams.get(key)
         for item in value if isinstance(value, list) else [] if value is None else [value]:
-            name = str(next(iter(item)) if isinstance(item, dict) and len(item) == 1 else item)
+            with_kwargs = isinstance(item, dict) and len(item) == 1  # {name: kwargs}, as rl-zoo3 reads it
+            name = str(next(iter(item)) if with_kwargs else item)
             names.setdefault(name, []).append(key)
-            arguments = zoo_path_arguments(next(iter(item.values()))) if isinstance(item, dict) and len(item) == 1 else []
-            paths += [f"  {key}: {name}({', '.join(f'{a}=...' for a in arguments)})"] if arguments else []
+            arguments = zoo_path_arguments(next(iter(item.values())) if with_kwargs else None)
+            if arguments:
+                paths.append(f"  {key}: {name}({', '.join(f'{a}=...' for a in arguments)})")
     if paths:
         raise FormatError(
             f"{where} gives wrappers or callbacks arguments that name a file or folder:\n" + "\n".join(paths) + "\n"
