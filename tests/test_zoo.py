@@ -266,6 +266,85 @@ def test_a_trusted_package_vouches_only_for_its_wrapper_classes(tmp_path: Path) 
     assert hyperparams["callback"] == "stable_baselines3.common.vec_env.sync_envs_normalization"
 
 
+PATH_ARGUMENTS = {
+    "VecMonitor filename": ("vec_env_wrapper", "stable_baselines3.common.vec_env.VecMonitor", "filename"),
+    "VecVideoRecorder video_folder": ("vec_env_wrapper", "stable_baselines3.common.vec_env.VecVideoRecorder", "video_folder"),
+    "RecordVideo name_prefix": ("env_wrapper", "gymnasium.wrappers.RecordVideo", "name_prefix"),
+    "a trusted callback's save_path": ("callback", "stable_baselines3.common.callbacks.CheckpointCallback", "save_path"),
+}
+
+
+@pytest.mark.parametrize("case", list(PATH_ARGUMENTS.values()), ids=list(PATH_ARGUMENTS))
+def test_a_saved_config_may_not_choose_where_a_wrapper_writes(tmp_path: Path, case: tuple[str, str, str]) -> None:
+    """Refused (not ignored): the config is the attacker's, and a wrapper without its path would not do what it says."""
+    from sb3_safe_save._zoo import get_saved_hyperparams
+
+    key, name, argument = case
+    target = tmp_path / "elsewhere" / "x"
+    (tmp_path / "config.yml").write_text(f"{key}:\n- {name}: {{{argument}: {json.dumps(str(target))}}}\n")
+    with pytest.raises(FormatError) as info:
+        get_saved_hyperparams(str(tmp_path), trusted=[name])  # trusting the class does not trust the config's paths
+    assert f"{tmp_path / 'config.yml'} gives wrappers or callbacks arguments that name a file or folder" in str(info.value)
+    assert f"  {key}: {name}({argument}=...)" in str(info.value)
+    assert "A saved config may not choose where enjoy writes" in str(info.value)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_enjoy_with_a_vecmonitor_filename_in_the_config_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sb3_safe_save.zoo import main
+
+    run = tmp_path / "ppo" / "CartPole-v1_1"
+    (run / "CartPole-v1").mkdir(parents=True)
+    (run / "CartPole-v1.safetensors").write_bytes(b"never loaded: the config is refused first")
+    victim = tmp_path / "victim.monitor.csv"
+    victim.write_text("precious\n")
+    (run / "CartPole-v1" / "config.yml").write_text(
+        "vec_env_wrapper:\n"
+        f"- stable_baselines3.common.vec_env.VecMonitor: {{filename: {json.dumps(str(tmp_path / 'victim'))}}}\n"
+        f"- stable_baselines3.common.vec_env.VecMonitor: {{filename: {json.dumps(str(tmp_path / 'made' / 'by' / 'x'))}}}\n"
+    )
+    args = ["enjoy", "--algo", "ppo", "--env", "CartPole-v1", "-f", str(tmp_path), "--no-render", "-n", "5", "--exp-id", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "sb3_safe_save.zoo enjoy: error: " in err and "VecMonitor(filename=...)" in err
+    assert victim.read_text() == "precious\n"
+    assert not (tmp_path / "made").exists()
+
+
+HOSTILE_TEXT = "\x1b]0;owned\x07\x1b[2J\u202eevil"  # set the title, ring, clear the screen, reverse the text
+ESCAPED = "\\x1b]0;owned\\x07\\x1b[2J\\u202eevil"
+
+
+def _enjoy_run(tmp_path: Path, config: str) -> list[str]:
+    run = tmp_path / "ppo" / "CartPole-v1_1"
+    (run / "CartPole-v1").mkdir(parents=True)
+    (run / "CartPole-v1.safetensors").write_bytes(b"never loaded")
+    (run / "CartPole-v1" / "config.yml").write_text(config)
+    return ["enjoy", "--algo", "ppo", "--env", "CartPole-v1", "-f", str(tmp_path), "--no-render", "-n", "5", "--exp-id", "1"]
+
+
+@pytest.mark.parametrize(
+    ("config", "status", "expected"),
+    [  # YAML escapes: \e ESC, \a BEL, \u202E RIGHT-TO-LEFT OVERRIDE
+        ('env_wrapper: "\\e]0;owned\\a\\e[2J\\u202Eevil"\n', 2, f"  {ESCAPED} (env_wrapper): not trusted"),
+        ('env_kwargs: {"\\e]0;owned\\a\\e[2J\\u202Eevil": 1}\n', 1, f"got an unexpected keyword argument '{ESCAPED}'"),
+    ],
+    ids=["a refused wrapper name (SafeSaveError)", "an env argument (a TypeError in gymnasium: the traceback)"],
+)
+def test_enjoy_prints_text_from_a_config_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: str, status: int, expected: str
+) -> None:
+    from sb3_safe_save.zoo import main
+
+    assert main(_enjoy_run(tmp_path, config)) == status
+    out, err = capsys.readouterr()
+    assert not any(c in out + err for c in "\x1b\x07\u202e")
+    assert expected in err
+    assert ("Traceback (most recent call last):" in err) == (status == 1)
+
+
 def test_enjoy_reads_rl_zoo3_trained_agents_without_running_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -292,7 +292,39 @@ def _check_her(buffer: ReplayBuffer, meta: ReplayBufferFile, fresh: dict[str, np
             f"the replay-buffer file's episode bookkeeping (ep_start, ep_length, _current_ep_start) is out of range"
             f" for a buffer of {size} rows"
         )
+    problem = _episodes_problem(starts, lengths, current, meta.pos, meta.full, size)
+    if problem is not None:
+        raise FormatError(f"the replay-buffer file's episode bookkeeping is inconsistent: {problem}")
     return strategy
+
+
+def _episodes_problem(
+    starts: np.ndarray, lengths: np.ndarray, current: np.ndarray, pos: int, full: bool, size: int
+) -> str | None:
+    """What HerReplayBuffer's ``add``/``sample`` would trip over in (in-range) episode bookkeeping, per row and env.
+
+    As ``add`` and ``_compute_episode_length`` write it: a finished episode (``ep_length > 0``) is a run
+    of stored rows from its ``ep_start`` (wrapping only once full), each row holding the same start and
+    length; the running episode's rows, from ``_current_ep_start`` up to ``pos``, hold that start and
+    length 0. Otherwise ``sample`` draws goals outside the episode, or fails (``randint(low >= high)``).
+    """
+    rows = np.arange(len(starts))[:, None]
+    finished = lengths > 0
+    offset = (rows - starts) % size  # the row's place in its episode
+    if (finished & (offset >= lengths)).any():
+        return "ep_length is positive at a row that lies outside its episode (ep_start .. ep_start + ep_length - 1)"
+    if not full and (finished & (starts + lengths > pos)).any():
+        return f"an episode runs past pos={pos}, into rows never written"
+    for shift, inside in ((1, offset > 0), (-1, offset < lengths - 1)):  # the row before / after, in the same episode
+        same = (np.roll(starts, shift, axis=0) == starts) & (np.roll(lengths, shift, axis=0) == lengths)
+        if (finished & inside & ~same).any():
+            return "consecutive rows of one episode disagree on its ep_start or ep_length"
+    if not full and (current > pos).any():
+        return f"_current_ep_start {current.tolist()} lies beyond pos={pos}"
+    running = (rows - current) % size < (pos - current) % size
+    if (running & ((starts != current) | finished)).any():
+        return "a row of the running episode (_current_ep_start .. pos - 1) has another ep_start or a positive ep_length"
+    return None
 
 
 def _parse(header: _weights.Header) -> ReplayBufferFile:

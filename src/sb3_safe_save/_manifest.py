@@ -50,6 +50,7 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     create_model,
     field_validator,
+    model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticKnownError
 
@@ -574,6 +575,20 @@ class VecNormalizeState(_Model):
     )  # 0-d tensors that were np.float64, not arrays
     has_returns: bool = False
 
+    @model_validator(mode="after")
+    def _check_obs_rms(self) -> VecNormalizeState:
+        """``normalize_obs`` reads ``obs_rms`` (per key of ``norm_obs_keys`` for a Dict space) whenever ``norm_obs``."""
+        if not self.norm_obs:
+            return self
+        if not self.has_obs_rms:
+            raise ValueError("norm_obs is true but there are no obs_rms statistics to normalize observations with")
+        if (self.obs_keys is None) != (self.norm_obs_keys is None):
+            raise ValueError("obs_keys and norm_obs_keys must both be given (a Dict space) or both be absent")
+        missing = sorted(set(self.norm_obs_keys or ()) - set(self.obs_keys or ()))
+        if missing:
+            raise ValueError(f"norm_obs_keys {missing[:5]} have no obs_rms statistics")
+        return self
+
 
 class RandomState(_Model):
     """The random state that training draws from, restored at load so a resumed run continues exactly (``_rng.py``).
@@ -588,14 +603,15 @@ class RandomState(_Model):
     torch_cuda: int = Field(default=0, ge=0, le=1024)
     numpy_pos: int = Field(ge=0, le=624)
     numpy_has_gauss: Literal[0, 1]
-    numpy_gauss: StrictFloat
+    # the cached Gaussians are the next normal draws: finite (a NaN would be drawn later)
+    numpy_gauss: StrictFloat = Field(allow_inf_nan=False)
     python_version: Literal[3] = 3
-    python_gauss: StrictFloat | None = None
+    python_gauss: StrictFloat | None = Field(default=None, allow_inf_nan=False)
     spaces: dict[Literal["observation_space", "action_space"], dict[str, Any]] = items_field(
         default_factory=dict, max_length=2
     )
     envs: list[dict[str, Any] | None] | None = list_field(default=None, max_length=4096)
-    env_seeds: list[StrictInt | None] | None = list_field(default=None, max_length=4096)
+    env_seeds: list[Annotated[StrictInt, Field(ge=0)] | None] | None = list_field(default=None, max_length=4096)
     gsde: dict[AttrPath, list[Literal["exploration_mat", "exploration_matrices"]]] = items_field(
         default_factory=dict, max_length=64
     )

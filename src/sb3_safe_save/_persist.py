@@ -37,6 +37,7 @@ import stable_baselines3 as sb3
 import torch as th
 from gymnasium import spaces as gym_spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.distributions import DiagGaussianDistribution, StateDependentNoiseDistribution
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.utils import check_for_correct_spaces
@@ -975,6 +976,20 @@ def _commit_optimizer(optimizer: th.optim.Optimizer, state: Any, name: str) -> N
 
 #: Optimizers whose per-parameter state tensors (beyond 0-d counters) have their parameter's shape.
 _PARAM_SHAPED_STATE = {"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "SGD", "Adagrad", "RMSpropTFLike"}
+_RMSPROP_STATE = (("step", None), ("square_avg", None), ("momentum_buffer", "momentum"), ("grad_avg", "centered"))
+_ADAM_STATE = (("step", None), ("exp_avg", None), ("exp_avg_sq", None), ("max_exp_avg_sq", "amsgrad"))
+#: The per-parameter state ``step`` reads once a parameter has any: (key, the group setting that makes it needed).
+_REQUIRED_STATE: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "Adam": _ADAM_STATE,
+    "AdamW": _ADAM_STATE,
+    "Adamax": (("step", None), ("exp_avg", None), ("exp_inf", None)),
+    "NAdam": (("step", None), ("mu_product", None), ("exp_avg", None), ("exp_avg_sq", None)),
+    "RAdam": (("step", None), ("exp_avg", None), ("exp_avg_sq", None)),
+    "Adagrad": (("step", None), ("sum", None)),
+    "RMSprop": _RMSPROP_STATE,
+    "RMSpropTFLike": _RMSPROP_STATE,
+    "SGD": (),  # momentum_buffer: a tensor or None, read with state.get
+}
 
 
 def _check_optimizer_state(optimizer: th.optim.Optimizer, state: Any, name: str) -> None:
@@ -1000,14 +1015,45 @@ def _check_optimizer_state(optimizer: th.optim.Optimizer, state: Any, name: str)
         params.update(zip(saved["params"], group["params"], strict=True))
     if len(params) != sum(len(g["params"]) for g in groups) or not all(type(k) is int for k in params):
         raise fail("parameter ids must be distinct integers")
-    check_shapes = type(optimizer).__name__ in _PARAM_SHAPED_STATE
+    kind = type(optimizer).__name__
+    group_of = {p: saved for saved in saved_groups for p in saved["params"]}  # load_state_dict keeps the stored settings
     for key, param_state in state["state"].items():
         if key not in params or not isinstance(param_state, dict):
             raise fail(f"state for parameter {key!r}, which no parameter group holds")
-        shape = params[key].shape
-        for k, v in param_state.items():
-            if check_shapes and isinstance(v, th.Tensor) and v.dim() > 0 and v.shape != shape:
-                raise fail(f"state {k!r} of parameter {key} has shape {list(v.shape)}, the parameter {list(shape)}")
+        why = _param_state_problem(kind, param_state, params[key].shape, group_of[key])
+        if why is not None:
+            raise fail(f"parameter {key}: {why}")
+
+
+def _param_state_problem(kind: str, state: Mapping[Any, Any], shape: th.Size, group: Any) -> str | None:
+    """What a built-in optimizer (``kind``) would trip over in one parameter's state, or take wrongly.
+
+    Tensors beyond 0-d counters have the parameter's shape. Once a parameter has any state, ``step``
+    reads every needed value (``_REQUIRED_STATE``): each must be a tensor (``step``: a finite count >= 0,
+    as a number or a one-element tensor); other values may also be None (SGD's ``momentum_buffer``).
+    """
+    for k, v in state.items():
+        if kind in _PARAM_SHAPED_STATE and isinstance(v, th.Tensor) and v.dim() > 0 and v.shape != shape:
+            return f"state {k!r} has shape {list(v.shape)}, the parameter {list(shape)}"
+    if kind not in _REQUIRED_STATE or not state:  # an empty state is built at the first step
+        return None
+    required = _REQUIRED_STATE[kind]
+    needed = {key for key, setting in required if setting is None or (isinstance(group, dict) and group.get(setting))}
+    missing = sorted(needed - set(state))
+    if missing:
+        return f"state {missing[0]!r} is missing ({kind} reads {', '.join(sorted(needed))})"
+    for key, value in state.items():
+        if key == "step":
+            number = value.item() if isinstance(value, th.Tensor) and value.numel() == 1 and not value.is_complex() else value
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number < float("inf"):
+                return f"state 'step' is {_describe(value)}, not a non-negative step count"
+        elif not isinstance(value, th.Tensor) and (key in needed or value is not None):
+            return f"state {key!r} is {_describe(value)}, not a tensor"
+    return None
+
+
+def _describe(value: Any) -> str:
+    return f"a {type(value).__name__}" + (f" {list(value.shape)}" if isinstance(value, th.Tensor) else f" {value!r:.40}")
 
 
 def _same_kind(a: Any, b: Any) -> bool:
@@ -1101,15 +1147,28 @@ def _plan_module(
     tensor_keys = [f"{entry.name}/{key}" for key in entry.keys]
     for key, tensor_key in zip(entry.keys, tensor_keys, strict=True):
         _check_target(body, tensor_key, targets[key], protected)
+    scales = _noise_scales(module)
+    staged = {  # read (and checked) now: a value the policy cannot sample with is refused before any copy
+        key: _checked_noise_scale(body.read_tensor(tensor_key), scales[id(targets[key])], tensor_key)
+        for key, tensor_key in zip(entry.keys, tensor_keys, strict=True)
+        if id(targets[key]) in scales
+    }
     if not _fast_path_ok(module):
-        state = {key: body.read_tensor(tensor_key) for key, tensor_key in zip(entry.keys, tensor_keys, strict=True)}
+        state = {
+            key: staged[key] if key in staged else body.read_tensor(tensor_key)
+            for key, tensor_key in zip(entry.keys, tensor_keys, strict=True)
+        }
         state.update({alias: state[canonical] for alias, canonical in entry.aliases.items()})
         return functools.partial(_commit_state_dict, module, state, entry.name), []
 
     def commit() -> None:
         try:
             for key, tensor_key in zip(entry.keys, tensor_keys, strict=True):
-                body.read_into_tensor(tensor_key, targets[key])
+                if key in staged:
+                    with th.no_grad():
+                        targets[key].copy_(staged[key])
+                else:
+                    body.read_into_tensor(tensor_key, targets[key])
         except FormatError as e:
             raise StateMismatchError(str(e)) from None
         with th.no_grad():
@@ -1118,6 +1177,32 @@ def _plan_module(
                     targets[alias].copy_(targets[canonical])
 
     return commit, tensor_keys
+
+
+def _noise_scales(module: th.nn.Module) -> dict[int, Callable[[th.Tensor], th.Tensor]]:
+    """The log standard deviations a Gaussian policy in ``module`` samples with: ``id(parameter)`` -> log_std to std."""
+    found: dict[int, Callable[[th.Tensor], th.Tensor]] = {}
+    for m in module.modules():
+        dist, log_std = getattr(m, "action_dist", None), getattr(m, "log_std", None)
+        if isinstance(log_std, th.nn.Parameter) and isinstance(dist, StateDependentNoiseDistribution):
+            found[id(log_std)] = dist.get_std
+        elif isinstance(log_std, th.nn.Parameter) and isinstance(dist, DiagGaussianDistribution):
+            found[id(log_std)] = th.exp
+    return found
+
+
+def _checked_noise_scale(log_std: th.Tensor, to_std: Callable[[th.Tensor], th.Tensor], key: str) -> th.Tensor:
+    """``log_std`` if the standard deviation it gives is positive and finite (``Normal`` refuses anything else)."""
+    with th.no_grad():
+        std = to_std(log_std)
+    bad = ~(th.isfinite(std) & (std > 0))
+    if bool(bad.any()):
+        raise StateMismatchError(
+            f"tensor {key!r}: the log standard deviation {log_std.flatten()[:4].tolist()} gives a standard deviation of"
+            f" {std[bad][0].item()}; it must give a positive, finite one, or the policy cannot sample actions"
+            " (the file is corrupted, forged, or saved from a run that diverged)"
+        )
+    return log_std
 
 
 def _check_aliases(entry: ModuleState, targets: Mapping[str, th.Tensor], protected: set[int]) -> None:
@@ -1157,6 +1242,10 @@ def _plan_module_partial(
     for key in keys:
         _check_target(body, f"{entry.name}/{key}", targets[key], protected)
     state = {key: body.read_tensor(f"{entry.name}/{key}") for key in keys}
+    scales = _noise_scales(module)
+    for key in keys:
+        if id(targets[key]) in scales:
+            _checked_noise_scale(state[key], scales[id(targets[key])], f"{entry.name}/{key}")
     state.update({a: state[c] for a, c in entry.aliases.items() if a in targets and c in state})
     for alias in state.keys() - set(keys):
         if state[alias].shape != targets[alias].shape or id(targets[alias]) in protected:

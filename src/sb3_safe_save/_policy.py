@@ -28,7 +28,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.utils import get_device
 
-from sb3_safe_save import _weights
+from sb3_safe_save import _rng, _weights
 from sb3_safe_save._deferred import deferred_optimizers
 from sb3_safe_save._errors import FormatError
 from sb3_safe_save._file import PathLike, _open, _parse
@@ -97,6 +97,7 @@ def policy_view(manifest: Manifest) -> Manifest:
     )
 
 
+@_rng.keep_on_error  # building the policy draws gSDE noise from torch's generator: a refused file leaves it as it was
 def load_policy(
     path: PathLike,
     device: th.device | str = "auto",

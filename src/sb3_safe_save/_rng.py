@@ -168,6 +168,7 @@ def prepare_restore(
     """
     torch_cpu = read(PREFIX + "torch_cpu")
     _check(lambda: th.Generator().set_state(torch_cpu), "torch_cpu")
+    _check_torch_normals(torch_cpu)
     cuda = [read(f"{PREFIX}torch_cuda/{i}") for i in range(state.torch_cuda)]
     key = _uint32(read(PREFIX + "numpy_key"), 624, "numpy_key")
     numpy_state = {
@@ -191,12 +192,7 @@ def prepare_restore(
         if path not in dists:
             raise StateMismatchError(f"random_state.gsde: the file has gSDE noise at {path!r}, the rebuilt model does not")
         for attr, value in tensors.items():
-            current = getattr(dists[path], attr, None)
-            if isinstance(current, th.Tensor) and (current.dtype != value.dtype or current.shape[-2:] != value.shape[-2:]):
-                raise StateMismatchError(
-                    f"random_state.gsde: {path}.action_dist.{attr} is stored as {value.dtype} {list(value.shape)},"
-                    f" the rebuilt model has {current.dtype} {list(current.shape)}"
-                )
+            _check_gsde(dists[path], f"{path}.action_dist.{attr}", attr, value)
     venv = model.get_env() if env_given else None
     envs = None
     if venv is not None and state.envs is not None:
@@ -219,6 +215,40 @@ def prepare_restore(
         th.set_rng_state(torch_cpu)
 
     return apply
+
+
+#: Where torch's CPU generator state (5056 bytes: ATen's ``CPUGeneratorImplState``) keeps its cached normal
+#: draws: ``normal_x``, ``normal_y``, ``normal_rho`` (float64; ``normal_y`` is the next ``randn`` value when
+#: ``normal_is_valid``) and ``next_float_normal_sample`` (float32).
+_TORCH_NORMALS = ((5016, "<f8", 3), (5048, "<f4", 1))
+
+
+def _check_torch_normals(state: th.Tensor) -> None:
+    """Refuse a torch CPU state whose cached normal draws are NaN or infinite (the next ``randn`` would return them)."""
+    raw = state.numpy()
+    for offset, dtype, count in _TORCH_NORMALS:
+        values = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
+        if not np.isfinite(values).all():
+            raise FormatError(
+                f"random_state.torch_cpu: the cached normal draw is {values.tolist()}: it must be finite"
+                " (the next torch.randn would return it); the file is corrupted or forged"
+            )
+
+
+def _check_gsde(dist: StateDependentNoiseDistribution, where: str, attr: str, value: th.Tensor) -> None:
+    """Refuse gSDE noise that ``get_noise`` cannot use: ``exploration_mat`` is ``(latent_sde_dim, action_dim)``,
+    ``exploration_matrices`` ``(n, latent_sde_dim, action_dim)``, both of the model's dtype and finite."""
+    current = getattr(dist, attr, None)
+    rank = 2 if attr == "exploration_mat" else 3
+    expected = (getattr(dist, "latent_sde_dim", None), getattr(dist, "action_dim", None))
+    dtype = current.dtype if isinstance(current, th.Tensor) else th.get_default_dtype()
+    if value.dim() != rank or value.dtype != dtype or tuple(value.shape[-2:]) != expected:
+        raise StateMismatchError(
+            f"random_state.gsde: {where} is stored as {value.dtype} {list(value.shape)}; the rebuilt model needs a"
+            f" {dtype} tensor of rank {rank} ending in {list(expected)}"
+        )
+    if not bool(th.isfinite(value).all()):
+        raise StateMismatchError(f"random_state.gsde: {where} holds NaN or infinite values; gSDE noise must be finite")
 
 
 def _apply(

@@ -460,6 +460,21 @@ ZOO_SLOTS = {
 }
 
 
+#: Wrapper and callback arguments that name a file or a folder: where the class writes (VecMonitor's ``filename``,
+#: the video recorders' ``video_folder`` and ``name_prefix``, SB3's and rl-zoo3's callbacks' ``save_path``,
+#: ``log_path``, ``best_model_save_path``, ``name_prefix``, Monitor's ``filename``, loggers' ``log_dir``). A saved
+#: config may not set them, whoever trusts the class: they would choose which files ``enjoy`` truncates and
+#: where it creates folders.
+ZOO_PATH_ARGUMENTS = frozenset(
+    {"filename", "video_folder", "name_prefix", "save_path", "log_path", "best_model_save_path", "log_dir", "folder"}
+)
+
+
+def zoo_path_arguments(kwargs: Any) -> list[str]:
+    """The arguments in ``kwargs`` (of a wrapper or callback named in a saved config) that name a file or a folder."""
+    return sorted(k for k in kwargs if k in ZOO_PATH_ARGUMENTS) if isinstance(kwargs, dict) else []
+
+
 def _in_packages(module: str, packages: Iterable[str]) -> bool:
     return any(module == p or module.startswith(p + ".") for p in packages)
 

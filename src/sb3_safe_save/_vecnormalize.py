@@ -281,6 +281,8 @@ def _stage(venv_norm: VecNormalize, state: VecNormalizeState, read: ReadTensor) 
                     f"the VecNormalize statistics are for Dict keys {state.obs_keys}; this env has {space}"
                 )
             obs_rms = {k: _read_rms(read_array, f"obs_rms/{k}", space.spaces[k].shape) for k in state.obs_keys}
+        elif isinstance(space, spaces.Dict):  # normalize_obs would look up obs_rms[key]
+            raise StateMismatchError(f"the VecNormalize statistics are for one array, not per Dict key; this env has {space}")
         else:
             obs_rms = _read_rms(read_array, "obs_rms", space.shape)
     ret_rms = _read_rms(read_array, "ret_rms", ())
@@ -331,8 +333,12 @@ def _read_rms(read: Callable[[str], Any], prefix: str, shape: Any) -> RunningMea
             f"VecNormalize {prefix}: the stored statistics have shape {list(mean.shape)} but the env's"
             f" observations have shape {list(shape)}; load them with the env they were computed on"
         )
-    if mean.dtype != np.float64 or var.dtype != np.float64 or count.shape != ():
+    if mean.dtype != np.float64 or var.dtype != np.float64 or count.shape != () or count.dtype != np.float64:
         raise FormatError(f"VecNormalize {prefix}: mean/var must be float64 and count a float64 scalar")
+    if not (np.isfinite(mean).all() and np.isfinite(var).all() and (var >= 0).all() and 0 < count < math.inf):
+        raise FormatError(  # normalizing with them gives NaN, which a policy's distribution then refuses
+            f"VecNormalize {prefix}: mean and var must be finite, var >= 0 and count > 0 and finite"
+        )
     rms = RunningMeanStd(shape=mean.shape)
     rms.mean, rms.var, rms.count = mean, var, float(count)  # (RunningMeanStd.update makes 0-d ret_rms numpy scalars)
     return rms

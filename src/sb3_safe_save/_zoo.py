@@ -29,7 +29,11 @@ What rl-zoo3 does unsafely and what happens here instead:
 * ``normalize: "dict(norm_obs=True, norm_reward=False)"`` is ``eval()``-ed (rl-zoo #505): here only a dict
   literal or ``dict(key=literal, ...)`` is accepted.
 * ``env_wrapper``/``vec_env_wrapper`` named in a saved config are imported and called by ``enjoy``: here
-  they must be wrapper or callback classes defined under ``_trust.ZOO_PACKAGES``, or given with ``--trust``.
+  they must be wrapper or callback classes defined under ``_trust.ZOO_PACKAGES``, or given with ``--trust``;
+  and their arguments from the config may not name files or folders (``_trust.ZOO_PATH_ARGUMENTS``:
+  ``VecMonitor(filename=...)`` would truncate a file of the caller's and create folders anywhere writable).
+* text from a config reaches the terminal only escaped (``python -m sb3_safe_save.zoo`` prints errors,
+  tracebacks and warnings through the CLI's ``clean``): no ANSI escape, bell or bidirectional override.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecFrameStack, VecNormalize
 
 from sb3_safe_save._errors import FormatError, PickleRefusedError, UntrustedTypeError
 from sb3_safe_save._mixin import safe
-from sb3_safe_save._trust import ZOO_PACKAGES, ZOO_SLOTS, zoo_refusals
+from sb3_safe_save._trust import ZOO_PACKAGES, ZOO_PATH_ARGUMENTS, ZOO_SLOTS, zoo_path_arguments, zoo_refusals
 
 #: rl-zoo3 versions (major, minor) whose ``ExperimentManager``/``enjoy`` this module was written against and tested on.
 SUPPORTED_RL_ZOO3: tuple[tuple[int, int], ...] = ((2, 9),)
@@ -177,13 +181,25 @@ def _check_kwargs(kwargs: Any, where: str) -> dict[str, Any]:
 
 
 def check_wrappers(hyperparams: dict[str, Any], trusted: Sequence[str], where: str) -> None:
-    """Refuse ``env_wrapper``/``vec_env_wrapper``/``callback`` names that ``_trust.zoo_refusals`` refuses."""
+    """Refuse ``env_wrapper``/``vec_env_wrapper``/``callback`` names that ``_trust.zoo_refusals`` refuses, and
+    arguments for them that name a file or a folder (``_trust.zoo_path_arguments``), before anything is imported."""
     names: dict[str, list[str]] = {}
+    paths: list[str] = []
     for key in ZOO_SLOTS:
         value = hyperparams.get(key)
         for item in value if isinstance(value, list) else [] if value is None else [value]:
-            name = str(next(iter(item)) if isinstance(item, dict) and len(item) == 1 else item)
+            with_kwargs = isinstance(item, dict) and len(item) == 1  # {name: kwargs}, as rl-zoo3 reads it
+            name = str(next(iter(item)) if with_kwargs else item)
             names.setdefault(name, []).append(key)
+            arguments = zoo_path_arguments(next(iter(item.values())) if with_kwargs else None)
+            if arguments:
+                paths.append(f"  {key}: {name}({', '.join(f'{a}=...' for a in arguments)})")
+    if paths:
+        raise FormatError(
+            f"{where} gives wrappers or callbacks arguments that name a file or folder:\n" + "\n".join(paths) + "\n"
+            "A saved config may not choose where enjoy writes (it could truncate your files or create folders"
+            f" anywhere). Remove those arguments from {where}; refused: {', '.join(sorted(ZOO_PATH_ARGUMENTS))}"
+        )
     refusals = zoo_refusals(names, list(trusted))
     if refusals:
         error = UntrustedTypeError([r.ref for r in refusals], {r.ref: [f"{where}: {k}" for k in r.paths] for r in refusals})
