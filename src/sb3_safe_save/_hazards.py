@@ -87,10 +87,11 @@ def resource_modules(model: BaseAlgorithm, extra: Mapping[int, tuple[str, Any]] 
         if isinstance(unwrap(obj), th.nn.Module):
             found[ident] = (key, unwrap(obj))
     _collect(getattr(model, "policy_kwargs", None), "policy_kwargs", found, 0)
-    for key, path in getattr(type(model), "safe_save_resources", {}).items():
+    declared = getattr(type(model), "safe_save_resources", {})
+    if declared:
+        from sb3_safe_save._walker import resolve_attr  # only then: the walker imports the codecs and pydantic
+    for key, path in declared.items():
         with contextlib.suppress(AttributeError, LookupError, TypeError, ValueError):
-            from sb3_safe_save._walker import resolve_attr
-
             obj = unwrap(resolve_attr(model, path))
             if isinstance(obj, th.nn.Module):
                 found.setdefault(id(obj), (key, obj))
