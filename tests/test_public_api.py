@@ -12,6 +12,7 @@ EXPECTED = {
     "FORMAT_VERSION",
     "AlgorithmMismatchError",
     "AuditReport",
+    "CheckpointWriteError",
     "External",
     "Finding",
     "FormatError",
@@ -67,6 +68,7 @@ EXPECTED = {
     "trust",
     "unregister_resource",
     "unwrap",
+    "wait_for_checkpoint",
 }
 
 
