@@ -153,9 +153,16 @@ def test_a_failed_write_is_raised_by_wait_once(tmp_path: Path, monkeypatch: pyte
 def test_a_failed_write_is_raised_by_the_next_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = bandit_model("SAC")
     model.learn(32)
-    monkeypatch.setattr(persist, "write_file", disk_full)
+    failed = threading.Event()
+
+    def fails(path: Any, *args: Any, **kwargs: Any) -> None:
+        failed.set()
+        disk_full(path)
+
+    monkeypatch.setattr(persist, "write_file", fails)
     first = save_checkpoint(model, tmp_path / "first", blocking=False)
-    monkeypatch.undo()
+    assert failed.wait(60)
+    monkeypatch.undo()  # the next checkpoint would be written
     with pytest.raises(CheckpointWriteError) as info:
         save_checkpoint(model, tmp_path / "second")
     assert str(info.value) == message(first)

@@ -8,7 +8,8 @@ A checkpoint directory holds
 
 ``save_checkpoint`` writes into a hidden temporary directory beside the target and renames it into
 place, so a reader sees the old checkpoint or the new one, never a mix. ``ResumeCheckpointCallback``
-takes one periodically and keeps the last ``keep_last``.
+takes one periodically and keeps the last ``keep_last``. With ``blocking=False`` the training thread
+only stages a copy and one background thread writes the directory the same way (``_background``).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 
 class SafeSaveError(Exception):
@@ -299,7 +300,7 @@ class CheckpointWriteError(SafeSaveError, RuntimeError):
     :param cause: what the write raised
     """
 
-    def __init__(self, path: object, cause: BaseException) -> None:
+    def __init__(self, path: Path, cause: BaseException) -> None:
         self.path = path
         self.cause = cause
         super().__init__(
