@@ -278,25 +278,26 @@ def _range(mode: dict[str, Any]) -> str:
 
 
 FINDINGS = """\
-## Findings (2026-12-06 05:55-06:11 UTC, the run above; the 2-core machine was shared, load average 4-6)
+## Findings (2026-12-06 06:18-06:32 UTC, the run above; the 2-core machine is shared, load average 1-2)
 
-- **Stall: goal met.** A background checkpoint blocks the training thread for 0.20 s (median of the 9 later
-  checkpoints, 0.10-0.37 s) against 5.09 s for a blocking one (3.9-6.5 s): **0.040**. What is left is the
-  copy of the 1.09 GB of filled rows into the staging memory kept from the previous checkpoint, plus the walk
-  of the model. No checkpoint waited for the previous write (10 s of training between checkpoints, a write
-  takes about 5 s here).
-- **First checkpoint: 0.535.** It copies into fresh pages: 1.5-2.5 s of page faults for 1 GB on this VM, against
-  0.2 s into mapped memory. Later checkpoints reuse the memory. In a real run the buffer fills between
-  checkpoints, so each checkpoint faults in only the pages of the rows added since the previous one.
-- **The write still costs CPU, now beside training.** The writer thread used 2.08 s of CPU per checkpoint (the
-  copy into the page cache is most of it; hashing 1 GB is 0.1 s). The training thread's own CPU time per chunk
-  did not change (5.76 s before, 5.95 s after a checkpoint), but with two cores shared by other jobs its chunk
-  took a median 1.6 s longer while the writer ran (-1.8 to +7.0 s: noisy). Counting that slowdown too, the
-  background mode cost 0.34 of the blocking one. On a machine with an idle core the writer's CPU is not taken
-  from training; on a machine without one, at most the CPU of the write is (not the I/O wait and fsync, which
-  are most of a blocking checkpoint).
+- **Stall: goal met.** A background checkpoint blocks the training thread for 0.106 s (median of the 9 later
+  checkpoints, 0.096-0.153 s) against 1.28 s for a blocking one (1.09-1.50 s): **0.083**. What is left is
+  the copy of the 1.09 GB of filled rows into the staging memory kept from the previous checkpoint (0.09 s
+  per GB here; splitting it over a thread pool was slower on these 2 cores), plus the walk of the model. No
+  checkpoint waited for the previous write (10 s of training between checkpoints).
+- **First checkpoint: 0.865** (0.73-1.22 s). It copies into fresh pages, and first touches of 1 GB cost this
+  VM 0.7-1.2 s. Later checkpoints reuse the memory. In a real run the buffer fills between checkpoints, so
+  each checkpoint touches only the pages of the rows added since the previous one.
+- **The writer's CPU runs beside training.** It used 0.53 s of CPU per checkpoint; the training thread's
+  CPU time per chunk did not grow (9.88 s before, 9.44 s after a checkpoint) and its wall time grew by a
+  median 0.04 s (-2.1 to +2.1 s: noise of a shared machine). Counting that too: 0.088 of blocking.
 - **Memory: +1045 MB peak RSS**, one copy of the checkpoint (the filled buffer rows and the model), kept with
   the model for the next checkpoints. A blocking checkpoint writes from views and adds 7 MB.
+- **Earlier run, busier machine** (`earlier` in the JSON: 05:55 UTC, load average 4-6, this branch before its
+  rebase on the writer that hashes the bytes it writes): blocking checkpoints took 5.09 s, background ones
+  stalled 0.20 s (0.040), but the writer's 2.1 s of CPU per checkpoint came out of training's share of the
+  two busy cores: its chunks took a median 1.6 s longer (0.34 of blocking, stall and slowdown together).
+  Where no core is idle, a background checkpoint still saves the I/O wait and fsync, not the CPU of the write.
 """
 
 
