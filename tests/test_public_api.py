@@ -12,6 +12,7 @@ EXPECTED = {
     "FORMAT_VERSION",
     "AlgorithmMismatchError",
     "AuditReport",
+    "CheckpointWriteError",
     "External",
     "Finding",
     "FormatError",
@@ -67,6 +68,7 @@ EXPECTED = {
     "trust",
     "unregister_resource",
     "unwrap",
+    "wait_for_checkpoint",
 }
 
 
@@ -84,7 +86,7 @@ def test_public_names_exist_and_nothing_else_is_public() -> None:
 
 def test_every_error_is_a_safe_save_error() -> None:
     errors = [getattr(sb3_safe_save, n) for n in sb3_safe_save.__all__ if n.endswith("Error")]
-    assert len(errors) == 19
+    assert len(errors) == 20
     for cls in errors:
         assert issubclass(cls, sb3_safe_save.SafeSaveError), cls
 

@@ -8,6 +8,7 @@ import typing as _typing
 
 from sb3_safe_save._errors import (
     AlgorithmMismatchError,
+    CheckpointWriteError,
     FormatError,
     HazardError,
     HazardWarning,
@@ -35,7 +36,13 @@ from sb3_safe_save._version import __version__
 
 if _typing.TYPE_CHECKING:
     from sb3_safe_save._audit import AuditReport, Finding, assert_save_budget, audit
-    from sb3_safe_save._checkpoint import ResumeCheckpointCallback, list_checkpoints, load_checkpoint, save_checkpoint
+    from sb3_safe_save._checkpoint import (
+        ResumeCheckpointCallback,
+        list_checkpoints,
+        load_checkpoint,
+        save_checkpoint,
+        wait_for_checkpoint,
+    )
     from sb3_safe_save._file import read_manifest
     from sb3_safe_save._hub import load_from_hub, package_for_hub, push_to_hub
     from sb3_safe_save._manifest import FORMAT_VERSION, Hazard, Manifest, Placeholder, ResourceSpec
@@ -64,6 +71,7 @@ _LAZY = {
     "list_checkpoints": "sb3_safe_save._checkpoint",
     "load_checkpoint": "sb3_safe_save._checkpoint",
     "save_checkpoint": "sb3_safe_save._checkpoint",
+    "wait_for_checkpoint": "sb3_safe_save._checkpoint",
     "FORMAT_VERSION": "sb3_safe_save._manifest",
     "Hazard": "sb3_safe_save._manifest",
     "Manifest": "sb3_safe_save._manifest",
@@ -103,6 +111,7 @@ __all__ = [
     "FORMAT_VERSION",
     "AlgorithmMismatchError",
     "AuditReport",
+    "CheckpointWriteError",
     "External",
     "Finding",
     "FormatError",
@@ -158,4 +167,5 @@ __all__ = [
     "trust",
     "unregister_resource",
     "unwrap",
+    "wait_for_checkpoint",
 ]

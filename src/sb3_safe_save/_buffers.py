@@ -46,6 +46,8 @@ from sb3_safe_save._trust import ref_of
 if TYPE_CHECKING:
     from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
+    from sb3_safe_save._persist import StagedFile
+
 META_BUFFER = "sb3_safe_save.replay_buffer"
 META_BUFFER_CHECKSUM = "sb3_safe_save.replay_buffer.xxh3_128"
 _PER_ROW = ("actions", "rewards", "dones", "timeouts")
@@ -104,7 +106,15 @@ def _arrays(buffer: ReplayBuffer, rows: int) -> dict[str, np.ndarray]:
 
 def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.BufferedIOBase, *, fsync: bool = True) -> None:
     """Write the filled part of ``buffer`` to one safetensors file (atomic for paths). See the module docstring."""
-    from sb3_safe_save._persist import current_versions, header_metadata, write_file  # local: keeps import cheap
+    stage_buffer(buffer).write(path, fsync=fsync)  # creates folders, as SB3's save_to_pkl does
+
+
+def stage_buffer(buffer: ReplayBuffer) -> StagedFile:
+    """What ``save_buffer`` writes, not yet written: views of the filled rows, the header's values.
+
+    ``capacity`` gives each array's full size, so a stager can keep one copy for every later checkpoint.
+    """
+    from sb3_safe_save._persist import StagedFile, current_versions, header_metadata  # local: keeps import cheap
 
     if not isinstance(buffer, ReplayBuffer):
         raise UnsupportedObjectError(
@@ -144,7 +154,7 @@ def save_buffer(buffer: ReplayBuffer, path: str | os.PathLike[str] | io.Buffered
         tensors={},
     )
     metadata = header_metadata(header, blobs, META_BUFFER, META_BUFFER_CHECKSUM)
-    write_file(path, blobs, metadata, fsync=fsync)  # creates folders, as SB3's save_to_pkl does
+    return StagedFile(blobs, metadata, {key: _get(buffer, key).nbytes for key in blobs})
 
 
 # ---------------------------------------------------------------------------------------------- load

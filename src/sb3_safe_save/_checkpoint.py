@@ -8,7 +8,8 @@ A checkpoint directory holds
 
 ``save_checkpoint`` writes into a hidden temporary directory beside the target and renames it into
 place, so a reader sees the old checkpoint or the new one, never a mix. ``ResumeCheckpointCallback``
-takes one periodically and keeps the last ``keep_last``.
+takes one periodically and keeps the last ``keep_last``. With ``blocking=False`` the training thread
+only stages a copy and one background thread writes the directory the same way (``_background``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pathlib
 import re
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 from pydantic import Field, StrictFloat, StrictInt, ValidationError
@@ -28,7 +29,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import GymEnv
 
-from sb3_safe_save import _weights
+from sb3_safe_save import _background, _weights
 from sb3_safe_save._errors import FormatError, StateMismatchError
 from sb3_safe_save._manifest import _Model, items_field, list_field
 
@@ -67,40 +68,102 @@ def save_checkpoint(
     callbacks: Sequence[BaseCallback] = (),
     replay_buffer: bool = True,
     vec_normalize: bool = True,
+    blocking: bool = True,
 ) -> pathlib.Path:
     """Write everything a resume needs into the directory ``path``, atomically.
+
+    With ``blocking=False`` the checkpoint is staged (its tensors and the replay buffer's filled rows
+    copied into memory kept for the next checkpoints) and written by a background thread; training may
+    go on at once. At most one checkpoint is in flight: the next ``save_checkpoint``, ``wait_for_checkpoint()``
+    and process exit wait for it. A failed background write raises ``CheckpointWriteError`` from the
+    next of these. Until the write has finished, ``path`` is the previous checkpoint of that name, or nothing.
 
     :param model: the model (its class must come from ``safe()`` or use ``SafeSaveMixin``)
     :param path: the checkpoint directory; an existing one is replaced as a whole
     :param callbacks: callbacks whose counters to store (``n_calls``, ``best_mean_reward``, ...)
     :param replay_buffer: store the replay buffer of an off-policy model
     :param vec_normalize: store the env's VecNormalize statistics, if it has one
-    :return: the checkpoint directory
+    :param blocking: False: return once the checkpoint is staged, write it in the background
+    :return: the checkpoint directory (with ``blocking=False``, where it will be once written)
+    :raises CheckpointWriteError: the previous checkpoint, written in the background, failed
+        (this one is then not taken)
     """
-    from sb3_safe_save._buffers import save_buffer
-    from sb3_safe_save._persist import save_model
+    return _save(model, path, callbacks, replay_buffer, vec_normalize, blocking)
 
+
+def _save(
+    model: BaseAlgorithm,
+    path: str | os.PathLike[str],
+    callbacks: Sequence[BaseCallback],
+    replay_buffer: bool,
+    vec_normalize: bool,
+    blocking: bool,
+    then: Callable[[], None] | None = None,
+) -> pathlib.Path:
+    """``save_checkpoint``; ``then`` runs once the checkpoint is in place (in the writer thread if not blocking)."""
+    from sb3_safe_save._buffers import save_buffer, stage_buffer
+    from sb3_safe_save._persist import save_model, stage_model
+
+    _background.wait()  # the previous checkpoint first: it raises its failure here
     target = pathlib.Path(path)
+    buffer = getattr(model, "replay_buffer", None) if replay_buffer else None
+    index = CheckpointIndex(
+        num_timesteps=model.num_timesteps,
+        replay_buffer=buffer is not None,
+        callbacks=[_callback_state(cb) for cb in callbacks],
+    )
+    venv = model.get_vec_normalize_env() if vec_normalize else None
+    if blocking:
+
+        def write(tmp: pathlib.Path) -> None:
+            save_model(model, tmp / MODEL_FILE, vec_normalize=venv)
+            if buffer is not None:
+                save_buffer(buffer, tmp / BUFFER_FILE)
+
+        _write_directory(target, index, write)
+        if then is not None:
+            then()
+        return target
+    files = {MODEL_FILE: stage_model(model, vec_normalize=venv)}
+    if buffer is not None:
+        files[BUFFER_FILE] = stage_buffer(buffer)
+    staged = _background.stager_for(model).stage(files)  # from here on training may change the model
+
+    def write_staged(tmp: pathlib.Path) -> None:
+        for name, file in staged.items():
+            file.write(tmp / name)
+
+    def job() -> None:
+        _write_directory(target, index, write_staged)
+        if then is not None:
+            then()
+
+    _background.submit(target, job)
+    return target
+
+
+def wait_for_checkpoint() -> pathlib.Path | None:
+    """Wait until the checkpoint being written in the background (``blocking=False``) is complete.
+
+    :return: its directory, or None if no checkpoint was in flight
+    :raises CheckpointWriteError: its write failed (raised once: by this call or by the next checkpoint)
+    """
+    return _background.wait()
+
+
+def _write_directory(target: pathlib.Path, index: CheckpointIndex, write: Callable[[pathlib.Path], None]) -> None:
+    """Write the files (``write(tmp)``) and the index into a hidden temporary directory, then rename it to ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        buffer = getattr(model, "replay_buffer", None) if replay_buffer else None
-        index = CheckpointIndex(
-            num_timesteps=model.num_timesteps,
-            replay_buffer=buffer is not None,
-            callbacks=[_callback_state(cb) for cb in callbacks],
-        )
-        save_model(model, tmp / MODEL_FILE, vec_normalize=model.get_vec_normalize_env() if vec_normalize else None)
-        if buffer is not None:
-            save_buffer(buffer, tmp / BUFFER_FILE)
+        write(tmp)
         _write_synced(tmp / INDEX_FILE, json.dumps(index.model_dump(), indent=2).encode())  # json: keeps -inf
         _weights._fsync_dir(tmp)
         _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def _counters(callback: BaseCallback) -> dict[str, int | float]:
@@ -204,6 +267,11 @@ class ResumeCheckpointCallback(BaseCallback):
     Checkpoints are taken at the start of a rollout, where the previous update has finished and no
     partial rollout is pending, into ``save_path/{name_prefix}_{num_timesteps}_steps``.
 
+    With ``blocking=False`` each checkpoint is staged in the training thread and written in the
+    background (``save_checkpoint(..., blocking=False)``); old checkpoints are deleted only once the new
+    one is in place. The end of ``learn()`` waits for the last write, so ``learn`` returns with every
+    checkpoint on disk, or raises ``CheckpointWriteError``.
+
     :param save_freq: take a checkpoint once at least this many environment steps (summed over envs)
         passed since the last one
     :param save_path: the directory holding the checkpoints
@@ -213,6 +281,7 @@ class ResumeCheckpointCallback(BaseCallback):
     :param save_replay_buffer: store the replay buffer of an off-policy model
     :param save_vecnormalize: store the VecNormalize statistics
     :param verbose: 1 prints a line per checkpoint
+    :param blocking: False: write each checkpoint in the background while training goes on
     """
 
     def __init__(
@@ -225,6 +294,7 @@ class ResumeCheckpointCallback(BaseCallback):
         save_replay_buffer: bool = True,
         save_vecnormalize: bool = True,
         verbose: int = 0,
+        blocking: bool = True,
     ) -> None:
         super().__init__(verbose)
         if save_freq < 1 or (keep_last is not None and keep_last < 1):
@@ -238,6 +308,7 @@ class ResumeCheckpointCallback(BaseCallback):
         self.other_callbacks = list(callbacks)
         self.save_replay_buffer = save_replay_buffer
         self.save_vecnormalize = save_vecnormalize
+        self.blocking = blocking
         self.last_checkpoint_timesteps = 0
 
     def _on_rollout_start(self) -> None:
@@ -246,21 +317,30 @@ class ResumeCheckpointCallback(BaseCallback):
             return
         self.last_checkpoint_timesteps = steps
         path = pathlib.Path(self.save_path) / f"{self.name_prefix}_{steps}_steps"
-        save_checkpoint(
-            self.model,
-            path,
-            callbacks=[self, *self.other_callbacks],
-            replay_buffer=self.save_replay_buffer,
-            vec_normalize=self.save_vecnormalize,
-        )
+        callbacks = [self, *self.other_callbacks]
+        _save(self.model, path, callbacks, self.save_replay_buffer, self.save_vecnormalize, self.blocking, self._rotate)
         if self.verbose >= 1:
             print(f"Saving resume checkpoint to {path}")
+
+    def _rotate(self) -> None:
         if self.keep_last is not None:
             for old in list_checkpoints(self.save_path, self.name_prefix)[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _on_step(self) -> bool:
         return True
+
+    def _on_training_end(self) -> None:
+        if not self.blocking:
+            self.wait()
+
+    def wait(self) -> pathlib.Path | None:
+        """Wait for the checkpoint being written in the background (``wait_for_checkpoint()``).
+
+        :return: its directory, or None if none was in flight
+        :raises CheckpointWriteError: its write failed
+        """
+        return wait_for_checkpoint()
 
 
 def list_checkpoints(save_path: str | os.PathLike[str], name_prefix: str = "checkpoint") -> list[pathlib.Path]:

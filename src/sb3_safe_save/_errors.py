@@ -22,6 +22,7 @@ it, so code that already catches ``ValueError``/``TypeError``/``LookupError`` ke
     │                                        load: the path is a directory (a checkpoint folder?), or no file is there
     ├── HazardError (RuntimeError)           build/learn: training would destroy a live resource (see ``_hazards.py``)
     ├── RemoteStorageUnavailableError (ImportError)  a URL path (s3://...) without fsspec or its backend installed
+    ├── CheckpointWriteError (RuntimeError)  a checkpoint written in the background failed (next call or wait)
     └── UnresolvedResourceError (RuntimeError)  use: an optional resource that was left unbound was used
 
 Warnings (``UserWarning`` subclasses): ``HazardWarning``, what training may do to a resource (warned when the
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 
 class SafeSaveError(Exception):
@@ -286,6 +288,26 @@ class RemoteStorageUnavailableError(SafeSaveError, ImportError):
 
     Install the extra: ``pip install "sb3-safe-save[remote]"`` (fsspec and s3fs).
     """
+
+
+class CheckpointWriteError(SafeSaveError, RuntimeError):
+    """Raised by the next checkpoint, or by ``wait_for_checkpoint()``, when a checkpoint written in the background failed.
+
+    No part of it is left under its name and the earlier checkpoints are unchanged. The original
+    exception is ``__cause__`` (and ``cause``).
+
+    :param path: the checkpoint directory that was not written
+    :param cause: what the write raised
+    """
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        self.path = path
+        self.cause = cause
+        super().__init__(
+            f"the checkpoint {path} was not written: its background write failed with {type(cause).__name__}: {cause}."
+            "\nNo part of it was left under that name and the earlier checkpoints are unchanged."
+            " Fix the cause (disk space, permissions, the path) and take the checkpoint again."
+        )
 
 
 class HazardWarning(UserWarning):

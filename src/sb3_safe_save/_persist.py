@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import io
@@ -115,17 +116,51 @@ def save_model(
         model, exclude, include, resources=resources, specs=specs, optional=optional,
         allow_pickle=allow_pickle, max_object_bytes=max_object_bytes,
     )  # fmt: skip
+    _warn_hazards(model, snapshot)
+    _warn_unloadable(model, excluded_names(model, exclude, include)[0])
+    _staged(model, snapshot, vec_normalize).write(path, fsync=fsync)
+
+
+def stage_model(model: BaseAlgorithm, *, vec_normalize: VecNormalize | None = None) -> StagedFile:
+    """What ``save_model(model, path, vec_normalize=...)`` writes, not yet written.
+
+    The blobs are views of the model's live memory: copy them (``_background.Stager``) before training goes on.
+    """
+    snapshot = snapshot_model(model)
+    _warn_hazards(model, snapshot)
+    _warn_unloadable(model, excluded_names(model, None, None)[0])
+    return _staged(model, snapshot, vec_normalize)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedFile:
+    """A file ready to write: its tensors as bytes, and its ``__metadata__`` (from the checksums as written).
+
+    ``save_model`` and ``save_buffer`` write one at once, from views of the live memory. An asynchronous
+    checkpoint copies the blobs first (``_background.Stager``) and writes the copy in the background.
+
+    :param blobs: tensor key -> bytes to write
+    :param metadata: the header for ``write_file`` (``header_metadata``: values taken when the file was staged)
+    :param capacity: tensor key -> bytes it may grow to (a replay buffer's arrays, as rows are added);
+        lets a stager keep one copy in memory for all later checkpoints
+    """
+
+    blobs: dict[str, _weights.Blob]
+    metadata: _weights.Metadata
+    capacity: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def write(self, path: PathLike, *, fsync: bool = True) -> None:
+        write_file(path, self.blobs, self.metadata, fsync=fsync)
+
+
+def _staged(model: BaseAlgorithm, snapshot: Snapshot, vec_normalize: VecNormalize | None) -> StagedFile:
     blobs = {key: _weights.to_blob(value) for key, value in snapshot.tensors.items()}
-    vn_state = None
+    manifest = build_manifest(model, snapshot, {})
     if vec_normalize is not None:
         vn_state, arrays = export_vecnormalize(vec_normalize)
         blobs.update({VN_PREFIX + key: _weights.to_blob(value) for key, value in arrays.items()})
-    _warn_hazards(model, snapshot)
-    _warn_unloadable(model, excluded_names(model, exclude, include)[0])
-    manifest = build_manifest(model, snapshot, {})
-    if vn_state is not None:
         manifest = manifest.model_copy(update={"vec_normalize": vn_state})
-    write_file(path, blobs, header_metadata(manifest, blobs, META_MANIFEST, META_CHECKSUM), fsync=fsync)
+    return StagedFile(blobs, header_metadata(manifest, blobs, META_MANIFEST, META_CHECKSUM))
 
 
 def _warn_hazards(model: BaseAlgorithm, snapshot: Snapshot) -> None:
