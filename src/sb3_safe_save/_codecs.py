@@ -344,13 +344,18 @@ class TorchDeviceCodec(Codec):
         return DeviceNode(value=str(value))
 
     def decode(self, node: DeviceNode, path: str, dec: Decoder) -> th.device:
-        try:
-            device = th.device(node.value)
-        except (RuntimeError, ValueError):
-            raise FormatError(f"{path}: {node.value!r} is not a torch device") from None
-        if device.type not in DEVICE_TYPES:  # "meta" builds a model that loads and then cannot run
-            raise FormatError(f"{path}: device {node.value!r} is not allowed in a file (types: {sorted(DEVICE_TYPES)})")
-        return device
+        return decode_device(node.value, path)
+
+
+def decode_device(value: str, path: str) -> th.device:
+    """The device a file names at ``path``; decided from the text alone, so load's phase 2 refuses it too."""
+    try:
+        device = th.device(value)
+    except (RuntimeError, ValueError):
+        raise FormatError(f"{path}: {value!r} is not a torch device") from None
+    if device.type not in DEVICE_TYPES:  # "meta" builds a model that loads and then cannot run
+        raise FormatError(f"{path}: device {value!r} is not allowed in a file (types: {sorted(DEVICE_TYPES)})")
+    return device
 
 
 #: Device types a file may name (a stored device never decides where the model runs: ``load(device=)`` does).
