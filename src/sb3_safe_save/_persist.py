@@ -27,6 +27,7 @@ import json
 import os
 import pathlib
 import platform
+import sys
 import threading
 import types
 import warnings
@@ -46,7 +47,7 @@ from stable_baselines3.common.utils import check_for_correct_spaces
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_safe_save import _hazards, _remote, _rng, _weights
-from sb3_safe_save._codecs import BY_KIND, decode_device, schedule_class_missing
+from sb3_safe_save._codecs import BY_KIND, check_object_state, decode_device, schedule_class_missing
 from sb3_safe_save._deferred import DeferredOptimizer, deferred_optimizers
 from sb3_safe_save._errors import (
     AlgorithmMismatchError,
@@ -75,6 +76,7 @@ from sb3_safe_save._manifest import (
     Manifest,
     ModuleState,
     Node,
+    ObjectNode,
     OptimizerState,
     PickleNode,
     Placeholder,
@@ -88,7 +90,7 @@ from sb3_safe_save._manifest import (
     node_refs,
 )
 from sb3_safe_save._resources import resolve
-from sb3_safe_save._trust import RefKind, TrustList, TrustSpec, default_trusted, ref_of, slots
+from sb3_safe_save._trust import RefKind, TrustList, TrustSpec, default_trusted, lookup, ref_of, slots
 from sb3_safe_save._vecnormalize import PREFIX as VN_PREFIX
 from sb3_safe_save._vecnormalize import export_vecnormalize, stage_vecnormalize
 from sb3_safe_save._version import __version__
@@ -502,7 +504,7 @@ def decide(
         if key not in manifest.data and not (policy and key in custom):
             error = FormatError(f"the file has no {key!r}; it cannot be rebuilt (was it left out with exclude=?)")
             out.append(Decision(error, "malformed", paths=(key,)))
-    out += _device_decisions(manifest, custom)
+    out += _value_decisions(manifest, custom, trust)
     if cls is not None and not policy:
         out += _state_name_decisions(cls, manifest)
     out += _module_state_decisions(manifest)
@@ -592,17 +594,36 @@ def _rebind_decisions(manifest: Manifest, cls: type | None) -> list[Decision]:
     ]
 
 
-def _device_decisions(manifest: Manifest, custom: Mapping[str, Any]) -> list[Decision]:
-    """A stored device that decoding would refuse (``"meta"``, ``"cuda:x"``)."""
+def _value_decisions(manifest: Manifest, custom: Mapping[str, Any], trust: TrustList) -> list[Decision]:
+    """Stored values decoding would refuse: a device such as ``meta``; object state that shadows the class's methods.
+
+    An object's class is judged here where it is known without importing anything (the default trust list, or
+    a module already imported); decoding judges the others.
+    """
     out: list[Decision] = []
     for top, root in _walk_data(manifest):
         for path, node in iter_paths(root, top, skip=custom.__contains__):
-            if isinstance(node, DeviceNode):
-                try:
+            try:
+                if isinstance(node, DeviceNode):
                     decode_device(node.value, path)
-                except FormatError as e:
-                    out.append(Decision(e, "refused_attribute", paths=(path,)))
+                elif isinstance(node, ObjectNode) and schedule_class_missing(node.cls) is None:
+                    check_object_state(_known_class(node.cls, trust), node, path)
+            except FormatError as e:
+                out.append(Decision(e, "refused_attribute", paths=(path,)))
     return out
+
+
+def _known_class(ref: str, trust: TrustList) -> type | None:
+    """The class ``ref`` names, if trusted as an object's class and known without importing anything, else None."""
+    if trust.why(ref, "object") is None:
+        return None  # refused anyway
+    entry = default_trusted().get(ref)
+    if entry is not None:
+        return entry[0] if isinstance(entry[0], type) else None
+    module_name, _, qualname = ref.partition(":")
+    module = sys.modules.get(module_name)
+    found = lookup(module, qualname) if module is not None else None
+    return found if isinstance(found, type) else None
 
 
 def _state_name_decisions(cls: type[BaseAlgorithm], manifest: Manifest) -> list[Decision]:
