@@ -5,8 +5,10 @@ Save (top to bottom): walk the model -> tensors to bytes views + checksums -> ma
 Load, in three phases (nothing the file names is imported before phase 3):
 
 1. **parse** (``_file``, no torch): read the safetensors header only, check the manifest checksum, validate it with pydantic;
-2. **audit**: the algorithm matches, every import reference is trusted, pickled values are allowed or
-   replaced, every placeholder has a live object (``MissingResourceError`` before any model exists);
+2. **audit**: ``decide`` makes every refusal the header and manifest decide (the algorithm matches, every
+   import reference is trusted, pickled values are allowed or replaced, state dicts, tensors and random state
+   fit the algorithm, ...; ``audit`` reports the same decisions), then every placeholder gets a live object
+   (``MissingResourceError`` before any model exists);
 3. **construct**: import, decode, build the model the way ``BaseAlgorithm.load`` does but with weight
    initialisation switched off, then read each tensor straight into the model's own memory.
 
