@@ -23,7 +23,8 @@ finding ``code``           severity
                            wrong kind for where it sits, or not defined where it says).
 ``refused_attribute``      ``error``: a stored attribute, value or placeholder path ``load`` refuses (an
                            attribute SB3's ``save`` never writes, such as ``env``; a rebind path through a
-                           class; a ``meta`` device).
+                           class; a ``meta`` device). ``warning`` for a file saved without
+                           ``policy_kwargs``: ``load`` needs them from the caller.
 ``malformed``              ``error``: a structure ``load`` refuses: state dicts or torch variables the
                            algorithm does not have, weights left out with no resource recorded there,
                            tensors missing or never used, random state the model cannot take.

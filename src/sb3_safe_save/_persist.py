@@ -500,7 +500,8 @@ def decide(
     if pickles and not allow_pickle:
         out.append(Decision(PickleRefusedError(pickles), "pickle", paths=tuple(pickles)))
     if not policy and "policy_kwargs" not in manifest.data and "policy_kwargs" not in kwargs:
-        out.append(Decision(_no_policy_kwargs(cls), "refused_attribute", paths=("policy_kwargs",)))
+        # a warning for audit: like a placeholder, what the caller passes to load (policy_kwargs=), not a forgery
+        out.append(Decision(_no_policy_kwargs(cls), "refused_attribute", severity="warning", paths=("policy_kwargs",)))
     # what phase 3 used to find only after building the model, decided here from the manifest alone
     for key in ("observation_space", "action_space", "policy_class"):
         if key not in manifest.data and not (policy and key in custom):
