@@ -369,3 +369,37 @@ def test_pickles_are_refused_in_phase_2(tmp_path: Path) -> None:
     with _builds() as calls:
         assert type(refused(lambda: safe(PPO).load(path))) is PickleRefusedError
     assert calls == []
+
+
+class _StateDependentPPO(PPO):
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        return ["policy", "policy.optimizer", *self.extra_state_dicts], []
+
+
+class _ExpertOptimizerPPO(PPO):
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        names, variables = super()._get_torch_save_params()
+        return [*names, "expert_optimizer"], variables
+
+
+def test_state_dict_names_are_probed_only_where_a_bare_class_tells_them() -> None:
+    """A method that reads the built model's state cannot be told from the class: phase 3 checks it then."""
+    assert _persist.torch_save_names(_StateDependentPPO) is None
+    names = _persist.torch_save_names(_ExpertOptimizerPPO)
+    assert names is not None and names[0][0] == names[0][1] == {"policy", "policy.optimizer", "expert_optimizer"}
+
+
+def test_a_policy_file_is_a_warning_for_load_and_checked_as_load_policy_reads_it(tmp_path: Path) -> None:
+    from sb3_safe_save import load_policy, save_policy
+
+    model = safe(PPO)("MlpPolicy", "CartPole-v1", policy_kwargs={"net_arch": [8]})
+    save_policy(model.policy, tmp_path / "policy")
+    path = tmp_path / "policy.safetensors"
+    report = audit(path)
+    assert report.ok and [f.code for f in report.findings if f.severity != "info"] == ["content"]
+    assert not audit(path, fail_on="warning").ok
+    load_policy(path)
+    forged = write(tmp_path, forge(path.read_bytes(), _prefix_without_placeholder), "forged_policy.safetensors")
+    assert {f.code for f in audit(forged).failing()} == {"malformed"}  # load_policy's own refusal, found by audit
+    with pytest.raises(FormatError, match=r"records no resource at policy\.expert"):
+        load_policy(forged)
