@@ -784,6 +784,15 @@ def _random_state_decisions(manifest: Manifest, custom: Mapping[str, Any], kwarg
                     + ("" if use_sde is True else " (it sets no use_sde=True)")
                 )
                 out.append(Decision(error, "malformed", paths=(f"random_state.gsde.{path}",)))
+            for attr in state.gsde[path]:
+                meta = manifest.tensors.get(f"{_rng.PREFIX}gsde/{path}/{attr}")
+                rank = 2 if attr == "exploration_mat" else 3  # (latent, actions) or (n_envs, latent, actions)
+                if meta is not None and len(meta.shape) != rank:
+                    error = StateMismatchError(
+                        f"random_state.gsde: {path}.action_dist.{attr} is stored as {meta.dtype} {meta.shape};"
+                        f" gSDE needs a tensor of rank {rank}"
+                    )
+                    out.append(Decision(error, "malformed", paths=(f"random_state.gsde.{path}.{attr}",)))
     return out
 
 

@@ -252,6 +252,11 @@ def _missing_tensor(m: dict[str, Any]) -> None:
     m["data"]["_last_obs"] = {"kind": "ndarray", "tensor": "no_such_tensor", "dtype": "<f4", "shape": [1, 4]}
 
 
+def _gsde_of_rank_1(m: dict[str, Any]) -> None:
+    m["data"]["use_sde"] = True
+    m["random_state"]["gsde"] = {"policy": ["exploration_matrices"]}
+
+
 def _pickle(m: dict[str, Any]) -> None:
     m["data"]["action_noise"] = {"kind": "pickle", "tensor": "action_noise#pickle", "type": "builtins.object"}
 
@@ -283,6 +288,7 @@ MUTATIONS: dict[str, tuple[Edit | None, TensorEdit | None, bool]] = {
     "alias of an unstored key": (_alias_to_nothing, None, False),
     "a tensor the file lacks": (_missing_tensor, None, False),
     "numpy key of the wrong size": (None, _add_tensor("rng/numpy_key", th.zeros(100, dtype=th.uint8)), False),
+    "gSDE noise of rank 1": (_gsde_of_rank_1, _add_tensor("rng/gsde/policy/exploration_matrices", th.zeros(64)), False),
     "a pickle": (_pickle, _add_tensor("action_noise#pickle", th.zeros(4, dtype=th.uint8)), False),
     "no policy_kwargs": (_delete(["data", "policy_kwargs"]), None, False),
     "no observation_space": (_delete(["data", "observation_space"]), None, False),
