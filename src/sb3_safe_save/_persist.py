@@ -82,6 +82,7 @@ from sb3_safe_save._manifest import (
     OptimizerState,
     PickleNode,
     Placeholder,
+    PlaceholderNode,
     RefNode,
     ResourceSpec,
     TensorMeta,
@@ -503,10 +504,7 @@ def decide(
         # a warning for audit: like a placeholder, what the caller passes to load (policy_kwargs=), not a forgery
         out.append(Decision(_no_policy_kwargs(cls), "refused_attribute", severity="warning", paths=("policy_kwargs",)))
     # what phase 3 used to find only after building the model, decided here from the manifest alone
-    for key in ("observation_space", "action_space", "policy_class"):
-        if key not in manifest.data and not (policy and key in custom):
-            error = FormatError(f"the file has no {key!r}; it cannot be rebuilt (was it left out with exclude=?)")
-            out.append(Decision(error, "malformed", paths=(key,)))
+    out += _policy_data_decisions(manifest, custom, policy=policy)
     out += _value_decisions(manifest, custom, trust)
     if cls is not None and not policy:
         out += _state_name_decisions(cls, manifest)
@@ -597,16 +595,49 @@ def _rebind_decisions(manifest: Manifest, cls: type | None) -> list[Decision]:
     ]
 
 
+#: The node kinds that can decode to a policy class (``policy_class``) or a space (the spaces), by key.
+_POLICY_DATA_KINDS = {
+    "policy_class": {"ref", "placeholder", "pickle"},
+    "observation_space": {"space", "object", "placeholder", "pickle"},
+    "action_space": {"space", "object", "placeholder", "pickle"},
+}
+
+
+def _policy_data_decisions(manifest: Manifest, custom: Mapping[str, Any], *, policy: bool) -> list[Decision]:
+    """What ``check_policy_data`` would refuse after decoding: a policy class or space missing, or stored as a
+    value that cannot be one (a string, a number, a list...)."""
+    out: list[Decision] = []
+    for key, kinds in _POLICY_DATA_KINDS.items():
+        if key in custom and (policy or key in manifest.data):
+            continue  # the caller's value is used
+        if key not in manifest.data:
+            error = FormatError(f"the file has no {key!r}; it cannot be rebuilt (was it left out with exclude=?)")
+        elif getattr(manifest.data[key], "kind", None) not in kinds:
+            node = manifest.data[key]
+            found = getattr(node, "kind", None) or type(node).__name__
+            what = "a stable_baselines3 policy class" if key == "policy_class" else "a gymnasium space"
+            error = FormatError(f"the stored {key} is a {found} node, not {what}")
+        else:
+            continue
+        out.append(Decision(error, "malformed", paths=(key,)))
+    return out
+
+
 def _value_decisions(manifest: Manifest, custom: Mapping[str, Any], trust: TrustList) -> list[Decision]:
     """Stored values decoding would refuse: a device such as ``meta``; object state that shadows the class's methods.
 
     An object's class is judged here where it is known without importing anything (the default trust list, or
     a module already imported); decoding judges the others.
     """
+    described = {p.key for p in manifest.placeholders}
     out: list[Decision] = []
     for top, root in _walk_data(manifest):
         for path, node in iter_paths(root, top, skip=custom.__contains__):
             try:
+                if isinstance(node, PlaceholderNode) and node.key not in described:
+                    raise FormatError(
+                        f"{path}: the manifest uses placeholder {node.key!r} but does not describe it; the file is malformed"
+                    )
                 if isinstance(node, DeviceNode):
                     decode_device(node.value, path)
                 elif isinstance(node, ObjectNode) and schedule_class_missing(node.cls) is None:

@@ -292,6 +292,13 @@ MUTATIONS: dict[str, tuple[Edit | None, TensorEdit | None, bool]] = {
     "a pickle": (_pickle, _add_tensor("action_noise#pickle", th.zeros(4, dtype=th.uint8)), False),
     "no policy_kwargs": (_delete(["data", "policy_kwargs"]), None, False),
     "no observation_space": (_delete(["data", "observation_space"]), None, False),
+    "policy_class as a string": (
+        _set(["data", "policy_class"], "stable_baselines3.common.policies:ActorCriticPolicy"),
+        None,
+        False,
+    ),
+    "action_space as a list": (_set(["data", "action_space"], {"kind": "list", "items": [2]}), None, False),
+    "an undescribed placeholder": (_set(["data", "stranger"], {"kind": "placeholder", "key": "nobody"}), None, False),
     "cuda:x device": (
         _set(["data", "rollout_buffer_kwargs", "items", "device"], {"kind": "device", "value": "cuda:x"}),
         None,
