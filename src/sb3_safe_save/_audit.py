@@ -21,8 +21,15 @@ finding ``code``           severity
 ``untrusted_reference``    ``warning``: a class or function ``load`` refuses unless it is trusted.
 ``refused_reference``      ``error``: a reference ``load`` refuses whatever is trusted (a class of the
                            wrong kind for where it sits, or not defined where it says).
-``refused_attribute``      ``error``: a stored attribute or placeholder path ``load`` refuses (an attribute
-                           SB3's ``save`` never writes, such as ``env``; a rebind path through a class).
+``refused_attribute``      ``error``: a stored attribute, value or placeholder path ``load`` refuses (an
+                           attribute SB3's ``save`` never writes, such as ``env``; a rebind path through a
+                           class; a ``meta`` device). ``warning`` for a file saved without
+                           ``policy_kwargs``: ``load`` needs them from the caller.
+``malformed``              ``error``: a structure ``load`` refuses: state dicts or torch variables the
+                           algorithm does not have, weights left out with no resource recorded there,
+                           tensors missing or never used, random state the model cannot take.
+``content``                ``warning``: a policy file (``save_policy``): ``load`` refuses it; the other
+                           findings are ``load_policy``'s decisions.
 ``spec_factory``           ``info``: a placeholder's ``ResourceSpec.factory`` that ``load`` may call
                            (trusted exactly); ``warning`` when untrusted (``load`` never calls it).
 ``shared_with_target``     ``error`` (``warning`` if ``tau`` is 0): the online and target networks hold
@@ -36,6 +43,10 @@ finding ``code``           severity
 ``schedule``               ``info``: a schedule function stored as the knots of a piecewise-linear function
                            that reproduced it at every checked progress value (no code is stored).
 =========================  ===========================================================================
+
+Every refusal ``load`` decides from the header and manifest, before it builds anything, is a finding
+(``_persist.decide``, the function ``load`` itself runs as its phase 2): if ``load`` refuses a file for
+such a reason, ``audit(path, fail_on="warning")`` is not OK.
 
 ``report.ok`` is False when the total is over budget, or when any finding's severity is at or above
 ``fail_on`` (``"error"`` by default; ``None`` checks the budget only).
@@ -73,7 +84,7 @@ from sb3_safe_save._manifest import (
     iter_nodes,
     iter_paths,
 )
-from sb3_safe_save._trust import LOCALS, Refusal, TrustList, TrustSpec
+from sb3_safe_save._trust import LOCALS, TrustList, TrustSpec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -88,6 +99,8 @@ FindingCode = Literal[
     "untrusted_reference",
     "refused_reference",
     "refused_attribute",
+    "malformed",
+    "content",
     "spec_factory",
     "shared_with_target",
     "external_in_optimizer",
@@ -617,96 +630,61 @@ def _findings(
     return findings
 
 
-def _attribute_findings(manifest: Manifest, algo: type | None) -> list[Finding]:
-    """What ``load`` refuses about the file's algorithm, stored attributes and rebind paths."""
-    from sb3_safe_save._persist import base_algorithm_ref, rebind_problems, refused_data_keys
+def _decision_findings(manifest: Manifest, trust: TrustList, algo: type | None) -> list[Finding]:
+    """Every refusal ``load`` decides from the header and manifest (``decide``, load's own phase 2), as findings.
 
-    findings: list[Finding] = []
+    A policy file (``save_policy``) is refused by ``load`` (a warning: it is meant for ``load_policy``), and
+    checked as ``load_policy`` reads it. Pickles are left to ``_findings``, which reports each one.
+    """
+    from sb3_safe_save._persist import Decision, decide
+    from sb3_safe_save._policy import policy_view
+
+    decisions = decide(manifest, algo, trust, allow_pickle=True)
     if manifest.content == "policy":
-        pass  # a policy file (save_policy): no algorithm loads it, load_policy does; its policy_class is a reference
-    elif algo is None:
-        findings.append(
-            Finding(
-                code="refused_reference",
-                severity="error",
-                message=f"base algorithm {manifest.base_algorithm} is not a stable_baselines3/sb3_contrib algorithm:"
-                " no algorithm class loads this file",
-                paths=["base_algorithm"],
-                type=manifest.base_algorithm,
+        try:
+            view = policy_view(manifest)
+        except SafeSaveError as e:
+            decisions.append(Decision(e, "malformed", paths=("policy",)))
+        else:
+            decisions += decide(view, None, trust, policy=True, allow_pickle=True)
+    findings: list[Finding] = []
+    for d in decisions:
+        message = d.message or str(d.error)
+        if d.code == "untrusted_reference":
+            where = list(d.paths)
+            message = (
+                f"{d.type} (used by {', '.join(where[:3])}) is not trusted;"
+                f" load needs trusted=[{_trust_fix(d.type or '')}] (or safe_save_trusted on the algorithm class)"
             )
-        )
-    else:
-        expected = base_algorithm_ref(algo)
-        if manifest.base_algorithm != expected:
-            findings.append(
-                Finding(
-                    code="refused_reference",
-                    severity="error",
-                    message=f"the file holds a {manifest.base_algorithm} model; {algo.__qualname__}.load refuses it",
-                    paths=["base_algorithm"],
-                    type=manifest.base_algorithm,
-                )
-            )
-        for name, why in refused_data_keys(algo, manifest).items():
-            findings.append(
-                Finding(
-                    code="refused_attribute",
-                    severity="error",
-                    message=f"the file sets {name!r}, which load refuses: {why}",
-                    paths=[name],
-                )
-            )
-    for key, path, problem in rebind_problems(manifest, algo):
-        findings.append(
-            Finding(
-                code="refused_attribute",
-                severity="error",
-                message=f"placeholder {key!r} at {path!r}: load refuses to rebind there: {problem}",
-                paths=[path],
-                key=key,
-            )
-        )
+        code = cast(FindingCode, d.code)
+        findings.append(Finding(code=code, severity=d.severity, message=message, paths=list(d.paths), key=d.key, type=d.type))
     return findings
 
 
 def _reference_findings(manifest: Manifest, trust: TrustList, algo: type | None) -> list[Finding]:
-    """What ``load`` decides about the file's references and spec factories, with the same ``TrustList``."""
+    """What ``load`` decides about the file (``_decision_findings``), then about references it would import."""
     from sb3_safe_save._persist import references
 
-    findings = _attribute_findings(manifest, algo)
+    findings = _decision_findings(manifest, trust, algo)
+    decided = {f.type for f in findings if f.code in ("untrusted_reference", "refused_reference")}
     refs, _ = references(manifest)
-    refused = {r.ref: r for r in trust.refusals(refs)}
     for ref, uses in sorted(refs.items()):
-        if ref not in refused and trust.why(ref, uses[0][1]) != "default":  # load imports it: decide as load does
+        if ref not in decided and trust.why(ref, uses[0][1]) != "default":  # load imports it: decide as load does
             for path, kind in uses:
                 try:
                     trust.resolve(ref, path, kind)
                 except SafeSaveError as e:
-                    refused[ref] = Refusal(ref, [path], str(e).partition(": ")[2] or str(e), trustable=False)
+                    reason = str(e).partition(": ")[2] or str(e)
+                    findings.append(
+                        Finding(
+                            code="refused_reference",
+                            severity="error",
+                            message=f"{ref} (used by {path}) is refused by load: {reason}",
+                            paths=[path],
+                            type=ref,
+                        )
+                    )
                     break
-    for r in refused.values():
-        where = sorted(set(r.paths))
-        if r.trustable:
-            findings.append(
-                Finding(
-                    code="untrusted_reference",
-                    severity="warning",
-                    message=f"{r.ref} (used by {', '.join(where[:3])}) is not trusted;"
-                    f" load needs trusted=[{_trust_fix(r.ref)}] (or safe_save_trusted on the algorithm class)",
-                    paths=where,
-                    type=r.ref,
-                )
-            )
-        else:
-            findings.append(
-                Finding(
-                    code="refused_reference",
-                    severity="error",
-                    message=f"{r.ref} (used by {', '.join(where[:3])}) is refused by load: {r.reason}",
-                    paths=where,
-                    type=r.ref,
-                )
-            )
     for ph in manifest.placeholders:
         if ph.spec is None or ph.spec.factory is None:
             continue

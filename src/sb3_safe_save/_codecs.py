@@ -344,13 +344,18 @@ class TorchDeviceCodec(Codec):
         return DeviceNode(value=str(value))
 
     def decode(self, node: DeviceNode, path: str, dec: Decoder) -> th.device:
-        try:
-            device = th.device(node.value)
-        except (RuntimeError, ValueError):
-            raise FormatError(f"{path}: {node.value!r} is not a torch device") from None
-        if device.type not in DEVICE_TYPES:  # "meta" builds a model that loads and then cannot run
-            raise FormatError(f"{path}: device {node.value!r} is not allowed in a file (types: {sorted(DEVICE_TYPES)})")
-        return device
+        return decode_device(node.value, path)
+
+
+def decode_device(value: str, path: str) -> th.device:
+    """The device a file names at ``path``; decided from the text alone, so load's phase 2 refuses it too."""
+    try:
+        device = th.device(value)
+    except (RuntimeError, ValueError):
+        raise FormatError(f"{path}: {value!r} is not a torch device") from None
+    if device.type not in DEVICE_TYPES:  # "meta" builds a model that loads and then cannot run
+        raise FormatError(f"{path}: device {value!r} is not allowed in a file (types: {sorted(DEVICE_TYPES)})")
+    return device
 
 
 #: Device types a file may name (a stored device never decides where the model runs: ``load(device=)`` does).
@@ -506,9 +511,7 @@ class ObjectCodec(Codec):
         if kind is not None:  # saved with SB3 >= 2.7, loaded with an older SB3: the same schedule, as that SB3 builds it
             return BY_KIND["schedule"].decode(ScheduleNode(schedule=kind, args=node.state), path, dec)  # type: ignore[arg-type]
         cls = dec.resolve(node.cls, path, "object")  # a trusted plain class: no constructor, no custom __dict__
-        bad = [k for k in node.state if not k.isidentifier() or k.startswith("__") or _class_level(cls, k)]
-        if bad:  # an instance attribute must not shadow a method, property or table of the class
-            raise FormatError(f"{path}: attribute names {bad[:5]} are not allowed for a {node.cls}")
+        check_object_state(cls, node, path)
         state = {k: dec.decode(v, child_path(path, k)) for k, v in node.state.items()}
         obj: Any = object.__new__(cls)
         object.__getattribute__(obj, "__dict__").update(state)
@@ -731,6 +734,17 @@ def _sb3_schedule(kind: str, args: list[Any]) -> Any:
         "float": sb3_utils.get_schedule_fn,
     }
     return functions[kind](*args)
+
+
+def check_object_state(cls: type | None, node: ObjectNode, path: str) -> None:
+    """Refuse state keys that are not plain instance attributes of ``cls`` (None: judge the names alone).
+
+    An instance attribute must not shadow a method, property or table of the class. Load's phase 2
+    calls this with the classes it knows without importing; decoding, with every class.
+    """
+    bad = [k for k in node.state if not k.isidentifier() or k.startswith("__") or (cls is not None and _class_level(cls, k))]
+    if bad:
+        raise FormatError(f"{path}: attribute names {bad[:5]} are not allowed for a {node.cls}")
 
 
 def _class_level(cls: type, name: str) -> bool:

@@ -5,8 +5,10 @@ Save (top to bottom): walk the model -> tensors to bytes views + checksums -> ma
 Load, in three phases (nothing the file names is imported before phase 3):
 
 1. **parse** (``_file``, no torch): read the safetensors header only, check the manifest checksum, validate it with pydantic;
-2. **audit**: the algorithm matches, every import reference is trusted, pickled values are allowed or
-   replaced, every placeholder has a live object (``MissingResourceError`` before any model exists);
+2. **audit**: ``decide`` makes every refusal the header and manifest decide (the algorithm matches, every
+   import reference is trusted, pickled values are allowed or replaced, state dicts, tensors and random state
+   fit the algorithm, ...; ``audit`` reports the same decisions), then every placeholder gets a live object
+   (``MissingResourceError`` before any model exists);
 3. **construct**: import, decode, build the model the way ``BaseAlgorithm.load`` does but with weight
    initialisation switched off, then read each tensor straight into the model's own memory.
 
@@ -16,6 +18,7 @@ Load, in three phases (nothing the file names is imported before phase 3):
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import dataclasses
@@ -26,11 +29,12 @@ import json
 import os
 import pathlib
 import platform
+import sys
 import threading
 import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 import cloudpickle
 import numpy as np
@@ -45,7 +49,7 @@ from stable_baselines3.common.utils import check_for_correct_spaces
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_safe_save import _hazards, _remote, _rng, _weights
-from sb3_safe_save._codecs import BY_KIND, schedule_class_missing
+from sb3_safe_save._codecs import BY_KIND, check_object_state, decode_device, schedule_class_missing
 from sb3_safe_save._deferred import DeferredOptimizer, deferred_optimizers
 from sb3_safe_save._errors import (
     AlgorithmMismatchError,
@@ -70,12 +74,15 @@ from sb3_safe_save._file import read_manifest as read_manifest
 from sb3_safe_save._manifest import (
     META_CHECKSUM,
     META_MANIFEST,
+    DeviceNode,
     Manifest,
     ModuleState,
     Node,
+    ObjectNode,
     OptimizerState,
     PickleNode,
     Placeholder,
+    PlaceholderNode,
     RefNode,
     ResourceSpec,
     TensorMeta,
@@ -86,7 +93,7 @@ from sb3_safe_save._manifest import (
     node_refs,
 )
 from sb3_safe_save._resources import resolve
-from sb3_safe_save._trust import RefKind, TrustList, TrustSpec, default_trusted, ref_of, slots
+from sb3_safe_save._trust import RefKind, TrustList, TrustSpec, default_trusted, lookup, ref_of, slots
 from sb3_safe_save._vecnormalize import PREFIX as VN_PREFIX
 from sb3_safe_save._vecnormalize import export_vecnormalize, stage_vecnormalize
 from sb3_safe_save._version import __version__
@@ -354,11 +361,6 @@ def load_model(
         # ---- phase 1: parse
         header, manifest = _parse(f, size)
         check_sha256(f, expected_sha256)
-        if manifest.content != "agent":
-            raise FormatError(
-                f"this file holds a {manifest.content} only (written by save_policy), not an agent;"
-                " load it with sb3_safe_save.load_policy(path)"
-            )
         if print_system_info:
             print(
                 "== SAVED WITH ==",
@@ -368,18 +370,10 @@ def load_model(
                 sep="\n",
             )
 
-        # ---- phase 2: audit (no imports)
-        expected_base = base_algorithm_ref(cls)
-        if manifest.base_algorithm != expected_base:
-            saved = _short_ref(manifest.base_algorithm)
-            by = "" if manifest.algorithm == manifest.base_algorithm else f" (saved by {_short_ref(manifest.algorithm)})"
-            raise AlgorithmMismatchError(
-                f"this file holds a {saved} model{by}, but {algo_name(cls)}.load was called"
-                + ("" if _short_ref(expected_base) in algo_name(cls) else f" (a {_short_ref(expected_base)})")
-                + f"; load it with a {saved} class, e.g. safe({saved}).load(path)"
-            )
-        trust, covered = audit_phase(manifest, custom_objects, trusted=trusted, cls=cls, allow_pickle=allow_pickle)
-        check_policy_kwargs(cls, manifest, kwargs)
+        # ---- phase 2: audit (no imports): every refusal the header and manifest decide (``decide``)
+        trust, covered = audit_phase(
+            manifest, custom_objects, trusted=trusted, cls=cls, allow_pickle=allow_pickle, kwargs=kwargs
+        )
         resources = {
             **_given_by_policy_kwargs(manifest, kwargs),
             **_given_by_custom_objects(manifest.placeholders, custom_objects, covered),
@@ -458,28 +452,413 @@ def audit_phase(
     trusted: TrustSpec | None,
     cls: type[BaseAlgorithm] | None,
     allow_pickle: bool,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[TrustList, frozenset[str]]:
-    """Phase 2 (imports and calls nothing the file names): references trusted, data keys allowed,
-    placeholder paths rebindable, pickles allowed.
+    """Phase 2 (imports and calls nothing the file names): raise the first of ``decide``'s refusals.
 
     Every load path (``load_model``, ``load_policy``) runs this on the part of the manifest it will decode,
     then binds the placeholders (``resolve``) first thing in phase 3.
 
-    :param cls: the class ``load`` was called on (its data keys are checked against it); None for
-        ``load_policy``, whose view of the manifest holds only the policy's constructor data
+    :param cls: the class ``load`` was called on; None for ``load_policy``, whose view of the manifest
+        holds only the policy's constructor data and state dict
+    :param kwargs: the extra keyword arguments given to ``load`` (they set model attributes)
     :return: the trust list and the placeholder keys ``custom_objects`` makes unnecessary
     """
     trust = TrustList(trusted, home=cls)
-    refs, pickles = references(manifest, custom_objects)
-    check_references(trust, refs, cls)
-    if cls is not None:
-        check_data_keys(cls, manifest)
-    bad_paths = rebind_problems(manifest, cls)
-    if bad_paths:
-        raise FormatError("; ".join(f"placeholder {k!r}: cannot rebind at {p!r}: {why}" for k, p, why in bad_paths[:5]))
-    if pickles and not allow_pickle:
-        raise PickleRefusedError(pickles)
+    decisions = decide(
+        manifest, cls, trust, policy=cls is None, custom_objects=custom_objects, kwargs=kwargs, allow_pickle=allow_pickle
+    )
+    if decisions:
+        raise decisions[0].error
     return trust, frozenset(p.key for p in manifest.placeholders if _covered(p, manifest, custom_objects))
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """One refusal decided from the header and manifest alone: a load raises the first, ``audit`` reports each.
+
+    :param error: what the load raises (several decisions may share one error: every untrusted reference is
+        named in one ``UntrustedTypeError``)
+    :param code: the audit finding's code
+    :param message: the audit finding's text (empty: the error's)
+    :param paths: the attribute paths, placeholder paths or tensor keys concerned
+    :param severity: the audit finding's severity: ``warning`` for a reference the caller may still trust
+    :param type: the reference concerned, if any
+    :param key: the placeholder key concerned, if any
+    """
+
+    error: SafeSaveError
+    code: str
+    message: str = ""
+    paths: tuple[str, ...] = ()
+    severity: Literal["warning", "error"] = "error"
+    type: str | None = None
+    key: str | None = None
+
+
+def decide(
+    manifest: Manifest,
+    cls: type[BaseAlgorithm] | None,
+    trust: TrustList,
+    *,
+    policy: bool = False,
+    custom_objects: Mapping[str, Any] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    allow_pickle: bool = False,
+) -> list[Decision]:
+    """Every refusal of a load that the header and manifest decide, in the order the load raises them.
+
+    Imports, builds and calls nothing the file names: this is load's phase 2 and all of ``audit``'s
+    verdict on a file. The load raises the first decision; ``audit`` reports each as a finding.
+
+    :param manifest: the parsed manifest (``_parse`` checked it against the safetensors header)
+    :param cls: the class ``load`` is called on; None when no class loads it (``audit`` of a file whose
+        base algorithm is not an SB3 algorithm) or for ``policy``
+    :param trust: the trust list the load uses
+    :param policy: decide for ``load_policy`` (``manifest`` is then its ``policy_view``)
+    :param custom_objects: the values the load puts in place of stored ones (never decoded)
+    :param kwargs: the extra keyword arguments of ``load`` (they set model attributes)
+    :param allow_pickle: the load unpickles
+    """
+    custom = dict(custom_objects or {})
+    kwargs = dict(kwargs or {})
+    out: list[Decision] = []
+    if not policy:
+        out += _algorithm_decisions(manifest, cls)
+        if manifest.content != "agent":
+            return out  # nothing else matters to load; audit checks the file as load_policy reads it
+    refs, pickles = references(manifest, custom)
+    out += _reference_decisions(trust, refs, None if policy else cls, policy=policy)
+    if cls is not None and not policy:
+        out += _data_key_decisions(cls, manifest)
+    out += _rebind_decisions(manifest, None if policy else cls)
+    if pickles and not allow_pickle:
+        out.append(Decision(PickleRefusedError(pickles), "pickle", paths=tuple(pickles)))
+    if not policy and "policy_kwargs" not in manifest.data and "policy_kwargs" not in kwargs:
+        # a warning for audit: like a placeholder, what the caller passes to load (policy_kwargs=), not a forgery
+        out.append(Decision(_no_policy_kwargs(cls), "refused_attribute", severity="warning", paths=("policy_kwargs",)))
+    # what phase 3 used to find only after building the model, decided here from the manifest alone
+    out += _policy_data_decisions(manifest, custom, policy=policy)
+    out += _value_decisions(manifest, custom, trust)
+    if cls is not None and not policy:
+        out += _state_name_decisions(cls, manifest)
+    out += _module_state_decisions(manifest)
+    out += _tensor_decisions(manifest, custom, policy=policy)
+    if not policy and manifest.random_state is not None:
+        out += _random_state_decisions(manifest, custom, kwargs)
+    return out
+
+
+def _algorithm_decisions(manifest: Manifest, cls: type[BaseAlgorithm] | None) -> list[Decision]:
+    """An agent file, of the algorithm ``cls`` derives from."""
+    error: SafeSaveError
+    if manifest.content != "agent":
+        error = FormatError(
+            f"this file holds a {manifest.content} only (written by save_policy), not an agent;"
+            " load it with sb3_safe_save.load_policy(path)"
+        )  # a warning for audit: the file is fine for load_policy, which audit then checks as well
+        return [Decision(error, "content", severity="warning", paths=("content",))]
+    if cls is None:
+        error = FormatError(
+            f"base algorithm {manifest.base_algorithm} is not a stable_baselines3/sb3_contrib algorithm:"
+            " no algorithm class loads this file"
+        )
+        return [Decision(error, "refused_reference", paths=("base_algorithm",), type=manifest.base_algorithm)]
+    expected_base = base_algorithm_ref(cls)
+    if manifest.base_algorithm == expected_base:
+        return []
+    saved = _short_ref(manifest.base_algorithm)
+    by = "" if manifest.algorithm == manifest.base_algorithm else f" (saved by {_short_ref(manifest.algorithm)})"
+    error = AlgorithmMismatchError(
+        f"this file holds a {saved} model{by}, but {algo_name(cls)}.load was called"
+        + ("" if _short_ref(expected_base) in algo_name(cls) else f" (a {_short_ref(expected_base)})")
+        + f"; load it with a {saved} class, e.g. safe({saved}).load(path)"
+    )
+    return [Decision(error, "refused_reference", paths=("base_algorithm",), type=manifest.base_algorithm)]
+
+
+def _reference_decisions(
+    trust: TrustList, refs: Mapping[str, list[tuple[str, RefKind]]], cls: type | None, *, policy: bool
+) -> list[Decision]:
+    """Every reference the trust list refuses (importing nothing): untrusted ones first, as one error."""
+    refusals = trust.refusals(refs)
+    untrusted = [r for r in refusals if r.trustable]
+    out: list[Decision] = []
+    if untrusted:
+        where = {r.ref: r.paths for r in untrusted}
+        error: SafeSaveError = UntrustedTypeError(
+            [r.ref for r in untrusted], where, algo=cls, call="sb3_safe_save.load_policy" if policy else None
+        )
+        out += [
+            Decision(error, "untrusted_reference", severity="warning", paths=tuple(sorted(set(r.paths))), type=r.ref)
+            for r in untrusted
+        ]
+    refused = [r for r in refusals if not r.trustable]
+    if refused:
+        error = FormatError("; ".join(f"{', '.join(r.paths[:3])}: {r.ref} is refused: {r.reason}" for r in refused[:5]))
+        for r in refused:
+            used = sorted(set(r.paths))
+            message = f"{r.ref} (used by {', '.join(used[:3])}) is refused by load: {r.reason}"
+            out.append(Decision(error, "refused_reference", message, tuple(used), type=r.ref))
+    return out
+
+
+def _data_key_decisions(cls: type[BaseAlgorithm], manifest: Manifest) -> list[Decision]:
+    refused = refused_data_keys(cls, manifest)
+    if not refused:
+        return []
+    detail = "; ".join(f"{name!r}: {why}" for name, why in list(refused.items())[:5])
+    error = FormatError(
+        f"the file sets attributes a {cls.__qualname__} file never holds ({detail});"
+        " it was not written by save (if you saved with include=[...] of such a name, save without it)"
+    )
+    return [
+        Decision(error, "refused_attribute", f"the file sets {name!r}, which load refuses: {why}", (name,))
+        for name, why in refused.items()
+    ]
+
+
+def _rebind_decisions(manifest: Manifest, cls: type | None) -> list[Decision]:
+    bad_paths = rebind_problems(manifest, cls)
+    if not bad_paths:
+        return []
+    error = FormatError("; ".join(f"placeholder {k!r}: cannot rebind at {p!r}: {why}" for k, p, why in bad_paths[:5]))
+    return [
+        Decision(error, "refused_attribute", f"placeholder {k!r} at {p!r}: load refuses to rebind there: {why}", (p,), key=k)
+        for k, p, why in bad_paths
+    ]
+
+
+#: The node kinds that can decode to a policy class (``policy_class``) or a space (the spaces), by key.
+_POLICY_DATA_KINDS = {
+    "policy_class": {"ref", "placeholder", "pickle"},
+    "observation_space": {"space", "object", "placeholder", "pickle"},
+    "action_space": {"space", "object", "placeholder", "pickle"},
+}
+
+
+def _policy_data_decisions(manifest: Manifest, custom: Mapping[str, Any], *, policy: bool) -> list[Decision]:
+    """What ``check_policy_data`` would refuse after decoding: a policy class or space missing, or stored as a
+    value that cannot be one (a string, a number, a list...)."""
+    out: list[Decision] = []
+    for key, kinds in _POLICY_DATA_KINDS.items():
+        if key in custom and (policy or key in manifest.data):
+            continue  # the caller's value is used
+        if key not in manifest.data:
+            error = FormatError(f"the file has no {key!r}; it cannot be rebuilt (was it left out with exclude=?)")
+        elif getattr(manifest.data[key], "kind", None) not in kinds:
+            node = manifest.data[key]
+            found = getattr(node, "kind", None) or type(node).__name__
+            what = "a stable_baselines3 policy class" if key == "policy_class" else "a gymnasium space"
+            error = FormatError(f"the stored {key} is a {found} node, not {what}")
+        else:
+            continue
+        out.append(Decision(error, "malformed", paths=(key,)))
+    return out
+
+
+def _value_decisions(manifest: Manifest, custom: Mapping[str, Any], trust: TrustList) -> list[Decision]:
+    """Stored values decoding would refuse: a device such as ``meta``; object state that shadows the class's methods.
+
+    An object's class is judged here where it is known without importing anything (the default trust list, or
+    a module already imported); decoding judges the others.
+    """
+    described = {p.key for p in manifest.placeholders}
+    out: list[Decision] = []
+    for top, root in _walk_data(manifest):
+        for path, node in iter_paths(root, top, skip=custom.__contains__):
+            try:
+                if isinstance(node, PlaceholderNode) and node.key not in described:
+                    raise FormatError(
+                        f"{path}: the manifest uses placeholder {node.key!r} but does not describe it; the file is malformed"
+                    )
+                if isinstance(node, DeviceNode):
+                    decode_device(node.value, path)
+                elif isinstance(node, ObjectNode) and schedule_class_missing(node.cls) is None:
+                    check_object_state(_known_class(node.cls, trust), node, path)
+            except FormatError as e:
+                out.append(Decision(e, "refused_attribute", paths=(path,)))
+    return out
+
+
+def _known_class(ref: str, trust: TrustList) -> type | None:
+    """The class ``ref`` names, if trusted as an object's class and known without importing anything, else None."""
+    if trust.why(ref, "object") is None:
+        return None  # refused anyway
+    entry = default_trusted().get(ref)
+    if entry is not None:
+        return entry[0] if isinstance(entry[0], type) else None
+    module_name, _, qualname = ref.partition(":")
+    module = sys.modules.get(module_name)
+    found = lookup(module, qualname) if module is not None else None
+    return found if isinstance(found, type) else None
+
+
+def _state_name_decisions(cls: type[BaseAlgorithm], manifest: Manifest) -> list[Decision]:
+    """State dicts and torch variables a ``cls`` model never has, or state dicts it always has and the file lacks."""
+    names = torch_save_names(cls)
+    if names is None:
+        return []  # the class decides on its built state: phase 3 checks against the model
+    (required, possible), (_, possible_variables) = names
+    stored = [e.name for e in manifest.state_dicts]
+    out: list[Decision] = []
+    foreign = sorted(set(stored) - possible)
+    if foreign:
+        error = StateMismatchError(
+            f"the file has state dicts {foreign[:5]}, which a {cls.__qualname__} model does not have ({sorted(possible)})"
+        )
+        out.append(Decision(error, "malformed", paths=tuple(foreign)))
+    missing = sorted(required - set(stored))
+    if missing or len(set(stored)) != len(stored):
+        error = StateMismatchError(
+            f"a {cls.__qualname__} model has state dicts {sorted(required)} but the file has {sorted(stored)}"
+        )
+        out.append(Decision(error, "malformed", paths=tuple(missing or stored)))
+    foreign = sorted(set(manifest.torch_variables) - possible_variables)
+    if foreign:
+        error = StateMismatchError(
+            f"the file has torch variables {foreign[:5]}, which a {cls.__qualname__} model does not have"
+            f" ({sorted(possible_variables)})"
+        )
+        out.append(Decision(error, "malformed", paths=tuple(foreign)))
+    return out
+
+
+class _StandIn:
+    """What a probed model attribute reads in ``torch_save_names``' second call: set, not None."""
+
+
+def torch_save_names(cls: type[BaseAlgorithm]) -> tuple[tuple[set[str], set[str]], tuple[set[str], set[str]]] | None:
+    """What ``cls._get_torch_save_params()`` can return, without a model, or None if that cannot be told.
+
+    The method is called on a bare instance whose attributes (all but methods and other descriptors of the
+    class) read None, then a stand-in that is not None: SAC's ``ent_coef_optimizer is not None`` takes both
+    branches. A method that fails on such an instance decides on state only the built model has: None.
+
+    :return: ``((state dicts in both calls, in either), (torch variables in both, in either))``
+    """
+    calls: list[tuple[set[str], set[str]]] = []
+    for fill in (None, _StandIn()):
+
+        def read(self: Any, name: str, fill: Any = fill) -> Any:
+            static = inspect.getattr_static(type(self), name, _NOT_FOUND)
+            if static is _NOT_FOUND or isinstance(static, (type(None), bool, int, float, str)):
+                return fill
+            return object.__getattribute__(self, name)
+
+        try:
+            probe: Any = types.new_class(f"_Probe{cls.__name__}", (cls,), exec_body=functools.partial(_set_read, read))
+            state_dicts, variables = probe._get_torch_save_params(object.__new__(probe))
+            if not all(isinstance(n, str) for n in (*state_dicts, *variables)):
+                return None
+        except Exception:  # reads state of the built model (or a user override does something else)
+            return None
+        calls.append((set(state_dicts), set(variables)))
+    (s1, v1), (s2, v2) = calls
+    return (s1 & s2, s1 | s2), (v1 & v2, v1 | v2)
+
+
+def _set_read(read: Callable[[Any, str], Any], namespace: dict[str, Any]) -> None:
+    namespace["__getattribute__"] = read
+
+
+def _module_state_decisions(manifest: Manifest) -> list[Decision]:
+    """Weights left out under a prefix that is no placeholder's path; aliases of keys that are not stored."""
+    at = {path for ph in manifest.placeholders for path in ph.paths}
+    out: list[Decision] = []
+    for entry in manifest.state_dicts:
+        if not isinstance(entry, ModuleState):
+            continue
+        for prefix in entry.external_prefixes:
+            if not prefix.endswith("."):
+                error = FormatError(f"{entry.name}: external prefix {prefix!r} must end with '.'")
+            elif f"{entry.name}.{prefix[:-1]}" not in at:
+                error = FormatError(
+                    f"{entry.name}: the file leaves out the weights under {prefix!r} but records no resource at"
+                    f" {entry.name}.{prefix[:-1]}; the file is malformed"
+                )
+            else:
+                continue
+            out.append(Decision(error, "malformed", paths=(f"{entry.name}.{prefix}",)))
+        keys = set(entry.keys)
+        for alias, canonical in entry.aliases.items():
+            if canonical not in keys:
+                error = FormatError(f"{entry.name}: alias {alias!r} points to {canonical!r}, which is not stored")
+                out.append(Decision(error, "malformed", paths=(f"{entry.name}.{alias}",)))
+    return out
+
+
+def _tensor_decisions(manifest: Manifest, custom: Mapping[str, Any], *, policy: bool) -> list[Decision]:
+    """Tensors the manifest uses but the file lacks, and (``load``) tensors in the file that nothing uses."""
+    used: set[str] = set()
+    needed: list[str] = []  # read by the load: not below a custom_objects path
+    for entry in manifest.state_dicts:
+        if isinstance(entry, ModuleState):
+            needed += [f"{entry.name}/{key}" for key in entry.keys]
+    for top, root in _walk_data(manifest):
+        for path, node in iter_paths(root, top):
+            key = getattr(node, "tensor", None)
+            if isinstance(key, str):
+                used.add(key)
+                if not _under(path, custom):
+                    needed.append(key)
+    if not policy:
+        state = manifest.random_state
+        if state is not None:
+            needed += [f"{_rng.PREFIX}{name}" for name in ("torch_cpu", "numpy_key", "python")]
+            needed += [f"{_rng.PREFIX}torch_cuda/{i}" for i in range(state.torch_cuda)]
+            needed += [f"{_rng.PREFIX}gsde/{path}/{attr}" for path, attrs in state.gsde.items() for attr in attrs]
+        if manifest.vec_normalize is not None:
+            used.update(k for k in manifest.tensors if k.startswith(VN_PREFIX))  # read as its statistics need them
+    used.update(needed)
+    out: list[Decision] = []
+    missing = [key for key in needed if key not in manifest.tensors]
+    if missing:
+        error = FormatError(f"the manifest refers to tensor {missing[0]!r}, which the file does not contain")
+        out.append(Decision(error, "malformed", paths=tuple(missing[:100])))
+    if not policy:
+        unused = sorted(set(manifest.tensors) - used - _skipped_tensors(manifest, custom))
+        if unused:
+            error = FormatError(f"the file holds tensors the manifest never uses: {unused[:5]}")
+            out.append(Decision(error, "malformed", paths=tuple(unused[:100])))
+    return out
+
+
+#: The random-state tensors of fixed layout: uint8 bytes of this many uint32 (``_rng``).
+_RNG_WORDS = {"numpy_key": 624, "python": 625}
+
+
+def _random_state_decisions(manifest: Manifest, custom: Mapping[str, Any], kwargs: Mapping[str, Any]) -> list[Decision]:
+    """Random state the rebuilt model cannot take: gSDE noise without gSDE, generator keys of the wrong size."""
+    state = manifest.random_state
+    assert state is not None
+    out: list[Decision] = []
+    for name, words in _RNG_WORDS.items():
+        meta = manifest.tensors.get(_rng.PREFIX + name)
+        if meta is not None and (meta.dtype != "U8" or meta.shape != [4 * words]):
+            error: SafeSaveError = FormatError(
+                f"random_state.{name}: expected {4 * words} bytes, the file has a {meta.dtype} {meta.shape} tensor"
+            )
+            out.append(Decision(error, "malformed", paths=(f"random_state.{name}",)))
+    if state.gsde:
+        use_sde = kwargs["use_sde"] if "use_sde" in kwargs else custom.get("use_sde", manifest.data.get("use_sde"))
+        for path in state.gsde:
+            if use_sde is not True or (path != "policy" and not path.startswith("policy.")):
+                error = StateMismatchError(
+                    f"random_state.gsde: the file has gSDE noise at {path!r}, the rebuilt model does not"
+                    + ("" if use_sde is True else " (it sets no use_sde=True)")
+                )
+                out.append(Decision(error, "malformed", paths=(f"random_state.gsde.{path}",)))
+            for attr in state.gsde[path]:
+                meta = manifest.tensors.get(f"{_rng.PREFIX}gsde/{path}/{attr}")
+                rank = 2 if attr == "exploration_mat" else 3  # (latent, actions) or (n_envs, latent, actions)
+                if meta is not None and len(meta.shape) != rank:
+                    error = StateMismatchError(
+                        f"random_state.gsde: {path}.action_dist.{attr} is stored as {meta.dtype} {meta.shape};"
+                        f" gSDE needs a tensor of rank {rank}"
+                    )
+                    out.append(Decision(error, "malformed", paths=(f"random_state.gsde.{path}.{attr}",)))
+    return out
 
 
 def optimizer_tensors(manifest: Manifest) -> set[str]:
@@ -541,22 +920,6 @@ def references(
     return refs, pickles
 
 
-def check_references(trust: TrustList, refs: Mapping[str, list[tuple[str, RefKind]]], cls: type | None) -> None:
-    """Phase 2: refuse every reference the trust list refuses (all at once), importing nothing.
-
-    :raises UntrustedTypeError: references nobody trusted (with the ``trusted=``/``safe_save_trusted`` fix)
-    :raises FormatError: trusted classes used where SB3 expects another kind of class
-    """
-    refusals = trust.refusals(refs)
-    untrusted = [r for r in refusals if r.trustable]
-    if untrusted:
-        where = {r.ref: r.paths for r in untrusted}
-        call = None if cls is not None else "sb3_safe_save.load_policy"  # load_policy's audit has no class
-        raise UntrustedTypeError([r.ref for r in untrusted], where, algo=cls, call=call)
-    if refusals:
-        raise FormatError("; ".join(f"{', '.join(r.paths[:3])}: {r.ref} is refused: {r.reason}" for r in refusals[:5]))
-
-
 def _covered(ph: Placeholder, manifest: Manifest, custom_objects: Mapping[str, Any]) -> bool:
     """A placeholder is not needed if ``custom_objects`` replaces every data path it sits at."""
     data_paths = [p for p in ph.paths if _root(p) in manifest.data]
@@ -589,16 +952,16 @@ def _given_by_custom_objects(
     return given
 
 
-def check_policy_kwargs(cls: type[BaseAlgorithm], manifest: Manifest, kwargs: Mapping[str, Any]) -> None:
+def _no_policy_kwargs(cls: type[BaseAlgorithm] | None) -> StateMismatchError:
     """A file saved without ``policy_kwargs`` (SB3 #2025's workaround) needs them again from the caller."""
-    if "policy_kwargs" not in manifest.data and "policy_kwargs" not in kwargs:
-        raise StateMismatchError(
-            f"the file was saved without policy_kwargs ({cls.__qualname__}._excluded_save_params() or save(exclude=)"
-            f" left them out), so it cannot rebuild the policy by itself: load it with"
-            f" {algo_name(cls)}.load(path, policy_kwargs={{...the values used in training...}}). To make files that"
-            " load by themselves, remove 'policy_kwargs' from _excluded_save_params(): sb3_safe_save keeps live objects"
-            " in them (an expert) out of the file anyway"
-        )
+    name = cls.__qualname__ if cls is not None else "the algorithm"
+    return StateMismatchError(
+        f"the file was saved without policy_kwargs ({name}._excluded_save_params() or save(exclude=)"
+        f" left them out), so it cannot rebuild the policy by itself: load it with"
+        f" {algo_name(cls) if cls is not None else 'Algo'}.load(path, policy_kwargs={{...the values used in training...}})."
+        " To make files that load by themselves, remove 'policy_kwargs' from _excluded_save_params(): sb3_safe_save"
+        " keeps live objects in them (an expert) out of the file anyway"
+    )
 
 
 def _given_by_policy_kwargs(manifest: Manifest, kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -658,6 +1021,7 @@ class _Decoder:
         self._overrides = overrides
         self._manifest = manifest
         self._wrappers: dict[str, Any] = {}
+        self._placeholders: dict[str, Placeholder] | None = None
 
     def decode(self, node: Node, path: str) -> Any:
         if path in self._overrides:
@@ -686,7 +1050,11 @@ class _Decoder:
         return self._trust.resolve(ref, path, kind)  # phase 2 checked the references; this decides for each use
 
     def placeholder(self, key: str, path: str) -> Any:
-        ph = self._manifest.placeholder(key)
+        if self._placeholders is None:  # by key, built once: not a scan of every placeholder per node
+            self._placeholders = {}
+            for p in self._manifest.placeholders:
+                self._placeholders.setdefault(p.key, p)
+        ph = self._placeholders.get(key) or self._manifest.placeholder(key)  # (the latter raises the error)
         if key not in self.bound:
             raise FormatError(f"{path}: placeholder {key!r} was not resolved")
         return self.bound_at(ph, path)
@@ -775,17 +1143,6 @@ def _excluded_save_params(cls: type[BaseAlgorithm]) -> list[str]:
     except Exception:  # a user override reading instance state: fall back to SB3's own list
         names = BaseAlgorithm._excluded_save_params(bare)
     return [n for n in names if isinstance(n, str)]
-
-
-def check_data_keys(cls: type[BaseAlgorithm], manifest: Manifest) -> None:
-    """Phase 2: refuse a file that sets attributes SB3's ``save`` could never have written (see ``refused_data_keys``)."""
-    refused = refused_data_keys(cls, manifest)
-    if refused:
-        detail = "; ".join(f"{name!r}: {why}" for name, why in list(refused.items())[:5])
-        raise FormatError(
-            f"the file sets attributes a {cls.__qualname__} file never holds ({detail});"
-            " it was not written by save (if you saved with include=[...] of such a name, save without it)"
-        )
 
 
 def _build(
@@ -1168,7 +1525,8 @@ def _plan_module(
     for prefix in entry.external_prefixes:
         if not prefix.endswith("."):
             raise FormatError(f"{entry.name}: external prefix {prefix!r} must end with '.'")
-    expected = {k for k in targets if not any(k.startswith(p) for p in entry.external_prefixes)}
+    external = frozenset(entry.external_prefixes)
+    expected = {k for k in targets if external.isdisjoint(_dot_prefixes(k))}
     stored = set(entry.keys) | set(entry.aliases)
     if expected != stored:
         missing, unexpected = sorted(expected - stored), sorted(stored - expected)
@@ -1315,8 +1673,8 @@ def _check_external(model: BaseAlgorithm, manifest: Manifest, provided: Iterable
             if module is None:
                 module = _state_target(model, entry)
                 module = getattr(module, "_orig_mod", module)
-                keys = list(module.state_dict(keep_vars=True))
-            if not any(k.startswith(prefix) for k in keys):
+                held = {p for k in module.state_dict(keep_vars=True) for p in _dot_prefixes(k)}
+            if prefix not in held:
                 continue
             try:
                 owner = module.get_submodule(sub)
@@ -1383,20 +1741,23 @@ def rebind_problem(path: str, algo: type | None = None, policy_class: type | Non
 
 
 def rebind_problems(manifest: Manifest, algo: type | None) -> list[tuple[str, str, str]]:
-    """``(key, path, why)`` for each placeholder path outside ``data`` that ``rebind_problem`` refuses."""
+    """``(key, path, why)`` for each placeholder path outside ``data`` that ``rebind_problem`` refuses.
+
+    Linear in the manifest: each path is looked up in indexes of the resource paths and of what is stored.
+    """
     policy_ref = manifest.data.get("policy_class")
     entry = default_trusted().get(policy_ref.ref) if isinstance(policy_ref, RefNode) else None
     out: list[tuple[str, str, str]] = []
     resource_paths = {p for ph in manifest.placeholders for p in ph.paths}
+    stored_at = _stored_index(manifest)
     for ph in manifest.placeholders:
         for path in ph.paths:
             if _root(path) in manifest.data or "[" in path:
                 continue  # decoded with the data, not rebound
-            parts = path.split(".")
-            inside = next((q for q in (".".join(parts[:i]) for i in range(1, len(parts))) if q in resource_paths), None)
-            stored = _stored_at(manifest, path)
+            inside = next((q for q in _dot_prefixes(path) if q[:-1] in resource_paths), None)
+            stored = stored_at(path)
             problem = (
-                f"it goes through {inside!r}, where a resource is bound (not the model's own object)"
+                f"it goes through {inside[:-1]!r}, where a resource is bound (not the model's own object)"
                 if inside is not None
                 else f"the file stores {stored!r} there (a resource would replace what was just loaded)"
                 if stored is not None
@@ -1407,17 +1768,35 @@ def rebind_problems(manifest: Manifest, algo: type | None) -> list[tuple[str, st
     return out
 
 
-def _stored_at(manifest: Manifest, path: str) -> str | None:
-    """A state dict, stored weight or torch variable at or below ``path`` (which no resource may replace), or None."""
+def _dot_prefixes(name: str) -> Iterator[str]:
+    """``"a.b.c"`` -> ``"a."``, ``"a.b."``: each proper prefix that ends at a dot, dot included."""
+    i = name.find(".")
+    while i != -1:
+        yield name[: i + 1]
+        i = name.find(".", i + 1)
+
+
+def _stored_index(manifest: Manifest) -> Callable[[str], str | None]:
+    """``stored_at(path)``: a state dict, stored weight or torch variable at or below ``path`` (which no resource
+    may replace), or None. Built once (sorted names), each lookup a bisection: not a scan of every key per path.
+    """
+    labels: dict[str, str] = {}  # full attribute path -> what the message names (the first in the manifest)
     for entry in manifest.state_dicts:
-        if entry.name == path or entry.name.startswith(path + "."):
-            return entry.name
-        if isinstance(entry, ModuleState) and path.startswith(entry.name + "."):
-            rel = path[len(entry.name) + 1 :]
+        labels.setdefault(entry.name, entry.name)
+        if isinstance(entry, ModuleState):
             for key in (*entry.keys, *entry.aliases):
-                if key == rel or key.startswith(rel + "."):
-                    return f"{entry.name}/{key}"
-    return next((name for name in manifest.torch_variables if name == path or name.startswith(path + ".")), None)
+                labels.setdefault(f"{entry.name}.{key}", f"{entry.name}/{key}")
+    for name in manifest.torch_variables:
+        labels.setdefault(name, name)
+    names = sorted(labels)
+
+    def stored_at(path: str) -> str | None:
+        if path in labels:
+            return labels[path]
+        i = bisect.bisect_left(names, path + ".")  # every name below path sorts right after it
+        return labels[names[i]] if i < len(names) and names[i].startswith(path + ".") else None
+
+    return stored_at
 
 
 def rebind_target(model: BaseAlgorithm, path: str, key: str, resources: set[int]) -> tuple[Any, str]:

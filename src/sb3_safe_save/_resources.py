@@ -219,7 +219,7 @@ def resolve(
     unknown = sorted(set(resources) - {p.key for p in placeholders})
     with _registry_lock:
         registry = dict(_registry)
-    entry_points: dict[str, Any] = {}
+    entry_points = _EntryPoints()
     bound: dict[str, Any] = {}
     builds: list[tuple[Placeholder, Factory, Callable[[Any], None], bool]] = []
     missing: list[tuple[str, list[str], str, dict[str, object]]] = []
@@ -265,14 +265,24 @@ def resolve(
     return bound
 
 
+class _EntryPoints:
+    """The group's entry points, scanned once per ``resolve`` on first need (not once per placeholder)."""
+
+    def __init__(self) -> None:
+        self._found: dict[str, Any] | None = None
+
+    def get(self, name: str) -> Any:
+        if self._found is None:
+            self._found = _entry_points()
+        return self._found.get(name)
+
+
 def _found_factory(
-    ph: Placeholder, registry: Mapping[str, Factory], entry_points: dict[str, Any], trust: TrustList
+    ph: Placeholder, registry: Mapping[str, Factory], entry_points: _EntryPoints, trust: TrustList
 ) -> Factory | None:
-    """Steps 2-4: a registered factory, an entry point (``entry_points`` is filled on first need), a trusted spec factory."""
+    """Steps 2-4: a registered factory, an entry point, a trusted spec factory."""
     if ph.key in registry or ph.type in registry:
         return registry.get(ph.key) or registry[ph.type]
-    if not entry_points:
-        entry_points.update(_entry_points())
     ep = entry_points.get(ph.key) or entry_points.get(ph.type)
     if ep is not None:
         return ep.load()  # type: ignore[no-any-return]
