@@ -211,23 +211,24 @@ def _optimizer_ids(model: Any) -> set[int]:
     return {id(p) for g in model.policy.optimizer.param_groups for p in g["params"]}
 
 
-def test_resources_object_or_wrapper_at_load_and_wrapped_paths_get_a_wrapper(tmp_path: pathlib.Path) -> None:
+def test_resources_object_or_wrapper_at_load_and_attributes_set_after_build_are_not_created(tmp_path: pathlib.Path) -> None:
     expert = UnpicklableExpert()
     wrapper = external(expert)
     model = make_model(wrapper, net_arch=[8])  # here policy_kwargs holds the wrapper too
-    model.policy.q_net.extra = external(expert)  # set after construction: load must put it back itself
+    model.policy.q_net.extra = external(expert)  # set after construction: load does not create it (issue 22)
     model.save(tmp_path / "m")
     (ph,) = read_manifest(tmp_path / "m.safetensors").placeholders
     assert ph.key == "vlm_model" and "policy_kwargs.vlm_model" in ph.external_paths
     assert "policy.q_net.extra" in ph.external_paths
     for given in (expert, wrapper):
-        loaded = CustomDQN.load(tmp_path / "m.safetensors", resources={"vlm_model": given})
+        with pytest.warns(UserWarning, match=r"'vlm_model' at policy\.q_net\.extra\).*set them again after load"):
+            loaded = CustomDQN.load(tmp_path / "m.safetensors", resources={"vlm_model": given})
         pk = loaded.policy_kwargs["vlm_model"]
         assert isinstance(pk, External) and unwrap(pk) is expert
         if given is wrapper:
             assert pk is wrapper  # the wrapper given is the wrapper put back
-        extra = loaded.policy.q_net.__dict__["extra"]
-        assert isinstance(extra, External) and unwrap(extra) is expert
+        assert unwrap(loaded.policy.q_net.vlm_model) is expert  # where the constructor put it
+        assert "extra" not in loaded.policy.q_net.__dict__  # never created by load
 
 
 def test_a_wrapped_picklable_object_is_a_placeholder_keyed_by_its_policy_kwargs_name() -> None:

@@ -1688,12 +1688,15 @@ def _check_external(model: BaseAlgorithm, manifest: Manifest, provided: Iterable
 
 
 def _rebind(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder) -> None:
-    """Put resources back at module-attribute paths the constructor did not fill (identity preserved).
+    """Check that the rebuilt model holds each bound resource where the file recorded it; write nothing.
 
-    A path the constructor filled with the same object, wrapped or not, is left as the constructor made it.
-    Only instance attributes of the model's own objects are written (``rebind_target``).
+    The constructor puts the resources it is given (``policy_kwargs``) where the network's code puts them;
+    load never creates or replaces an attribute, so a file cannot choose where a caller's object goes (a
+    second registration of the expert, an attribute of the env). A recorded path the constructor did not fill
+    (an attribute set after the model was built) is warned about: set it again after ``load``.
     """
     resources = {id(unwrap(obj)) for obj in decoder.bound.values()}
+    missing: list[str] = []
     for ph in manifest.placeholders:
         if ph.key not in decoder.bound:
             continue
@@ -1701,12 +1704,17 @@ def _rebind(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder) -> None
             if _root(path) in manifest.data or "[" in path:
                 continue
             parent, attr = rebind_target(model, path, ph.key, resources)
-            current = _own_attribute(parent, attr)
+            current = _NOT_FOUND if parent is _NOT_FOUND else _own_attribute(parent, attr)
             if current is _NOT_FOUND or unwrap(current) is not unwrap(decoder.bound[ph.key]):
-                try:
-                    setattr(parent, attr, decoder.bound_at(ph, path))
-                except (TypeError, AttributeError, ValueError) as e:  # e.g. a non-module where torch wants a module
-                    raise StateMismatchError(f"placeholder {ph.key!r}: cannot rebind at {path!r}: {e}") from None
+                missing.append(f"{ph.key!r} at {path}")
+    if missing:
+        warnings.warn(
+            f"the file recorded resources where the rebuilt model does not hold them ({'; '.join(missing[:5])}):"
+            " load never creates or replaces attributes, so they were not put there. If your code set them after"
+            " building the model, set them again after load",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def rebind_problem(path: str, algo: type | None = None, policy_class: type | None = None) -> str | None:
@@ -1749,6 +1757,7 @@ def rebind_problems(manifest: Manifest, algo: type | None) -> list[tuple[str, st
     entry = default_trusted().get(policy_ref.ref) if isinstance(policy_ref, RefNode) else None
     out: list[tuple[str, str, str]] = []
     resource_paths = {p for ph in manifest.placeholders for p in ph.paths}
+    modules = {e.name for e in manifest.state_dicts if isinstance(e, ModuleState)}
     stored_at = _stored_index(manifest)
     for ph in manifest.placeholders:
         for path in ph.paths:
@@ -1757,7 +1766,10 @@ def rebind_problems(manifest: Manifest, algo: type | None) -> list[tuple[str, st
             inside = next((q for q in _dot_prefixes(path) if q[:-1] in resource_paths), None)
             stored = stored_at(path)
             problem = (
-                f"it goes through {inside[:-1]!r}, where a resource is bound (not the model's own object)"
+                f"it is outside the stored modules ({', '.join(sorted(modules)[:5]) or 'none'}): a resource is only ever"
+                " found inside them, never in the env or another object of the caller's"
+                if not any(q[:-1] in modules for q in _dot_prefixes(path))
+                else f"it goes through {inside[:-1]!r}, where a resource is bound (not the model's own object)"
                 if inside is not None
                 else f"the file stores {stored!r} there (a resource would replace what was just loaded)"
                 if stored is not None
@@ -1800,11 +1812,12 @@ def _stored_index(manifest: Manifest) -> Callable[[str], str | None]:
 
 
 def rebind_target(model: BaseAlgorithm, path: str, key: str, resources: set[int]) -> tuple[Any, str]:
-    """The object and attribute name a placeholder at ``path`` is written to, or raise.
+    """The object and attribute name of a placeholder's ``path`` in the rebuilt model, or raise.
 
     Each step is read from an instance's own ``__dict__`` (or an ``nn.Module``'s sub-modules): never through
     a class, a module, a function, a property or a bound resource; the target attribute must not be a
-    method, property or other descriptor of the object's class.
+    method, property or other descriptor of the object's class. The object is ``_NOT_FOUND`` where the
+    rebuilt model has no such step.
     """
     problem = rebind_problem(path, type(model))
     if problem is not None:
@@ -1814,9 +1827,7 @@ def rebind_target(model: BaseAlgorithm, path: str, key: str, resources: set[int]
     for i, step in enumerate(steps):
         found = _own_attribute(obj, step)
         if found is _NOT_FOUND:
-            raise StateMismatchError(
-                f"placeholder {key!r}: cannot rebind at {path!r}, the rebuilt model has no {'.'.join(steps[: i + 1])!r}"
-            )
+            return _NOT_FOUND, attr
         where = ".".join(steps[: i + 1])
         if id(unwrap(found)) in resources:
             raise FormatError(f"placeholder {key!r}: cannot rebind at {path!r}: {where!r} is a live resource, not the model's")
