@@ -396,7 +396,7 @@ def load_model(
             decoder = _Decoder(body, trust, bound, custom_objects, manifest, allow_pickle=allow_pickle, budget=size)
             model = _build(cls, manifest, decoder, env, device, custom_objects, force_reset, kwargs, training=training)
             _load_state(model, manifest, decoder, body, provided, training=training)
-            _rebind(model, manifest, decoder)
+            unfilled = unfilled_paths(model, manifest, decoder)
             _check_external(model, manifest, provided)
             if manifest.random_state is not None:
                 restore_rng = _rng.prepare_restore(model, manifest.random_state, body.read_tensor, env_given=env is not None)
@@ -416,6 +416,7 @@ def load_model(
             commit_vec_normalize()
     if restore_rng is not None and restore_random_state:
         restore_rng()  # last: a load that fails leaves the process's random state alone
+    warn_unfilled(unfilled)  # only once the load has succeeded: a refused load says one thing
     return model
 
 
@@ -1687,13 +1688,13 @@ def _check_external(model: BaseAlgorithm, manifest: Manifest, provided: Iterable
                 )
 
 
-def _rebind(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder) -> None:
-    """Check that the rebuilt model holds each bound resource where the file recorded it; write nothing.
+def unfilled_paths(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder) -> list[str]:
+    """Where the file recorded a bound resource and the rebuilt model does not hold it; nothing is written.
 
     The constructor puts the resources it is given (``policy_kwargs``) where the network's code puts them;
     load never creates or replaces an attribute, so a file cannot choose where a caller's object goes (a
-    second registration of the expert, an attribute of the env). A recorded path the constructor did not fill
-    (an attribute set after the model was built) is warned about: set it again after ``load``.
+    second registration of the expert, an attribute of the env). A path the constructor did not fill is an
+    attribute set after the model was built: ``warn_unfilled`` says so once the load has succeeded.
     """
     resources = {id(unwrap(obj)) for obj in decoder.bound.values()}
     missing: list[str] = []
@@ -1707,6 +1708,10 @@ def _rebind(model: BaseAlgorithm, manifest: Manifest, decoder: _Decoder) -> None
             current = _NOT_FOUND if parent is _NOT_FOUND else _own_attribute(parent, attr)
             if current is _NOT_FOUND or unwrap(current) is not unwrap(decoder.bound[ph.key]):
                 missing.append(f"{ph.key!r} at {path}")
+    return missing
+
+
+def warn_unfilled(missing: list[str]) -> None:
     if missing:
         warnings.warn(
             f"the file recorded resources where the rebuilt model does not hold them ({'; '.join(missing[:5])}):"

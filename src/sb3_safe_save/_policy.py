@@ -38,7 +38,6 @@ from sb3_safe_save._persist import (
     _Decoder,
     _given_by_custom_objects,
     _load_state_dicts,
-    _rebind,
     _root,
     audit_phase,
     check_policy_data,
@@ -46,6 +45,8 @@ from sb3_safe_save._persist import (
     current_versions,
     header_metadata,
     no_weight_init,
+    unfilled_paths,
+    warn_unfilled,
     write_file,
 )
 from sb3_safe_save._resources import resolve
@@ -60,7 +61,7 @@ _NOT_KWARGS = ("observation_space", "action_space", "lr_schedule")
 
 
 class _PolicyHolder:
-    """What the walker, ``_load_state_dicts`` and ``_rebind`` see instead of an algorithm: the policy and its data."""
+    """What the walker, ``_load_state_dicts`` and ``unfilled_paths`` see instead of an algorithm: the policy and its data."""
 
     policy: Any
     policy_kwargs: dict[str, Any]
@@ -149,8 +150,9 @@ def load_policy(
         data.update({k: v for k, v in custom_objects.items() if k in POLICY_DATA and k not in data})
         holder = _PolicyHolder(policy=_build_policy(data, target))
         _load_state_dicts(cast(BaseAlgorithm, holder), manifest, decoder, body)
-        _rebind(cast(BaseAlgorithm, holder), manifest, decoder)
+        unfilled = unfilled_paths(cast(BaseAlgorithm, holder), manifest, decoder)
         body.finish()
+    warn_unfilled(unfilled)
     policy: BasePolicy = holder.policy
     policy.set_training_mode(False)
     if data.get("use_sde") or getattr(policy, "use_sde", False):
