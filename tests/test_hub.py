@@ -86,7 +86,7 @@ def test_package_writes_agent_card_and_config(model: Any, tmp_path: Path) -> Non
     assert meta["tags"][:4] == ["CartPole-v1", "deep-reinforcement-learning", "reinforcement-learning", "stable-baselines3"]
     assert "my-tag" in meta["tags"]
     assert f"| SHA-256 | `{sha256}` |" in card
-    assert "| algorithm | `stable_baselines3.ppo.ppo.PPO` |" in card
+    assert "| algorithm | `stable_baselines3.ppo.ppo:PPO` |" in card  # module:QualName, as every reference
     assert f"| file | `ppo-CartPole-v1.safetensors`, {agent_file.stat().st_size:,} bytes |" in card
     assert f"| policy | {n_params:,} parameters, {4 * n_params:,} bytes |" in card
     assert f"stable-baselines3 {stable_baselines3.__version__}" in card

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from sb3_safe_save._errors import FormatError
+from sb3_safe_save._weights import DTYPE_SIZES
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 SUFFIX = ".safetensors"
 LIBRARY_NAME = "stable-baselines3"
 BASE_TAGS = ("deep-reinforcement-learning", "reinforcement-learning", "stable-baselines3", "sb3-safe-save", "safetensors")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".zip", ".pt", ".pth", ".bin", ".joblib", ".npy", ".npz"})
 _NOT_HYPERPARAMETERS = frozenset({"verbose", "seed", "start_time", "tensorboard_log", "num_timesteps"})
 REPLAY = "replay.mp4"
@@ -329,12 +329,8 @@ def _parameters(manifest: Manifest) -> tuple[int, int]:
         if key.startswith("policy/"):
             n = math.prod(meta.shape)
             count += n
-            nbytes += n * _DTYPE_BYTES.get(meta.dtype, 0)
+            nbytes += n * DTYPE_SIZES.get(meta.dtype, 0)
     return count, nbytes
-
-
-def _short_type(ref: str) -> str:
-    return ref.replace(":", ".")
 
 
 def hub_config(manifest: Manifest, env_id: str, filename: str, sha256: str, size: int) -> dict[str, Any]:
@@ -353,8 +349,8 @@ def hub_config(manifest: Manifest, env_id: str, filename: str, sha256: str, size
         "sha256": sha256,
         "size_bytes": size,
         "env_id": env_id,
-        "algorithm": _short_type(manifest.algorithm),
-        "base_algorithm": _short_type(manifest.base_algorithm),
+        "algorithm": manifest.algorithm,  # module:QualName, as every reference is written
+        "base_algorithm": manifest.base_algorithm,
         "policy_parameters": params,
         "policy_bytes": params_bytes,
         "vec_normalize": manifest.vec_normalize is not None,
@@ -418,7 +414,7 @@ def model_card(
         "",
         "| | |",
         "|---|---|",
-        f"| algorithm | `{_short_type(manifest.algorithm)}` |",
+        f"| algorithm | `{manifest.algorithm}` |",
         f"| environment | `{env_id}` |",
         f"| file | `{filename}`, {size:,} bytes |",
         f"| SHA-256 | `{sha256}` |",
