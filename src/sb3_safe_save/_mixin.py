@@ -176,7 +176,7 @@ class SafeSaveMixin:
             ``torch._dynamo``, about a second in a fresh process). ``learn()``, ``save()`` or
             ``set_parameters()`` afterwards build a fresh optimizer on first use and warn
         :param stock: ``path`` is a stock SB3 zip (``model.save`` of SB3 itself): read it without running its
-            pickles (see ``sb3_safe_save._stock``); ``env``, ``device``, ``custom_objects``, ``force_reset``,
+            pickles (the documentation's "Stock SB3 files"); ``env``, ``device``, ``custom_objects``, ``force_reset``,
             ``trusted``, ``expected_sha256`` and ``kwargs`` apply as above, the other options do not (a stock zip
             has no checksums, placeholders or random state). A pickle that names what the trust rules refuse raises
             ``StockPickleRefusedError`` naming it
@@ -260,7 +260,7 @@ class SafeSaveMixin:
             If set to ``False``, we assume that we continue the same trajectory (same episode).
         :param allow_pickle: load a pickled buffer (SB3's format) with SB3's loader: runs code! Without it, SB3's
             ``ReplayBuffer``/``DictReplayBuffer`` pickles are read by the restricted reader of stock files
-            (``_stock.py``: nothing in them is run), then checked and loaded as a file of ours
+            (nothing in them is run), then checked and loaded as a file of ours
         :param verify: check every tensor's checksum while reading
         """
         from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
