@@ -32,7 +32,7 @@ import threading
 import types
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch as th
@@ -75,17 +75,14 @@ class Hazard:
 Resources = dict[int, tuple[str, th.nn.Module]]
 
 
-def resource_modules(model: BaseAlgorithm, extra: Mapping[int, tuple[str, Any]] | None = None) -> Resources:
+def resource_modules(model: BaseAlgorithm) -> Resources:
     """The ``nn.Module`` resources of ``model``: id -> (key, module).
 
     A resource came from outside the policy: a module in ``policy_kwargs`` (at any depth up to four
-    containers; the key is its last name there, as the walker names placeholders), one declared in the
-    class's ``safe_save_resources``, or ``extra`` (the walker's own findings at save).
+    containers; the key is its last name there, as the walker names placeholders) or one declared in the
+    class's ``safe_save_resources``. (At save, the walker passes its own findings to ``find_hazards``.)
     """
-    found: dict[int, tuple[str, th.nn.Module]] = {}
-    for ident, (key, obj) in (extra or {}).items():
-        if isinstance(unwrap(obj), th.nn.Module):
-            found[ident] = (key, unwrap(obj))
+    found: Resources = {}
     _collect(getattr(model, "policy_kwargs", None), "policy_kwargs", found, 0)
     declared = getattr(type(model), "safe_save_resources", {})
     if declared:
@@ -98,7 +95,7 @@ def resource_modules(model: BaseAlgorithm, extra: Mapping[int, tuple[str, Any]] 
     return found
 
 
-def _collect(value: Any, key: str, out: dict[int, tuple[str, th.nn.Module]], depth: int) -> None:
+def _collect(value: Any, key: str, out: Resources, depth: int) -> None:
     value = unwrap(value)
     if isinstance(value, th.nn.Module):
         out.setdefault(id(value), (key, value))
@@ -111,7 +108,7 @@ def _collect(value: Any, key: str, out: dict[int, tuple[str, th.nn.Module]], dep
 
 
 # ------------------------------------------------------------------------------------------ finding
-def find_hazards(model: BaseAlgorithm, resources: Mapping[int, tuple[str, th.nn.Module]]) -> list[Hazard]:
+def find_hazards(model: BaseAlgorithm, resources: Resources) -> list[Hazard]:
     """``shared_with_target`` and ``reinitialised_on_build`` from facts about the live model."""
     policy = getattr(model, "policy", None)
     if not isinstance(policy, th.nn.Module):
@@ -119,7 +116,7 @@ def find_hazards(model: BaseAlgorithm, resources: Mapping[int, tuple[str, th.nn.
     return [*_shared_with_target(model, policy, resources), *_reinitialised(policy, resources)]
 
 
-def _shared_with_target(model: BaseAlgorithm, policy: th.nn.Module, resources: Mapping[int, tuple[str, Any]]) -> list[Hazard]:
+def _shared_with_target(model: BaseAlgorithm, policy: th.nn.Module, resources: Resources) -> list[Hazard]:
     hazards: list[Hazard] = []
     for online, target in _TARGET_PAIRS:
         a, b = getattr(policy, online, None), getattr(policy, target, None)
@@ -156,7 +153,7 @@ def _shared_with_target(model: BaseAlgorithm, policy: th.nn.Module, resources: M
     return hazards
 
 
-def _reinitialised(policy: th.nn.Module, resources: Mapping[int, tuple[str, Any]]) -> list[Hazard]:
+def _reinitialised(policy: th.nn.Module, resources: Resources) -> list[Hazard]:
     if not getattr(policy, "ortho_init", False):
         return []
     where: dict[int, list[str]] = {}
@@ -179,15 +176,11 @@ def _reinitialised(policy: th.nn.Module, resources: Mapping[int, tuple[str, Any]
     ]
 
 
-def optimizer_hazards(model: BaseAlgorithm, resources: Mapping[int, tuple[str, th.nn.Module]]) -> list[Hazard]:
+def optimizer_hazards(model: BaseAlgorithm, resources: Resources) -> list[Hazard]:
     """``external_in_optimizer``: trainable parameters of a resource in one of the model's optimizers."""
     trainable = {id(p): key for key, module in resources.values() for p in module.parameters() if p.requires_grad}
     hazards = []
-    state_dicts, _ = model._get_torch_save_params()
-    for name in state_dicts:
-        opt = _resolve(model, name)
-        if not isinstance(opt, th.optim.Optimizer):
-            continue
+    for name, opt in _optimizers(model):
         keys = [trainable[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in trainable]
         if keys:
             hazards.append(
@@ -309,7 +302,7 @@ def _will_ortho_init(model: BaseAlgorithm) -> bool:
     return isinstance(policy_class, type) and issubclass(policy_class, ActorCriticPolicy) and kwargs.get("ortho_init", True)
 
 
-def _init_targets(resources: Mapping[int, tuple[str, th.nn.Module]]) -> dict[int, tuple[th.Tensor, th.Tensor]]:
+def _init_targets(resources: Resources) -> dict[int, tuple[th.Tensor, th.Tensor]]:
     """Copies of what ``BasePolicy.init_weights`` writes: the weight and bias of every Linear/Conv2d of the resources."""
     out: dict[int, tuple[th.Tensor, th.Tensor]] = {}
     for _, module in resources.values():
@@ -321,7 +314,7 @@ def _init_targets(resources: Mapping[int, tuple[str, th.nn.Module]]) -> dict[int
     return out
 
 
-def _externalize(model: BaseAlgorithm, resources: Mapping[int, tuple[str, th.nn.Module]]) -> bool:
+def _externalize(model: BaseAlgorithm, resources: Resources) -> bool:
     """Replace each registration of a resource in the policy by its ``external()`` wrapper; drop its parameters
     from the optimizers. Returns whether anything was rewired."""
     policy = getattr(model, "policy", None)
@@ -337,20 +330,21 @@ def _externalize(model: BaseAlgorithm, resources: Mapping[int, tuple[str, th.nn.
     if not rewired:
         return False
     params = {id(p) for ident in rewired for p in resources[ident][1].parameters()}
-    state_dicts, _ = model._get_torch_save_params()
-    for name in state_dicts:
-        opt = _resolve(model, name)
-        if isinstance(opt, th.optim.Optimizer):
-            for group in opt.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) not in params]
+    for _, opt in _optimizers(model):
+        for group in opt.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in params]
     return True
 
 
-def _resolve(model: Any, dotted: str) -> Any:
-    obj = model
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-    return obj
+def _optimizers(model: BaseAlgorithm) -> Iterator[tuple[str, th.optim.Optimizer]]:
+    """The optimizers among the state dicts SB3 saves (``policy.optimizer``, ``actor.optimizer``, ...), by name."""
+    state_dicts, _ = model._get_torch_save_params()
+    for name in state_dicts:
+        obj: Any = model
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, th.optim.Optimizer):
+            yield name, obj
 
 
 def _storage_key(t: th.Tensor) -> tuple[Any, ...]:
