@@ -119,24 +119,42 @@ def save_model(
     vec_normalize: VecNormalize | None = None,
 ) -> None:
     """Save ``model`` to one safetensors file. See ``SafeSaveMixin.save``."""
+    staged = stage_model(
+        model, exclude, include, resources=resources, specs=specs, optional=optional,
+        allow_pickle=allow_pickle, max_object_bytes=max_object_bytes, vec_normalize=vec_normalize,
+    )  # fmt: skip
+    staged.write(path, fsync=fsync)
+
+
+def stage_model(
+    model: BaseAlgorithm,
+    exclude: Iterable[str] | None = None,
+    include: Iterable[str] | None = None,
+    *,
+    resources: Mapping[str, Any] | None = None,
+    specs: Mapping[str, ResourceSpec | Mapping[str, Any]] | None = None,
+    optional: Iterable[str] = (),
+    allow_pickle: bool = False,
+    max_object_bytes: int | None = None,
+    vec_normalize: VecNormalize | None = None,
+) -> StagedFile:
+    """What ``save_model`` writes, not yet written (the arguments are ``save_model``'s).
+
+    The blobs are views of the model's live memory: copy them (``_background.Stager``) before training goes on.
+    """
     snapshot = snapshot_model(
         model, exclude, include, resources=resources, specs=specs, optional=optional,
         allow_pickle=allow_pickle, max_object_bytes=max_object_bytes,
     )  # fmt: skip
     _warn_hazards(model, snapshot)
     _warn_unloadable(model, excluded_names(model, exclude, include)[0])
-    _staged(model, snapshot, vec_normalize).write(path, fsync=fsync)
-
-
-def stage_model(model: BaseAlgorithm, *, vec_normalize: VecNormalize | None = None) -> StagedFile:
-    """What ``save_model(model, path, vec_normalize=...)`` writes, not yet written.
-
-    The blobs are views of the model's live memory: copy them (``_background.Stager``) before training goes on.
-    """
-    snapshot = snapshot_model(model)
-    _warn_hazards(model, snapshot)
-    _warn_unloadable(model, excluded_names(model, None, None)[0])
-    return _staged(model, snapshot, vec_normalize)
+    blobs = {key: _weights.to_blob(value) for key, value in snapshot.tensors.items()}
+    manifest = build_manifest(model, snapshot, {})
+    if vec_normalize is not None:
+        vn_state, arrays = export_vecnormalize(vec_normalize)
+        blobs.update({VN_PREFIX + key: _weights.to_blob(value) for key, value in arrays.items()})
+        manifest = manifest.model_copy(update={"vec_normalize": vn_state})
+    return StagedFile(blobs, header_metadata(manifest, blobs, META_MANIFEST, META_CHECKSUM))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,16 +176,6 @@ class StagedFile:
 
     def write(self, path: PathLike, *, fsync: bool = True) -> None:
         write_file(path, self.blobs, self.metadata, fsync=fsync)
-
-
-def _staged(model: BaseAlgorithm, snapshot: Snapshot, vec_normalize: VecNormalize | None) -> StagedFile:
-    blobs = {key: _weights.to_blob(value) for key, value in snapshot.tensors.items()}
-    manifest = build_manifest(model, snapshot, {})
-    if vec_normalize is not None:
-        vn_state, arrays = export_vecnormalize(vec_normalize)
-        blobs.update({VN_PREFIX + key: _weights.to_blob(value) for key, value in arrays.items()})
-        manifest = manifest.model_copy(update={"vec_normalize": vn_state})
-    return StagedFile(blobs, header_metadata(manifest, blobs, META_MANIFEST, META_CHECKSUM))
 
 
 def _warn_hazards(model: BaseAlgorithm, snapshot: Snapshot) -> None:
